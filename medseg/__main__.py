@@ -1,0 +1,5 @@
+"""``python -m medseg`` (also what ``torchrun -m medseg`` runs)."""
+
+from medseg.cli import main
+
+main()

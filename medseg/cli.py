@@ -1,0 +1,195 @@
+"""The ``medseg`` command line. Each command is a few lines calling the library; heavy imports stay inside.
+
+Exit codes: 0 when everything succeeded; 1 when some cases failed (listed one line each); 2 for a usage,
+configuration or input error, printed as one line ``error: CODE: message (hint: ...)`` without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+import medseg
+from medseg.errors import MedsegError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="medseg: medical image segmentation — data, training, inference, evaluation, reports.",
+)
+
+SET_HELP = "Override a config key, e.g. --set train.epochs=3 (repeatable)."
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"medseg {medseg.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True, help="Show the version."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, show_time=False, markup=False, console=_stderr_console())
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", handlers=[handler])
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@app.command("sample-data")
+def sample_data(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (ct3d/ and derm2d/ are written inside)."),
+    cases: int = typer.Option(16, "--cases", "-n", min=2, help="Cases per dataset (a quarter go to the test split)."),
+    seed: int = typer.Option(0, "--seed", "-s", help="Seed; the same seed gives byte-identical files."),
+) -> None:
+    """Write the deterministic synthetic datasets (3D CT-like and 2D dermoscopy-like) in MSD layout."""
+    from medseg.sample_data import write_sample_data
+
+    roots = write_sample_data(out, cases=cases, seed=seed)
+    for kind, root in roots.items():
+        typer.echo(f"{kind}: {root}")
+
+
+@app.command()
+def train(
+    config: str = typer.Option(..., "--config", "-c", help="Preset name (demo, smoke, ...) or YAML path."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<time>)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Train a model; writes a run folder with the model, checkpoints and an MLflow store."""
+    from medseg.config import load_config
+    from medseg.tracking import MlflowTracker
+    from medseg.training.trainer import fit
+
+    cfg = load_config(config, set_)
+    run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    tracker = MlflowTracker.for_run_dir(cfg.tracking, run_dir, run_name=run_dir.name)
+    try:
+        result = fit(cfg, run_dir, tracker)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close("FINISHED")
+    typer.echo(f"model: {result.model_dir} (best validation Dice {result.best_metric:.3f} at epoch {result.best_epoch})")
+    typer.echo(f"MLflow: {tracker.uri} run {tracker.run_id}")
+
+
+@app.command()
+def predict(
+    input: Path = typer.Option(..., "--input", "-i", help="A NIfTI file or a folder of them."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (must not lie inside the input folder)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model folder written by `medseg train`."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+) -> None:
+    """Segment one file or a folder; writes <case>.nii.gz on the input grid and manifest.json."""
+    from medseg.errors import require_exists
+    from medseg.inference.predictor import Predictor
+    from medseg.inference.runner import predict_folder
+
+    require_exists(input, "input")
+    predictor = Predictor.from_model_dir(model, device)
+    results = predict_folder(predictor, input, out, overwrite=overwrite)
+    failed = [r for r in results if r.status != "ok"]
+    typer.echo(f"{len(results) - len(failed)} of {len(results)} case(s) written to {out}")
+    for r in failed:
+        typer.echo(f"failed: {r.case_id}: {r.error}", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", "-p", help="Folder of predicted label maps."),
+    ref: Path = typer.Option(..., "--ref", "-r", help="Folder of reference label maps."),
+    out: Path = typer.Option(..., "--out", "-o", help="Evaluation folder."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of the images (for report overlays)."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Dataset folder whose dataset.json names the labels."),
+) -> None:
+    """Per-case metrics (metrics.csv) and their summary (summary.json)."""
+    from medseg.io.dataset import load_dataset
+    from medseg.metrics.evaluate import evaluate_folders
+
+    labels = None
+    if dataset is not None:
+        labels = {k: v for k, v in load_dataset(dataset).labels.items() if k != 0}
+    summary = evaluate_folders(pred, ref, out, labels, images)
+    for name, metrics in summary.items():
+        mean = metrics["dice"]["mean"]
+        typer.echo(f"{name}: mean Dice {'n/a' if mean is None else f'{mean:.3f}'} (n={metrics['dice']['n']})")
+    typer.echo(f"written: {out / 'metrics.csv'}, {out / 'summary.json'}")
+
+
+@app.command()
+def report(
+    eval_dir: Path = typer.Argument(..., help="Folder written by `medseg evaluate`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML path (default EVAL_DIR/report.html)."),
+) -> None:
+    """Render the self-contained HTML report of an evaluation folder."""
+    from medseg.reporting.report import write_report
+
+    typer.echo(f"report: {write_report(eval_dir, out)}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_output"), "--out", "-o", help="Output folder."),
+    config: str = typer.Option("demo", "--config", "-c", help="Preset name or YAML path."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    cases: int = typer.Option(16, "--cases", "-n", min=4, help="Synthetic 3D cases to generate."),
+) -> None:
+    """Sample data -> train -> predict the test cases -> evaluate -> report, tracked in MLflow."""
+    from medseg.config import load_config
+    from medseg.sample_data import write_sample_data
+    from medseg.workflow import train_predict_evaluate
+
+    start = time.perf_counter()
+    logging.getLogger(__name__).info("writing synthetic sample data to %s", out / "data")
+    roots = write_sample_data(out / "data", cases=cases, seed=0, kinds=("ct3d",))
+    cfg = load_config(config, [f"data.dataset={roots['ct3d']}", *set_])
+    result = train_predict_evaluate(cfg, out)
+    minutes = (time.perf_counter() - start) / 60
+    db = result.tracking_uri
+    typer.echo("")
+    typer.echo(f"Done in {minutes:.1f} min. Test Dice: " + ", ".join(
+        f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in result.test_dice.items()))
+    typer.echo(f"  report:  {result.report}")
+    typer.echo(f"  model:   {result.fit.model_dir}")
+    typer.echo(f"  MLflow:  {db} (run {result.run_id})")
+    if db.startswith("sqlite:"):
+        typer.echo(f"  open the MLflow UI with:  mlflow ui --backend-store-uri {db} --host 127.0.0.1")
+    if result.n_failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point: runs the app, turning medseg errors into one line and exit code 2."""
+    try:
+        app()
+    except MedsegError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Run configuration: YAML files validated by pydantic, deep-merged over ``configs/base.yaml``.
+
+``configs/base.yaml`` is the single source of defaults: the schema below declares types and ranges but no
+default values, so every run's configuration is ``base.yaml`` <- preset or user file <- ``--set`` overrides,
+and the merged result must be complete. Unknown keys are errors that list the valid keys and suggest the
+closest one. The resolved configuration is saved in every run folder (:func:`save_config`).
+
+Presets are looked up by name (``demo``, ``smoke``, ...) in the ``configs/`` folder, which is installed as
+the ``medseg.presets`` package, or given as a path to any YAML file.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medseg.errors import ConfigError, InputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IntensityConfig(_Strict):
+    """Intensity normalisation. ``ct_window`` clips to ``window`` (HU) and rescales to [0, 1];
+    ``zscore`` normalises each image to zero mean, unit variance over its non-zero voxels (MR)."""
+
+    scheme: Literal["ct_window", "zscore"]
+    window: tuple[float, float] | None
+
+
+class DataConfig(_Strict):
+    dataset: str | None = Field(description="dataset folder (MSD layout with dataset.json)")
+    val_fraction: float = Field(gt=0, lt=1)
+    spacing: tuple[float, ...] = Field(min_length=2, max_length=3, description="target spacing in mm (X, Y[, Z])")
+    patch_size: tuple[int, ...] = Field(min_length=2, max_length=3)
+    intensity: IntensityConfig
+    num_workers: int = Field(ge=0)
+
+
+class AugmentConfig(_Strict):
+    pos_neg_ratio: float = Field(ge=0, description="foreground:background ratio of random crop centres")
+    flip_prob: float = Field(ge=0, le=1)
+    intensity_prob: float = Field(ge=0, le=1)
+    intensity_scale: float = Field(ge=0)
+    intensity_shift: float = Field(ge=0)
+
+
+class ModelConfig(_Strict):
+    name: str
+    channels: tuple[int, ...] = Field(min_length=2)
+    strides: tuple[int, ...] = Field(min_length=1)
+    num_res_units: int = Field(ge=0)
+    dropout: float = Field(ge=0, lt=1)
+
+
+class LossConfig(_Strict):
+    name: str
+    dice_weight: float = Field(ge=0)
+    focal_weight: float = Field(ge=0)
+    focal_gamma: float = Field(ge=0)
+    ce_weight: float = Field(ge=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(ge=1)
+    iterations_per_epoch: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    optimizer: Literal["adamw", "sgd"]
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_epochs: int = Field(ge=0)
+    grad_clip: float | None = Field(gt=0)
+    val_every: int = Field(ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    amp: bool
+
+
+class InferenceConfig(_Strict):
+    overlap: float = Field(ge=0, lt=1)
+    sw_batch_size: int = Field(ge=1)
+    blend: Literal["gaussian", "constant"]
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(description="MLflow tracking URI; null = sqlite:///<run dir>/mlflow.db")
+    experiment: str
+
+
+class Config(_Strict):
+    """The complete, validated configuration of a run."""
+
+    seed: int
+    data: DataConfig
+    augment: AugmentConfig
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    inference: InferenceConfig
+    tracking: TrackingConfig
+
+
+def presets_dir() -> Path:
+    """Returns the folder holding ``base.yaml`` and the named presets."""
+    return Path(str(resources.files("medseg.presets")))
+
+
+def preset_names() -> list[str]:
+    """Returns the names of the shipped presets (without ``.yaml``), excluding ``base``."""
+    return sorted(p.stem for p in presets_dir().glob("*.yaml") if p.stem != "base")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Reads a YAML mapping.
+
+    Raises:
+        InputError: ``PATH_NOT_FOUND`` if the file does not exist.
+        ConfigError: ``CONFIG_YAML_INVALID`` if it is not valid YAML or not a mapping.
+    """
+    if not path.is_file():
+        raise InputError("PATH_NOT_FOUND", f"config file not found: {path}", "give a YAML path or a preset name")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError("CONFIG_YAML_INVALID", f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            "CONFIG_YAML_INVALID", f"{path}: expected a mapping of keys at the top level, found {type(data).__name__}"
+        )
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Returns ``base`` updated recursively by ``override`` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """Applies one ``a.b.c=value`` override; the value is parsed as YAML (``3``, ``[1, 2]``, ``null``).
+
+    Raises:
+        ConfigError: ``CONFIG_BAD_OVERRIDE`` if the text is not ``key=value``.
+    """
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            "CONFIG_BAD_OVERRIDE", f"override {assignment!r} is not of the form key.sub=value", "e.g. --set train.epochs=3"
+        )
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return deep_merge(tree, nested)
+
+
+def _resolve_config_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = presets_dir() / f"{Path(str(name_or_path)).stem}.yaml"
+    if path.suffix in ("", ".yaml", ".yml") and path.parent == Path(".") and candidate.is_file():
+        return candidate
+    raise InputError(
+        "PATH_NOT_FOUND",
+        f"config not found: {name_or_path}",
+        f"give a YAML file path or a preset name: {', '.join(preset_names())}",
+    )
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    dotted = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        model: type[BaseModel] = Config
+        for part in loc[:-1]:
+            annotation = model.model_fields[part].annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                model = annotation
+        valid = list(model.model_fields)
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"did you mean '{'.'.join(loc[:-1] + close[:1])}'?" if close else None
+        section = f"under '{'.'.join(loc[:-1])}'" if len(loc) > 1 else "at the top level"
+        return ConfigError(
+            "CONFIG_UNKNOWN_KEY",
+            f"{source}: unknown key '{dotted}'; valid keys {section}: {', '.join(valid)}",
+            hint,
+        )
+    if err["type"] == "missing":
+        return ConfigError("CONFIG_MISSING_KEY", f"{source}: required key '{dotted}' is missing", "see configs/base.yaml")
+    found = err.get("input")
+    return ConfigError("CONFIG_INVALID_VALUE", f"{source}: '{dotted}': {err['msg']} (found {found!r})")
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Loads and validates a configuration.
+
+    Args:
+        name_or_path: A preset name (``"demo"``) or a YAML path; ``None`` uses ``base.yaml`` alone.
+        overrides: ``key.sub=value`` strings applied last, in order.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        InputError: ``PATH_NOT_FOUND`` when the file or preset does not exist.
+        ConfigError: ``CONFIG_YAML_INVALID``, ``CONFIG_UNKNOWN_KEY``, ``CONFIG_MISSING_KEY``,
+            ``CONFIG_INVALID_VALUE`` or ``CONFIG_BAD_OVERRIDE``.
+    """
+    tree = read_yaml(presets_dir() / "base.yaml")
+    source = "base.yaml"
+    if name_or_path is not None:
+        path = _resolve_config_path(name_or_path)
+        tree = deep_merge(tree, read_yaml(path))
+        source = str(path)
+    for assignment in overrides:
+        tree = apply_override(tree, assignment)
+    if overrides:
+        source += " + --set"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise _format_validation_error(exc, source) from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Returns the configuration as plain JSON-compatible data."""
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Writes the resolved configuration as YAML (loadable again with :func:`load_config`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def config_hash(cfg: Config) -> str:
+    """Returns a short SHA-256 of the canonical JSON form of the configuration."""
+    canonical = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flattens nested mappings to dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out

@@ -1,0 +1,1 @@
+"""Inference: ``Predictor.from_model_dir(dir).predict(volume)`` and the folder runner."""

@@ -1,0 +1,109 @@
+"""NIfTI-1 reading and writing (``.nii``, ``.nii.gz``) with exact geometry.
+
+Reading takes the sform when its code is set, else the qform, and records which in ``meta["nifti_transform"]``.
+Writing stores the affine in both sform and qform (code 1, scanner) so that other tools agree on geometry.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.io.volume import Volume
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: Path) -> bool:
+    """True for ``.nii`` and ``.nii.gz`` file names."""
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """Returns a file name without its ``.nii``/``.nii.gz`` ending (the case ID)."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def nifti_files_by_id(folder: Path) -> dict[str, Path]:
+    """The NIfTI files directly inside ``folder``, keyed by case ID (file name without its NIfTI ending)."""
+    return {strip_nifti_suffix(p.name): p for p in sorted(Path(folder).iterdir()) if p.is_file() and is_nifti(p)}
+
+
+def read_nifti(path: str | Path) -> Volume:
+    """Reads a 2D/3D/4D NIfTI file into a channel-first :class:`Volume`.
+
+    A 4th dimension is taken as channels: ``(X, Y, Z, C)`` on disk becomes ``(C, X, Y, Z)``.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        The volume; integer data keeps its dtype unless the header scales it.
+
+    Raises:
+        InputError: ``PATH_NOT_FOUND``; ``NIFTI_CORRUPT`` when the header or the voxel data cannot be read;
+            ``NIFTI_NONFINITE`` when voxels are NaN or Inf.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("PATH_NOT_FOUND", f"NIfTI file not found: {path}")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)  # reads all voxels: a truncated or corrupt gzip fails here
+    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
+        raise InputError("NIFTI_CORRUPT", f"cannot read {path.name}: {exc}", "re-export or re-copy the file") from None
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise InputError("NIFTI_NONFINITE", f"{path.name} contains NaN or Inf voxels", "fix the file before use")
+    header = img.header
+    sform_code = int(header["sform_code"])
+    used = "sform" if sform_code > 0 else ("qform" if int(header["qform_code"]) > 0 else "fallback")
+    if data.ndim == 2:
+        data = data[None]
+    elif data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, -1, 0)
+    else:
+        raise InputError("SHAPE_INVALID", f"{path.name}: expected 2D, 3D or 4D data, found {data.ndim}D")
+    meta = {"source_format": "nifti", "nifti_transform": used, "source_dtype": str(img.get_data_dtype())}
+    return Volume(np.ascontiguousarray(data), img.affine.astype(np.float64), meta)
+
+
+def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None = None) -> Path:
+    """Writes a volume to NIfTI with its exact affine (sform and qform, code 1).
+
+    Single-channel volumes are written 3D (``(X, Y, Z)``), several channels as 4D ``(X, Y, Z, C)``.
+    Writing goes to a temporary file that is renamed into place, so a reader never sees a partial file.
+
+    Args:
+        volume: The volume to write.
+        path: Destination ending in ``.nii`` or ``.nii.gz``.
+        dtype: On-disk data type (default: the array's).
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    if not is_nifti(path):
+        raise InputError("OUTPUT_NAME_INVALID", f"NIfTI output must end in .nii or .nii.gz: {path.name}")
+    array = volume.array if dtype is None else volume.array.astype(dtype, copy=False)
+    data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    img = nib.Nifti1Image(data, volume.affine)
+    img.set_sform(volume.affine, code=1)
+    img.set_qform(volume.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_data_dtype(data.dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+    tmp = path.with_name(f".{path.name}.partial{suffix}")
+    nib.save(img, str(tmp))
+    tmp.replace(path)
+    return path

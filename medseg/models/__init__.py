@@ -1,0 +1,6 @@
+"""Networks from a registry: ``build_model(cfg.model, spatial_dims, in_channels, out_channels)``."""
+
+from medseg.models.registry import MODELS, build_model
+from medseg.models import unet as _unet  # noqa: F401  (registers "unet")
+
+__all__ = ["MODELS", "build_model"]

@@ -1,0 +1,90 @@
+"""The self-describing model folder: everything inference needs, nothing else.
+
+::
+
+    MODEL_DIR/weights.pt   network state_dict (loaded with weights_only=True)
+    MODEL_DIR/config.yaml  resolved run configuration (network, preprocessing, inference settings)
+    MODEL_DIR/model.json   labels, input channels, spatial dims, dataset, metric, versions, hashes
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medseg.config import Config, config_hash, load_config, save_config
+from medseg.errors import ModelError
+from medseg.fsutil import atomic_torch_save, sha256_file, versions
+from medseg.models.registry import build_model
+
+WEIGHTS, CONFIG, INFO = "weights.pt", "config.yaml", "model.json"
+
+
+def save_model_dir(path: Path, model: nn.Module, cfg: Config, info: dict[str, Any]) -> Path:
+    """Writes a model folder; the folder is assembled beside ``path`` and swapped in whole.
+
+    Args:
+        path: Destination folder (replaced if it exists).
+        model: The network (its ``state_dict`` is saved, on CPU).
+        cfg: The resolved configuration.
+        info: Must hold ``labels`` ({int: name}), ``spatial_dims`` and ``in_channels``; more is kept.
+    """
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save(state, tmp / WEIGHTS)
+    save_config(cfg, tmp / CONFIG)
+    full = {
+        "format_version": 1,
+        **info,
+        "labels": {str(k): v for k, v in info["labels"].items()},
+        "config_hash": config_hash(cfg),
+        "weights_sha256": sha256_file(tmp / WEIGHTS),
+        "versions": versions(),
+    }
+    (tmp / INFO).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config, dict[str, Any]]:
+    """Loads a model folder written by :func:`save_model_dir`.
+
+    Returns:
+        ``(model in eval mode on device, config, info)``; ``info["labels"]`` has int keys.
+
+    Raises:
+        ModelError: ``MODEL_NOT_FOUND`` (no such folder), ``MODEL_DIR_INVALID`` (files missing or unreadable),
+            ``MODEL_WEIGHTS_MISMATCH`` (weights do not fit the configured network).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError("MODEL_NOT_FOUND", f"model folder not found: {path}", "pass the folder written by `medseg train`")
+    missing = [name for name in (WEIGHTS, CONFIG, INFO) if not (path / name).is_file()]
+    if missing:
+        raise ModelError("MODEL_DIR_INVALID", f"{path} is not a model folder: missing {', '.join(missing)}")
+    try:
+        info = json.loads((path / INFO).read_text(encoding="utf-8"))
+        info["labels"] = {int(k): v for k, v in info["labels"].items()}
+        state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError("MODEL_DIR_INVALID", f"cannot read model folder {path}: {exc}") from None
+    cfg = load_config(path / CONFIG)
+    model = build_model(cfg.model, int(info["spatial_dims"]), int(info["in_channels"]), len(info["labels"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelError("MODEL_WEIGHTS_MISMATCH", f"{path}: weights do not fit the configured network: {first}") from None
+    return model.to(device).eval(), cfg, info

@@ -1,0 +1,25 @@
+"""The model registry."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from medseg.config import ModelConfig
+from medseg.registry import Registry
+
+MODELS: Registry = Registry("model", "model.name")
+
+
+def build_model(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
+    """Builds the network named by ``cfg.name``.
+
+    Args:
+        cfg: The ``model`` section of the configuration.
+        spatial_dims: 2 or 3.
+        in_channels: Image channels ``C`` of the ``(B, C, *spatial)`` input.
+        out_channels: Number of classes, background included; the output is ``(B, out_channels, *spatial)`` logits.
+
+    Raises:
+        ConfigError: ``CONFIG_UNKNOWN_NAME`` for an unregistered name.
+    """
+    return MODELS.get(cfg.name)(cfg, spatial_dims, in_channels, out_channels)

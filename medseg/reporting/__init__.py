@@ -1,0 +1,1 @@
+"""Clinician-facing HTML report from an evaluation folder."""

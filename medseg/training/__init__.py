@@ -1,0 +1,1 @@
+"""Training: ``fit(cfg, run_dir)``."""

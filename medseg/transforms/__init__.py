@@ -1,0 +1,1 @@
+"""MONAI transform pipelines built from the run configuration."""
