@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -122,6 +122,9 @@ def evaluate(
     out: Path = typer.Option(..., "--out", "-o", help="Evaluation folder."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of the images (for report overlays)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Dataset folder whose dataset.json names the labels."),
+    window: Optional[Tuple[float, float]] = typer.Option(
+        None, "--window", help="Display window of the images in the report, e.g. --window -160 240 (CT, HU)."
+    ),
 ) -> None:
     """Per-case metrics (metrics.csv) and their summary (summary.json)."""
     from medseg.io.dataset import load_dataset
@@ -130,7 +133,7 @@ def evaluate(
     labels = None
     if dataset is not None:
         labels = {k: v for k, v in load_dataset(dataset).labels.items() if k != 0}
-    summary = evaluate_folders(pred, ref, out, labels, images)
+    summary = evaluate_folders(pred, ref, out, labels, images, window=window)
     for name, metrics in summary.items():
         mean = metrics["dice"]["mean"]
         typer.echo(f"{name}: mean Dice {'n/a' if mean is None else f'{mean:.3f}'} (n={metrics['dice']['n']})")

@@ -1,9 +1,15 @@
-"""Loss registry. All losses take logits ``(B, K, *spatial)`` and integer labels ``(B, 1, *spatial)``,
-and apply softmax over the K classes."""
+"""Loss registry. Every loss takes logits ``(B, K, *spatial)`` and integer labels ``(B, 1, *spatial)`` and
+applies softmax over the K classes, in every term.
+
+Combined losses are explicit weighted sums of their parts (:class:`WeightedSum`). MONAI's ``DiceFocalLoss``
+is not used: with ``softmax=True`` its focal term still applies a sigmoid (MONAI 1.6), silently mixing two
+activations.
+"""
 
 from __future__ import annotations
 
-from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss
+import torch
+from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
 from medseg.config import LossConfig
@@ -12,26 +18,54 @@ from medseg.registry import Registry
 LOSSES: Registry = Registry("loss", "loss.name")
 
 
+class CrossEntropy(nn.Module):
+    """Cross-entropy on logits ``(B, K, *spatial)`` and labels ``(B, 1, *spatial)``."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, labels[:, 0].long())
+
+
+class WeightedSum(nn.Module):
+    """``sum_i weight_i * loss_i(logits, labels)``; terms with weight 0 are skipped."""
+
+    def __init__(self, terms: list[tuple[float, nn.Module]]) -> None:
+        super().__init__()
+        self.weights = [w for w, _ in terms if w > 0]
+        self.terms = nn.ModuleList([loss for w, loss in terms if w > 0])
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total = logits.new_zeros(())
+        for weight, term in zip(self.weights, self.terms):
+            total = total + weight * term(logits, labels)
+        return total
+
+
+def _dice_part() -> nn.Module:
+    return DiceLoss(to_onehot_y=True, softmax=True)
+
+
+def _focal_part(cfg: LossConfig) -> nn.Module:
+    return FocalLoss(to_onehot_y=True, use_softmax=True, gamma=cfg.focal_gamma)
+
+
 @LOSSES.register("dice")
 def _dice(cfg: LossConfig) -> nn.Module:
-    return DiceLoss(to_onehot_y=True, softmax=True)
+    return _dice_part()
 
 
 @LOSSES.register("focal")
 def _focal(cfg: LossConfig) -> nn.Module:
-    return FocalLoss(to_onehot_y=True, use_softmax=True, gamma=cfg.focal_gamma)
+    return _focal_part(cfg)
 
 
 @LOSSES.register("dice_focal")
 def _dice_focal(cfg: LossConfig) -> nn.Module:
-    return DiceFocalLoss(
-        to_onehot_y=True, softmax=True, gamma=cfg.focal_gamma, lambda_dice=cfg.dice_weight, lambda_focal=cfg.focal_weight
-    )
+    return WeightedSum([(cfg.dice_weight, _dice_part()), (cfg.focal_weight, _focal_part(cfg))])
 
 
 @LOSSES.register("dice_ce")
 def _dice_ce(cfg: LossConfig) -> nn.Module:
-    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.dice_weight, lambda_ce=cfg.ce_weight)
+    return WeightedSum([(cfg.dice_weight, _dice_part()), (cfg.ce_weight, CrossEntropy())])
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:

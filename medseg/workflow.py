@@ -68,8 +68,9 @@ def train_predict_evaluate(cfg: Config, out_dir: str | Path, show_progress: bool
             "MLflow run": f"{tracker.run_id} ({tracker.uri})",
             "Config hash": config_hash(cfg),
         }
+        window = cfg.data.intensity.window if cfg.data.intensity.scheme == "ct_window" else None
         summary = evaluate_folders(
-            out / "predictions", test_images.parent / "labelsTs", out / "evaluation", labels, test_images, context
+            out / "predictions", test_images.parent / "labelsTs", out / "evaluation", labels, test_images, context, window
         )
         report = write_report(out / "evaluation")
         test_dice = {name: summary[name]["dice"]["mean"] for name in labels.values()}

@@ -49,6 +49,7 @@ def evaluate_folders(
     labels: dict[int, str] | None = None,
     images_dir: Path | None = None,
     context: dict | None = None,
+    window: tuple[float, float] | None = None,
 ) -> dict:
     """Evaluates every reference case against its prediction.
 
@@ -59,6 +60,7 @@ def evaluate_folders(
         labels: ``{value: name}`` of the labels to score; default: every non-zero value in the references.
         images_dir: Optional folder of the images, for overlays in the report.
         context: Extra header fields for the report (model, MLflow run, config hash, ...).
+        window: Display window of the images in the report (e.g. a CT window in HU).
 
     Returns:
         The summary: per label name, per metric ``{n, n_undefined, mean, median, min, max}``.
@@ -114,6 +116,7 @@ def evaluate_folders(
         "labels": {str(k): v for k, v in (labels or {}).items()},
         "cases": sorted(refs),
         "context": context or {},
+        "window": list(window) if window else None,
     }
     (out_dir / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return summary

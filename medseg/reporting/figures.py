@@ -21,14 +21,20 @@ def to_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return nib.orientations.apply_orientation(array, ornt)
 
 
-def display_window(image: np.ndarray) -> tuple[float, float]:
-    """Display window: the 0.5th-99.5th percentile of the image intensities."""
-    low, high = np.percentile(image, [0.5, 99.5])
+def display_window(image: np.ndarray, region: np.ndarray) -> tuple[float, float]:
+    """Display window: the 1st-99th percentile of the intensities in ``region`` (around the structure)."""
+    values = image[region] if region.any() else image
+    low, high = np.percentile(values, [1, 99])
     return float(low), float(max(high, low + 1e-6))
 
 
 def axial_overlay_png(
-    image: np.ndarray | None, ref: np.ndarray, pred: np.ndarray, affine: np.ndarray, labels: dict[int, str]
+    image: np.ndarray | None,
+    ref: np.ndarray,
+    pred: np.ndarray,
+    affine: np.ndarray,
+    labels: dict[int, str],
+    window: tuple[float, float] | None = None,
 ) -> tuple[bytes, str]:
     """Axial slice through the largest reference area (else prediction), radiological convention.
 
@@ -38,6 +44,7 @@ def axial_overlay_png(
         pred: ``(X, Y, Z)`` predicted labels.
         affine: Voxel-to-RAS affine shared by the three arrays.
         labels: ``{value: name}`` of the foreground labels to draw.
+        window: Display window (e.g. a CT window in HU); default: percentiles around the structure.
 
     Returns:
         ``(png bytes, caption)``; the caption states the slice and the display window.
@@ -48,7 +55,15 @@ def axial_overlay_png(
     if area.max() == 0:
         area = (pred_c > 0).sum(axis=(0, 1))
     z = int(np.argmax(area)) if area.max() > 0 else ref_c.shape[2] // 2
-    low, high = display_window(img_c) if image is not None else (0.0, 1.0)
+    if image is None:
+        low, high = 0.0, 1.0
+    elif window is not None:
+        low, high = window
+    else:
+        from scipy import ndimage
+
+        near = ndimage.binary_dilation((ref_c[:, :, z] > 0) | (pred_c[:, :, z] > 0), iterations=15)
+        low, high = display_window(img_c[:, :, z], near)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     ornt = nib.orientations.io_orientation(affine)
     sx, sy = spacing[int(np.argwhere(ornt[:, 0] == 0)[0, 0])], spacing[int(np.argwhere(ornt[:, 0] == 1)[0, 0])]

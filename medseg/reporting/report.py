@@ -50,6 +50,7 @@ def write_report(eval_dir: str | Path, out: str | Path | None = None) -> Path:
     summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
     record = json.loads((eval_dir / "evaluation.json").read_text(encoding="utf-8"))
     labels = {int(k): v for k, v in record["labels"].items()}
+    window = tuple(record["window"]) if record.get("window") else None
 
     cases = []
     refs = nifti_files_by_id(Path(record["ref_dir"]))
@@ -59,12 +60,12 @@ def write_report(eval_dir: str | Path, out: str | Path | None = None) -> Path:
         ref = read_nifti(refs[case_id])
         pred = read_nifti(preds[case_id])
         image = read_nifti(images[case_id]).array[0].astype(np.float32) if case_id in images else None
-        png, caption = axial_overlay_png(image, ref.array[0], pred.array[0], ref.affine, labels)
+        png, caption = axial_overlay_png(image, ref.array[0], pred.array[0], ref.affine, labels, window)
         case_rows = [r for r in rows if r["case"] == case_id]
         cases.append(
             {
                 "id": case_id,
-                "rows": [{**r, "dice_f": _float(r["dice"])} for r in case_rows],
+                "rows": [{k: (_float(v) if k not in ("case", "label") else v) for k, v in r.items()} for r in case_rows],
                 "figure": base64.b64encode(png).decode(),
                 "caption": caption,
             }

@@ -1,0 +1,51 @@
+"""Shared synthetic fixtures: a tiny MSD dataset and a model trained on it for a few steps (smoke preset)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.config import load_config
+from medseg.io.volume import Volume
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-case synthetic CT dataset (3 training, 1 test) in MSD layout."""
+    from medseg.sample_data import write_sample_data
+
+    root = tmp_path_factory.mktemp("data")
+    return write_sample_data(root, cases=4, seed=0, kinds=("ct3d",))["ct3d"]
+
+
+@pytest.fixture(scope="session")
+def smoke_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder trained with the smoke preset (seconds, untracked)."""
+    from medseg.training.trainer import fit
+
+    cfg = load_config("smoke", [f"data.dataset={tiny_dataset}"])
+    return fit(cfg, tmp_path_factory.mktemp("run"), show_progress=False).model_dir
+
+
+def oblique_affine(spacing: tuple[float, float, float], angle_deg: float, flips: tuple[int, int, int]) -> np.ndarray:
+    """A voxel-to-world affine with flips, an in-plane rotation and an off-centre origin."""
+    a = np.deg2rad(angle_deg)
+    rotation = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(flips) @ np.diag(spacing)
+    affine[:3, 3] = [12.5, -30.25, 101.0]
+    return affine
+
+
+@pytest.fixture
+def make_volume():
+    """Builds a random int16 volume ``(1, X, Y, Z)`` on a given affine."""
+
+    def _make(shape=(20, 18, 9), affine=None, seed=0) -> Volume:
+        rng = np.random.default_rng(seed)
+        arr = rng.integers(-1000, 1000, size=(1, *shape)).astype(np.int16)
+        return Volume(arr, np.eye(4) if affine is None else affine)
+
+    return _make

@@ -1,0 +1,83 @@
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medseg.io.dataset import load_dataset
+from medseg.io.nifti import read_nifti
+from medseg.sample_data import make_ct_case, write_sample_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes(tmp_path: Path):
+    write_sample_data(tmp_path / "a", cases=4, seed=7)
+    write_sample_data(tmp_path / "b", cases=4, seed=7)
+    a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
+    assert len(a) == 2 * (1 + 2 * 4) + 1  # per kind: dataset.json + image/label per case; plus SHA256SUMS
+    assert a == b
+
+
+def test_different_seed_gives_different_images(tmp_path: Path):
+    write_sample_data(tmp_path / "a", cases=4, seed=1, kinds=("ct3d",))
+    write_sample_data(tmp_path / "b", cases=4, seed=2, kinds=("ct3d",))
+    a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
+    assert a["ct3d/imagesTr/ct_000.nii.gz"] != b["ct3d/imagesTr/ct_000.nii.gz"]
+
+
+def test_committed_sample_data_regenerates_bit_for_bit(tmp_path: Path):
+    committed = REPO / "sample_data"
+    write_sample_data(tmp_path, cases=16, seed=0)  # the documented regeneration command's defaults
+    assert (tmp_path / "SHA256SUMS").read_text() == (committed / "SHA256SUMS").read_text()
+    regenerated = _digests(tmp_path)
+    listed = [line.split("  ", 1)[1] for line in (committed / "SHA256SUMS").read_text().splitlines()]
+    assert listed and all(_digests(committed)[name] == regenerated[name] for name in listed)
+
+
+def test_ct_cases_have_documented_properties(tiny_dataset: Path):
+    ds = load_dataset(tiny_dataset)
+    assert ds.labels == {0: "background", 1: "organ", 2: "lesion"}
+    flipped = 0
+    for case in ds.training + ds.test:
+        image, label = read_nifti(case.image), read_nifti(case.label)
+        assert image.same_grid(label)
+        assert image.array.dtype == np.int16 and label.array.dtype == np.uint8
+        sx, sy, sz = image.spacing
+        assert 0.6 <= sx <= 1.0 and abs(sx - sy) < 1e-6 and 2.0 <= sz <= 5.0
+        assert set(np.unique(label.array)) <= {0, 1, 2} and (label.array == 1).sum() > 1000
+        assert image.array.min() <= -990  # air around the body
+        hu_organ = image.array[label.array == 1].mean()
+        hu_lesion = image.array[label.array == 2].mean() if (label.array == 2).any() else None
+        assert 80 < hu_organ < 140
+        if hu_lesion is not None:
+            assert hu_lesion < hu_organ - 20  # hypodense
+        flipped += int((np.diag(image.affine)[:3] < 0).any())
+    assert flipped > 0
+
+
+def test_lesions_lie_inside_the_organ_region():
+    rng = np.random.default_rng([0, 0, 5])  # a case with lesions
+    vol = make_ct_case(rng)
+    label = vol.array[1]
+    assert (label == 2).sum() > 0
+    # every lesion voxel is surrounded by organ or lesion (no lesion touches background directly at its centre)
+    from scipy import ndimage
+
+    lesion_core = ndimage.binary_erosion(label == 2)
+    assert not (lesion_core & (label == 0)).any()
+
+
+def test_derm_cases_are_rgb_with_binary_masks(tmp_path: Path):
+    root = write_sample_data(tmp_path, cases=4, seed=0, kinds=("derm2d",))["derm2d"]
+    for img_path in sorted((root / "imagesTr").glob("*.png")):
+        rgb = np.asarray(Image.open(img_path))
+        mask = np.asarray(Image.open(root / "labelsTr" / img_path.name))
+        assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8
+        assert mask.shape == rgb.shape[:2] and set(np.unique(mask)) == {0, 1}
+        lesion, skin = rgb[mask == 1].mean(), rgb[mask == 0].mean()
+        assert lesion < skin  # pigmented lesion is darker than skin
