@@ -73,21 +73,22 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<time>)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Train a model; writes a run folder with the model, checkpoints and an MLflow store."""
+    """Train a model, then evaluate it on the validation cases; all tracked in one MLflow run."""
     from medseg.config import load_config
     from medseg.tracking import MlflowTracker
-    from medseg.training.trainer import fit
+    from medseg.workflow import train_and_validate
 
     cfg = load_config(config, set_)
     run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     tracker = MlflowTracker.for_run_dir(cfg.tracking, run_dir, run_name=run_dir.name)
     try:
-        result = fit(cfg, run_dir, tracker)
+        result, validation = train_and_validate(cfg, run_dir, tracker)
     except BaseException:
         tracker.close("FAILED")
         raise
     tracker.close("FINISHED")
     typer.echo(f"model: {result.model_dir} (best validation Dice {result.best_metric:.3f} at epoch {result.best_epoch})")
+    typer.echo(f"validation report: {validation.report}")
     typer.echo(f"MLflow: {tracker.uri} run {tracker.run_id}")
 
 
@@ -117,38 +118,76 @@ def predict(
 
 @app.command()
 def evaluate(
-    pred: Path = typer.Option(..., "--pred", "-p", help="Folder of predicted label maps."),
+    pred: Path = typer.Option(..., "--pred", "-p", help="Folder of predicted label maps (NIfTI or PNG)."),
     ref: Path = typer.Option(..., "--ref", "-r", help="Folder of reference label maps."),
     out: Path = typer.Option(..., "--out", "-o", help="Evaluation folder."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of the images (for report overlays)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Dataset folder whose dataset.json names the labels."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (its labels and provenance go in the report)."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV with a 'case' column and subgroup columns."),
     window: Optional[Tuple[float, float]] = typer.Option(
         None, "--window", help="Display window of the images in the report, e.g. --window -160 240 (CT, HU)."
     ),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Config whose 'evaluation' section to use."),
+    set_: List[str] = typer.Option([], "--set", help="e.g. --set evaluation.nsd_tolerance_mm=1 (repeatable)."),
 ) -> None:
-    """Per-case metrics (metrics.csv) and their summary (summary.json)."""
+    """Per-case metrics (metrics.csv) and their summary with confidence intervals (summary.json)."""
+    import json
+
+    from medseg.config import load_config
     from medseg.io.dataset import load_dataset
     from medseg.metrics.evaluate import evaluate_folders
 
-    labels = None
+    settings = load_config(config, set_).evaluation
+    labels, context = None, {}
+    if model is not None:
+        from medseg.models.folder import INFO, load_model_dir
+
+        load_model_dir(model)  # validates the folder
+        info = json.loads((model / INFO).read_text())
+        labels = {int(k): v for k, v in info["labels"].items() if int(k) != 0}
+        context = {"Model": str(model.resolve()), "Dataset": info.get("dataset"), "Config hash": info.get("config_hash")}
     if dataset is not None:
         labels = {k: v for k, v in load_dataset(dataset).labels.items() if k != 0}
-    summary = evaluate_folders(pred, ref, out, labels, images, window=window)
+    summary = evaluate_folders(
+        pred, ref, out, settings=settings, labels=labels, images_dir=images, metadata=metadata, context=context,
+        window=window,
+    )
     for name, metrics in summary.items():
-        mean = metrics["dice"]["mean"]
-        typer.echo(f"{name}: mean Dice {'n/a' if mean is None else f'{mean:.3f}'} (n={metrics['dice']['n']})")
+        dice = metrics["dice"]
+        text = "n/a" if dice["mean"] is None else f"{dice['mean']:.3f} (95% CI {dice['ci_low']:.3f}-{dice['ci_high']:.3f})"
+        typer.echo(f"{name}: mean Dice {text}, n={dice['n']}")
     typer.echo(f"written: {out / 'metrics.csv'}, {out / 'summary.json'}")
+    _log_to_active_mlflow_run(out, summary)
+
+
+def _log_to_active_mlflow_run(eval_dir: Path, summary: dict) -> None:
+    """Logs an evaluation to the MLflow run named by MLFLOW_RUN_ID (and MLFLOW_TRACKING_URI), if any."""
+    import os
+
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    from medseg.tracking import MlflowTracker
+    from medseg.workflow import summary_metrics
+
+    tracker = MlflowTracker(os.environ.get("MLFLOW_TRACKING_URI", ""), "", run_id=run_id)
+    tracker.log_metrics(summary_metrics(summary, "eval"))
+    tracker.log_artifact(eval_dir, "evaluation")
+    typer.echo(f"logged to MLflow run {run_id}")
 
 
 @app.command()
 def report(
     eval_dir: Path = typer.Argument(..., help="Folder written by `medseg evaluate`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML path (default EVAL_DIR/report.html)."),
+    pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Also write report.pdf beside the HTML."),
 ) -> None:
-    """Render the self-contained HTML report of an evaluation folder."""
+    """Render the self-contained HTML report (and its PDF version) of an evaluation folder."""
     from medseg.reporting.report import write_report
 
-    typer.echo(f"report: {write_report(eval_dir, out)}")
+    html = write_report(eval_dir, out, pdf=pdf)
+    typer.echo(f"report: {html}" + (f" and {html.with_suffix('.pdf')}" if pdf else ""))
 
 
 @app.command()
@@ -172,13 +211,13 @@ def demo(
     db = result.tracking_uri
     typer.echo("")
     typer.echo(f"Done in {minutes:.1f} min. Test Dice: " + ", ".join(
-        f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in result.test_dice.items()))
-    typer.echo(f"  report:  {result.report}")
+        f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in result.test.mean_dice.items()))
+    typer.echo(f"  report:  {result.test.report}")
     typer.echo(f"  model:   {result.fit.model_dir}")
     typer.echo(f"  MLflow:  {db} (run {result.run_id})")
     if db.startswith("sqlite:"):
         typer.echo(f"  open the MLflow UI with:  mlflow ui --backend-store-uri {db} --host 127.0.0.1")
-    if result.n_failed:
+    if result.test.n_failed:
         raise typer.Exit(1)
 
 

@@ -90,6 +90,24 @@ class InferenceConfig(_Strict):
     blend: Literal["gaussian", "constant"]
 
 
+class EvaluationConfig(_Strict):
+    """Metric settings and the report's flag thresholds (see medseg.metrics)."""
+
+    nsd_tolerance_mm: float = Field(gt=0, description="default tolerance τ of normalised surface Dice")
+    nsd_tolerance_per_label: dict[str, float] = Field(description="τ per label name, overriding the default")
+    lesion_overlap: float = Field(gt=0, le=1, description="overlap fraction that makes a lesion match")
+    lesion_connectivity: Literal["full", "face"]
+    empty_both: Literal["nan", "perfect"]
+    empty_one_distance: Literal["nan", "diagonal"]
+    bootstrap: int = Field(ge=100)
+    ci_level: float = Field(gt=0.5, lt=1)
+    flag_dice_below: float = Field(ge=0, le=1)
+    flag_worst_fraction: float = Field(ge=0, lt=1)
+    flag_volume_error_pct: float = Field(gt=0)
+    small_subgroup: int = Field(ge=1)
+    workers: int = Field(ge=0, description="parallel processes over cases; 0 = one per CPU core")
+
+
 class TrackingConfig(_Strict):
     uri: str | None = Field(description="MLflow tracking URI; null = sqlite:///<run dir>/mlflow.db")
     experiment: str
@@ -105,6 +123,7 @@ class Config(_Strict):
     loss: LossConfig
     train: TrainConfig
     inference: InferenceConfig
+    evaluation: EvaluationConfig
     tracking: TrackingConfig
 
 

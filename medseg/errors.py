@@ -24,6 +24,9 @@ class MedsegError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):  # keep code and hint when raised in a worker process
+        return (self.__class__, (self.code, self.message, self.hint))
+
     def one_line(self) -> str:
         """Returns the error as a single line: ``CODE: message (hint: ...)``."""
         text = f"{self.code}: {self.message}"

@@ -31,8 +31,8 @@ def main() -> int:
     except MedsegError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return 2
-    print(f"report: {result.report}\ntest Dice: {result.test_dice}\nMLflow: {result.tracking_uri} run {result.run_id}")
-    return 1 if result.n_failed else 0
+    print(f"report: {result.test.report}\ntest Dice: {result.test.mean_dice}\nMLflow: {result.tracking_uri} run {result.run_id}")
+    return 1 if result.test.n_failed else 0
 
 
 if __name__ == "__main__":

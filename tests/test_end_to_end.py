@@ -28,8 +28,10 @@ def test_demo_writes_report_with_one_row_per_case(demo_run):
     with open(out / "evaluation" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["case"] for r in rows} == {"ct_003"} and {r["label"] for r in rows} == {"organ", "lesion"}
-    assert html.count('<tr><td class="l">ct_003</td>') == 2  # one row per case and label
-    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', html)) == 1
+    assert html.count('<tr class="case-row"><td class="l">ct_003</td>') == 2  # one row per case and label
+    # figures: metric distributions, volume agreement per label (2), one overlay for the single case
+    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', html)) == 4
+    assert (out / "evaluation" / "report.pdf").read_bytes().startswith(b"%PDF")
     assert "not a medical device" in html
     assert not re.search(r'(src|href)="(https?:)?//', html)  # self-contained: no external resources
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
@@ -51,19 +53,20 @@ def test_demo_run_is_tracked_in_embedded_mlflow(demo_run):
     assert run.data.params["train.epochs"] == "2" and run.data.params["model.name"] == "unet"
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2]
-    assert "test_dice_organ" in run.data.metrics
+    assert {"test_dice_organ", "test_hd95_organ", "test_nsd_lesion", "val_dice_organ"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "model", "evaluation", "training_curves.png"} <= artifacts
+    assert {"config.yaml", "model", "test", "val", "training_curves.png"} <= artifacts
     model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
     assert model_files == {"weights.pt", "config.yaml", "model.json"}
-    report = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert "report.html" in report
+    report = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "test")}
+    assert {"report.html", "report.pdf", "metrics.csv", "summary.json"} <= report
     assert Path(exp.artifact_location.removeprefix("file://")).is_relative_to(out / "run")
 
 
 def test_run_folder_is_self_describing(demo_run):
     out, _ = demo_run
     run = out / "run"
-    assert {"config.yaml", "splits.json", "history.json", "model", "checkpoints"} <= {p.name for p in run.iterdir()}
+    assert {"config.yaml", "splits.json", "history.json", "model", "checkpoints", "validation"} <= {p.name for p in run.iterdir()}
+    assert (run / "validation" / "evaluation" / "report.html").is_file()
     splits = json.loads((run / "splits.json").read_text())
     assert sorted(splits["train"] + splits["val"]) == ["ct_000", "ct_001", "ct_002"]

@@ -69,19 +69,29 @@ def check_output_location(inputs_root: Path, out_dir: Path) -> None:
 
 
 def predict_folder(predictor: Predictor, inputs: Path, out_dir: Path, overwrite: bool = False) -> list[CaseResult]:
-    """Predicts every input and writes ``out_dir/<case_id>.nii.gz`` and ``out_dir/manifest.json``.
+    """Predicts a NIfTI file or every NIfTI file in a folder (see :func:`predict_files`).
+
+    Raises:
+        InputError: ``PATH_NOT_FOUND`` / ``NO_INPUTS``.
+        OutputError: ``OUTPUT_INSIDE_INPUT``.
+    """
+    files = find_inputs(inputs)
+    check_output_location(inputs, out_dir)
+    return predict_files(predictor, files, out_dir, overwrite)
+
+
+def predict_files(predictor: Predictor, files: list[Path], out_dir: Path, overwrite: bool = False) -> list[CaseResult]:
+    """Predicts each file and writes ``out_dir/<case_id>.nii.gz`` and ``out_dir/manifest.json``.
 
     Args:
         predictor: A loaded :class:`Predictor`.
-        inputs: A NIfTI file or a folder of them.
+        files: NIfTI images.
         out_dir: Output folder (created).
         overwrite: Replace existing outputs; otherwise such cases fail with ``OUTPUT_EXISTS``.
 
     Returns:
-        One :class:`CaseResult` per input, in input order.
+        One :class:`CaseResult` per file, in order.
     """
-    files = find_inputs(inputs)
-    check_output_location(inputs, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[CaseResult] = []
     from medseg.progress import progress_bar

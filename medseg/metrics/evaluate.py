@@ -1,8 +1,9 @@
 """Folder evaluation: predictions vs references -> ``metrics.csv``, ``summary.json``, ``evaluation.json``.
 
-Cases are matched by ID (file name without ``.nii``/``.nii.gz``); each prediction must lie on its
-reference's grid. ``evaluation.json`` records the inputs and labels so that :mod:`medseg.reporting` can
-draw the report later from the evaluation folder alone.
+Cases are matched by ID (file name without its format ending); each prediction must lie on its reference's
+grid. Every metric is computed in physical units from the reference's voxel spacing. Cases run in parallel
+processes. ``evaluation.json`` records inputs, labels, settings, per-case geometry and metadata so that
+:mod:`medseg.reporting` can draw the report from the evaluation folder alone.
 """
 
 from __future__ import annotations
@@ -10,93 +11,217 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from medseg.config import EvaluationConfig, load_config
 from medseg.errors import InputError, require_exists
-from medseg.io.nifti import nifti_files_by_id, read_nifti
+from medseg.io.readers import files_by_id, read_volume
+from medseg.metrics.aggregate import summarize
+from medseg.metrics.lesion import f1_score, lesion_detection
 from medseg.metrics.overlap import dice, iou
+from medseg.metrics.surface import assd, hausdorff, nsd, surface_distances
 
-COLUMNS = ["case", "label", "dice", "iou", "vol_ref_ml", "vol_pred_ml", "vol_err_ml"]
+COLUMNS = [
+    "case", "label", "dice", "iou", "hd95", "hd", "assd", "nsd", "vol_ref_ml", "vol_pred_ml", "vol_err_ml",
+    "vol_err_pct", "lesions_ref", "lesions_pred", "lesions_tp", "lesion_f1",
+    # beyond the core columns:
+    "lesions_fp", "lesions_fn", "lesion_sensitivity", "lesion_precision", "lesion_dice", "nsd_tol_mm", "touches_border",
+]
+SUMMARY_METRICS = [
+    "dice", "iou", "hd95", "hd", "assd", "nsd", "vol_ref_ml", "vol_pred_ml", "vol_err_ml", "vol_err_pct",
+    "lesion_f1", "lesion_sensitivity", "lesion_precision", "lesion_dice", "lesions_fp",
+]
+NAN = float("nan")
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, label: int) -> dict[str, float]:
-    """Metrics of one label in one case; ``pred`` and ``ref`` are integer label maps of equal shape."""
-    p, r = pred == label, ref == label
-    vol_p, vol_r = float(p.sum()) * voxel_ml, float(r.sum()) * voxel_ml
-    return {"dice": dice(p, r), "iou": iou(p, r), "vol_ref_ml": vol_r, "vol_pred_ml": vol_p, "vol_err_ml": vol_p - vol_r}
+@dataclass(frozen=True)
+class _CaseTask:
+    case: str
+    pred: Path
+    ref: Path
+    labels: dict[int, str]
+    settings: EvaluationConfig
 
 
-def _summary(values: list[float]) -> dict[str, float | int]:
-    arr = np.array([v for v in values if not math.isnan(v)], dtype=float)
-    if arr.size == 0:
-        return {"n": 0, "n_undefined": len(values), "mean": None, "median": None}
-    return {
-        "n": int(arr.size),
-        "n_undefined": len(values) - int(arr.size),
-        "mean": float(arr.mean()),
-        "median": float(np.median(arr)),
-        "min": float(arr.min()),
-        "max": float(arr.max()),
+def _touches_border(mask: np.ndarray) -> bool:
+    return any(mask.take(0, axis=a).any() or mask.take(-1, axis=a).any() for a in range(mask.ndim))
+
+
+def label_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], unit_size: float, tolerance_mm: float, s: EvaluationConfig
+) -> dict[str, Any]:
+    """All metrics of one label in one case.
+
+    Args:
+        pred: Boolean predicted mask ``(X, Y[, Z])``.
+        ref: Boolean reference mask, same shape.
+        spacing: Voxel spacing in mm.
+        unit_size: Size of one voxel in the reported unit (mL for volumes, cm² for 2D images).
+        tolerance_mm: NSD tolerance τ.
+        s: Empty-mask rules and lesion matching settings.
+    """
+    n_pred, n_ref = int(pred.sum()), int(ref.sum())
+    vol_p, vol_r = n_pred * unit_size, n_ref * unit_size
+    out: dict[str, Any] = {
+        "vol_ref_ml": vol_r,
+        "vol_pred_ml": vol_p,
+        "vol_err_ml": vol_p - vol_r,
+        "vol_err_pct": 100.0 * (vol_p - vol_r) / vol_r if n_ref else NAN,
+        "nsd_tol_mm": tolerance_mm,
+        "touches_border": _touches_border(pred) or _touches_border(ref),
     }
+    distances = surface_distances(pred, ref, spacing)
+    if distances is not None:
+        out |= {
+            "dice": dice(pred, ref), "iou": iou(pred, ref), "hd95": hausdorff(distances, 95), "hd": hausdorff(distances),
+            "assd": assd(distances), "nsd": nsd(distances, tolerance_mm),
+        }
+    elif n_pred == 0 and n_ref == 0:
+        perfect = s.empty_both == "perfect"
+        out |= dict.fromkeys(["dice", "iou", "nsd"], 1.0 if perfect else NAN)
+        out |= dict.fromkeys(["hd95", "hd", "assd"], 0.0 if perfect else NAN)
+    else:
+        diagonal = float(np.linalg.norm(np.array(pred.shape) * np.array(spacing)))
+        out |= {"dice": 0.0, "iou": 0.0, "nsd": 0.0}
+        out |= dict.fromkeys(["hd95", "hd", "assd"], diagonal if s.empty_one_distance == "diagonal" else NAN)
+    lesions = lesion_detection(pred, ref, s.lesion_overlap, s.lesion_connectivity)
+    out |= {
+        "lesions_ref": lesions.n_ref, "lesions_pred": lesions.n_pred, "lesions_tp": lesions.tp_ref,
+        "lesions_fp": lesions.fp, "lesions_fn": lesions.fn, "lesion_f1": lesions.f1,
+        "lesion_sensitivity": lesions.sensitivity, "lesion_precision": lesions.precision,
+        "lesion_dice": lesions.lesion_dice,
+    }
+    return out
+
+
+def _evaluate_case(task: _CaseTask) -> tuple[list[dict], dict]:
+    ref, pred = read_volume(task.ref), read_volume(task.pred)
+    if not pred.same_grid(ref):
+        raise InputError(
+            "GRID_MISMATCH",
+            f"case {task.case}: prediction grid {pred.spatial_shape} / spacing {np.round(pred.spacing, 4).tolist()} "
+            f"differs from reference {ref.spatial_shape} / {np.round(ref.spacing, 4).tolist()} (or their affines differ)",
+            "predict on the reference images' grid",
+        )
+    is_3d = len(ref.spatial_shape) == 3
+    unit_size = ref.voxel_volume_ml if is_3d else float(abs(np.linalg.det(ref.affine[:2, :2]))) / 100.0
+    ref_arr, pred_arr = ref.array[0], pred.array[0]
+    rows = []
+    for value, name in task.labels.items():
+        tol = task.settings.nsd_tolerance_per_label.get(name, task.settings.nsd_tolerance_mm)
+        metrics = label_metrics(pred_arr == value, ref_arr == value, ref.spacing, unit_size, tol, task.settings)
+        rows.append({"case": task.case, "label": name, **metrics})
+    info = {"shape": list(ref.spatial_shape), "spacing": [round(s, 6) for s in ref.spacing], "dims": 3 if is_3d else 2}
+    return rows, info
+
+
+def _read_metadata(path: Path) -> dict[str, dict[str, str]]:
+    require_exists(path, "metadata CSV")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or "case" not in reader.fieldnames:
+            raise InputError("METADATA_INVALID", f"{path} needs a 'case' column, found {reader.fieldnames}")
+        return {row["case"]: {k: v for k, v in row.items() if k != "case"} for row in reader}
+
+
+def summarize_rows(rows: list[dict], labels: dict[int, str], s: EvaluationConfig) -> dict:
+    """Per label: a :func:`summarize` of each metric, and pooled lesion counts."""
+    summary: dict = {}
+    for name in labels.values():
+        mine = [r for r in rows if r["label"] == name]
+        entry = {m: summarize([float(r[m]) for r in mine], s.bootstrap, s.ci_level) for m in SUMMARY_METRICS}
+        tp, n_ref, n_pred = (sum(int(r[k]) for r in mine) for k in ("lesions_tp", "lesions_ref", "lesions_pred"))
+        tp_pred = n_pred - sum(int(r["lesions_fp"]) for r in mine)
+        sens, prec = (tp / n_ref if n_ref else NAN), (tp_pred / n_pred if n_pred else NAN)
+        entry["lesions_pooled"] = {
+            "n_ref": n_ref, "n_pred": n_pred, "detected": tp, "false_positive": n_pred - tp_pred, "missed": n_ref - tp,
+            "sensitivity": sens, "precision": prec, "f1": f1_score(prec, sens, n_ref, n_pred),
+            "fp_per_case": (n_pred - tp_pred) / len(mine) if mine else NAN,
+        }
+        summary[name] = entry
+    return summary
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def evaluate_folders(
     pred_dir: Path,
     ref_dir: Path,
     out_dir: Path,
+    *,
+    settings: EvaluationConfig | None = None,
     labels: dict[int, str] | None = None,
     images_dir: Path | None = None,
+    metadata: Path | None = None,
     context: dict | None = None,
     window: tuple[float, float] | None = None,
+    cases: list[str] | None = None,
 ) -> dict:
-    """Evaluates every reference case against its prediction.
+    """Evaluates every reference case (or the listed ones) against its prediction.
 
     Args:
-        pred_dir: Folder of predicted label maps (NIfTI).
+        pred_dir: Folder of predicted label maps (NIfTI or PNG).
         ref_dir: Folder of reference label maps; every case here must have a prediction.
         out_dir: Where ``metrics.csv``, ``summary.json`` and ``evaluation.json`` go.
-        labels: ``{value: name}`` of the labels to score; default: every non-zero value in the references.
+        settings: The ``evaluation`` config section (default: ``configs/base.yaml``'s).
+        labels: ``{value: name}`` of the labels to score; default: every non-zero value in the first reference.
         images_dir: Optional folder of the images, for overlays in the report.
+        metadata: Optional CSV with a ``case`` column and any others (scanner, site, ...) for subgroup tables.
         context: Extra header fields for the report (model, MLflow run, config hash, ...).
         window: Display window of the images in the report (e.g. a CT window in HU).
+        cases: Evaluate only these case IDs (default: every reference in ``ref_dir``).
 
     Returns:
-        The summary: per label name, per metric ``{n, n_undefined, mean, median, min, max}``.
+        The summary: per label name, per metric ``{n, n_undefined, mean, median, q1, q3, iqr, min, max,
+        ci_low, ci_high}``, plus ``lesions_pooled``.
 
     Raises:
         InputError: ``PATH_NOT_FOUND``, ``NO_INPUTS``, ``EVAL_MISSING_PREDICTIONS`` (listing case IDs),
-            ``GRID_MISMATCH`` (naming the case and both grids).
+            ``GRID_MISMATCH`` (naming the case and both grids), ``METADATA_INVALID``.
     """
+    settings = settings or load_config(None).evaluation
     require_exists(pred_dir, "prediction folder")
     require_exists(ref_dir, "reference folder")
-    refs = nifti_files_by_id(ref_dir)
-    preds = nifti_files_by_id(pred_dir)
+    refs, preds = files_by_id(ref_dir), files_by_id(pred_dir)
+    if cases is not None:
+        unknown = sorted(set(cases) - set(refs))
+        if unknown:
+            raise InputError("EVAL_UNKNOWN_CASES", f"no reference for case(s) {', '.join(unknown[:20])} in {ref_dir}")
+        refs = {c: refs[c] for c in cases}
     if not refs:
-        raise InputError("NO_INPUTS", f"no reference label files (.nii/.nii.gz) in {ref_dir}")
+        raise InputError("NO_INPUTS", f"no reference label files (.nii/.nii.gz/.png) in {ref_dir}")
     missing = sorted(set(refs) - set(preds))
     if missing:
         raise InputError(
             "EVAL_MISSING_PREDICTIONS",
             f"{len(missing)} reference case(s) have no prediction in {pred_dir}: {', '.join(missing[:20])}",
         )
-    rows: list[dict] = []
-    for case_id, ref_path in sorted(refs.items()):
-        ref, pred = read_nifti(ref_path), read_nifti(preds[case_id])
-        if not pred.same_grid(ref):
-            raise InputError(
-                "GRID_MISMATCH",
-                f"case {case_id}: prediction grid {pred.spatial_shape} / spacing {np.round(pred.spacing, 4).tolist()} "
-                f"differs from reference {ref.spatial_shape} / {np.round(ref.spacing, 4).tolist()} (or their affines differ)",
-                "predict on the reference images' grid",
-            )
-        ref_arr, pred_arr = ref.array[0].astype(np.int64), pred.array[0].astype(np.int64)
-        if labels is None:
-            found = sorted(int(v) for v in np.unique(ref_arr) if v != 0)
-            labels = {v: str(v) for v in found}
-        for value, name in labels.items():
-            rows.append({"case": case_id, "label": name, **case_metrics(pred_arr, ref_arr, ref.voxel_volume_ml, value)})
+    meta = _read_metadata(metadata) if metadata else {}
+    if labels is None:
+        found = np.unique(read_volume(next(iter(refs.values()))).array)
+        labels = {int(v): str(int(v)) for v in found if v != 0}
+    tasks = [_CaseTask(case, preds[case], path, labels, settings) for case, path in sorted(refs.items())]
+    workers = min(settings.workers or os.cpu_count() or 1, len(tasks))
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_evaluate_case, tasks))
+    else:
+        results = [_evaluate_case(t) for t in tasks]
+    rows = [row for case_rows, _ in results for row in case_rows]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "metrics.csv", "w", newline="", encoding="utf-8") as handle:
@@ -104,20 +229,19 @@ def evaluate_folders(
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    summary = {
-        name: {metric: _summary([r[metric] for r in rows if r["label"] == name]) for metric in COLUMNS[2:]}
-        for name in (labels or {}).values()
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    summary = summarize_rows(rows, labels, settings)
+    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n", encoding="utf-8")
+    dims = results[0][1]["dims"]
     record = {
         "pred_dir": str(pred_dir.resolve()),
         "ref_dir": str(ref_dir.resolve()),
         "images_dir": str(images_dir.resolve()) if images_dir else None,
-        "labels": {str(k): v for k, v in (labels or {}).items()},
-        "cases": sorted(refs),
+        "labels": {str(k): v for k, v in labels.items()},
+        "cases": {t.case: {**info, "metadata": meta.get(t.case, {})} for t, (_, info) in zip(tasks, results)},
+        "units": {"volume": "mL" if dims == 3 else "cm²"},
+        "settings": settings.model_dump(mode="json"),
         "context": context or {},
         "window": list(window) if window else None,
     }
     (out_dir / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return summary
-

@@ -1,88 +1,76 @@
-"""Figures for the report, returned as PNG bytes (embedded in the HTML as base64)."""
+"""Summary figures of an evaluation (matplotlib), returned as PNG bytes."""
 
 from __future__ import annotations
 
 import io
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-REF_COLOUR, PRED_COLOUR = "#0072B2", "#E69F00"  # Okabe-Ito blue / orange: colour-blind safe
-LINESTYLES = ("solid", "dashed", "dotted", "dashdot")
+from medseg.reporting.overlays import PRED_COLOUR, REF_COLOUR  # noqa: E402
+
+DISTRIBUTION_METRICS = (("dice", "Dice"), ("nsd", "NSD"), ("hd95", "HD95 (mm)"), ("assd", "ASSD (mm)"))
 
 
-def to_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Reorders/flips the axes of a ``(X, Y, Z)`` array to RAS+ (closest canonical orientation)."""
-    ornt = nib.orientations.io_orientation(affine)
-    return nib.orientations.apply_orientation(array, ornt)
-
-
-def display_window(image: np.ndarray, region: np.ndarray) -> tuple[float, float]:
-    """Display window: the 1st-99th percentile of the intensities in ``region`` (around the structure)."""
-    values = image[region] if region.any() else image
-    low, high = np.percentile(values, [1, 99])
-    return float(low), float(max(high, low + 1e-6))
-
-
-def axial_overlay_png(
-    image: np.ndarray | None,
-    ref: np.ndarray,
-    pred: np.ndarray,
-    affine: np.ndarray,
-    labels: dict[int, str],
-    window: tuple[float, float] | None = None,
-) -> tuple[bytes, str]:
-    """Axial slice through the largest reference area (else prediction), radiological convention.
-
-    Args:
-        image: ``(X, Y, Z)`` intensities, or None to draw contours on black.
-        ref: ``(X, Y, Z)`` reference labels.
-        pred: ``(X, Y, Z)`` predicted labels.
-        affine: Voxel-to-RAS affine shared by the three arrays.
-        labels: ``{value: name}`` of the foreground labels to draw.
-        window: Display window (e.g. a CT window in HU); default: percentiles around the structure.
-
-    Returns:
-        ``(png bytes, caption)``; the caption states the slice and the display window.
-    """
-    ref_c, pred_c = to_canonical(ref, affine), to_canonical(pred, affine)
-    img_c = to_canonical(image, affine) if image is not None else np.zeros(ref_c.shape, dtype=np.float32)
-    area = (ref_c > 0).sum(axis=(0, 1))
-    if area.max() == 0:
-        area = (pred_c > 0).sum(axis=(0, 1))
-    z = int(np.argmax(area)) if area.max() > 0 else ref_c.shape[2] // 2
-    if image is None:
-        low, high = 0.0, 1.0
-    elif window is not None:
-        low, high = window
-    else:
-        from scipy import ndimage
-
-        near = ndimage.binary_dilation((ref_c[:, :, z] > 0) | (pred_c[:, :, z] > 0), iterations=15)
-        low, high = display_window(img_c[:, :, z], near)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    ornt = nib.orientations.io_orientation(affine)
-    sx, sy = spacing[int(np.argwhere(ornt[:, 0] == 0)[0, 0])], spacing[int(np.argwhere(ornt[:, 0] == 1)[0, 0])]
-
-    def show(a: np.ndarray) -> np.ndarray:  # RAS (x, y) -> screen: patient right on the left, anterior up
-        return a[::-1, :].T
-
-    fig, ax = plt.subplots(figsize=(3.6, 3.6))
-    ax.imshow(show(img_c[:, :, z]), cmap="gray", vmin=low, vmax=high, origin="lower", aspect=sy / sx)
-    for i, (value, name) in enumerate(sorted(labels.items())):
-        style = LINESTYLES[i % len(LINESTYLES)]
-        for arr, colour in ((ref_c, REF_COLOUR), (pred_c, PRED_COLOUR)):
-            mask = show((arr[:, :, z] == value).astype(float))
-            if mask.any():
-                ax.contour(mask, levels=[0.5], colors=colour, linestyles=style, linewidths=1.2, origin="lower")
-    ax.set_axis_off()
-    fig.tight_layout(pad=0.1)
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    caption = f"axial slice {z + 1}/{ref_c.shape[2]}; window [{low:.0f}, {high:.0f}]"
-    return buf.getvalue(), caption
+    return buf.getvalue()
+
+
+def _column(rows: list[dict], label: str, key: str) -> np.ndarray:
+    return np.array([float(r[key]) for r in rows if r["label"] == label], dtype=float)
+
+
+def distributions(rows: list[dict], labels: list[str]) -> bytes:
+    """Box plots with the individual cases as points, one panel per metric, one box per label."""
+    fig, axes = plt.subplots(1, len(DISTRIBUTION_METRICS), figsize=(3.0 * len(DISTRIBUTION_METRICS), 3.2))
+    rng = np.random.default_rng(0)
+    for ax, (key, title) in zip(axes, DISTRIBUTION_METRICS):
+        data = [_column(rows, lab, key) for lab in labels]
+        data = [d[np.isfinite(d)] for d in data]
+        ax.boxplot([d if d.size else [np.nan] for d in data], tick_labels=labels, showfliers=False, widths=0.5)
+        for i, d in enumerate(data, start=1):
+            ax.scatter(i + rng.uniform(-0.12, 0.12, d.size), d, s=10, color=REF_COLOUR, alpha=0.7, zorder=3)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+        if key in ("dice", "nsd"):
+            ax.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def volume_agreement(rows: list[dict], label: str, unit: str) -> bytes:
+    """Bland-Altman plot of volumes, predicted vs reference volume, and Dice vs reference volume."""
+    ref, pred, dice = (_column(rows, label, k) for k in ("vol_ref_ml", "vol_pred_ml", "dice"))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(11, 3.3))
+    mean, diff = (ref + pred) / 2, pred - ref
+    bias, sd = float(diff.mean()), float(diff.std(ddof=1)) if diff.size > 1 else 0.0
+    ax1.scatter(mean, diff, s=14, color=REF_COLOUR)
+    ax1.axhline(bias, color="k", lw=1, label=f"bias {bias:+.2f}")
+    for limit in (bias - 1.96 * sd, bias + 1.96 * sd):
+        ax1.axhline(limit, color="k", lw=0.8, ls="--")
+    ax1.set(xlabel=f"mean volume ({unit})", ylabel=f"predicted − reference ({unit})", title="Bland–Altman")
+    ax1.legend(fontsize=7, loc="best")
+    top = float(max(ref.max(initial=0), pred.max(initial=0))) * 1.05 or 1.0
+    ax2.plot([0, top], [0, top], color="k", lw=0.8, ls="--")
+    ax2.scatter(ref, pred, s=14, color=PRED_COLOUR)
+    ax2.set(xlabel=f"reference ({unit})", ylabel=f"predicted ({unit})", title="Volumes", xlim=(0, top), ylim=(0, top))
+    ok = ref > 0
+    ax3.scatter(ref[ok], dice[ok], s=14, color=REF_COLOUR)
+    if ok.any() and ref[ok].max() / max(ref[ok].min(), 1e-9) > 20:
+        ax3.set_xscale("log")
+        ax3.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax3.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax3.set(xlabel=f"reference volume ({unit})", ylabel="Dice", title="Dice vs size", ylim=(-0.02, 1.02))
+    for ax in (ax1, ax2, ax3):
+        ax.title.set_fontsize(9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(label, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,88 +1,212 @@
-"""``report.html``: one self-contained file (figures embedded) from an evaluation folder."""
+"""``report.html`` (one self-contained file, figures embedded) and ``report.pdf`` from an evaluation folder."""
 
 from __future__ import annotations
 
 import base64
 import csv
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-import medseg
 from medseg.errors import InputError, require_exists
-from medseg.io.nifti import nifti_files_by_id, read_nifti
-from medseg.reporting.figures import PRED_COLOUR, REF_COLOUR, axial_overlay_png
+from medseg.fsutil import versions
+from medseg.io.readers import files_by_id, read_volume
+from medseg.metrics.aggregate import subgroups
+from medseg.reporting import figures
+from medseg.reporting.overlays import PRED_COLOUR, REF_COLOUR, overlay_2d, overlay_3d
+
+NUMERIC = (
+    "dice", "iou", "hd95", "hd", "assd", "nsd", "vol_ref_ml", "vol_pred_ml", "vol_err_ml", "vol_err_pct",
+    "lesions_ref", "lesions_pred", "lesions_tp", "lesion_f1", "lesions_fp", "lesions_fn", "lesion_sensitivity",
+    "lesion_precision", "lesion_dice", "nsd_tol_mm",
+)
+MAX_FLAGGED_OVERLAYS = 40
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return float("nan")
+def _load(eval_dir: Path) -> tuple[list[dict], dict, dict]:
+    require_exists(eval_dir, "evaluation folder")
+    missing = [n for n in ("metrics.csv", "summary.json", "evaluation.json") if not (eval_dir / n).is_file()]
+    if missing:
+        raise InputError("EVAL_DIR_INVALID", f"{eval_dir} lacks {', '.join(missing)}", "run `medseg evaluate` to create it")
+    with open(eval_dir / "metrics.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key in NUMERIC:
+            row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
+        row["touches_border"] = row.get("touches_border") == "True"
+    summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
+    record = json.loads((eval_dir / "evaluation.json").read_text(encoding="utf-8"))
+    return rows, summary, record
 
 
-def write_report(eval_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Renders the report of an evaluation folder written by :func:`medseg.metrics.evaluate.evaluate_folders`.
+def flag_rows(rows: list[dict], settings: dict) -> None:
+    """Adds ``flags`` (list of short texts) to each row, following the evaluation settings."""
+    for label in {r["label"] for r in rows}:
+        mine = [r for r in rows if r["label"] == label]
+        dices = np.array([r["dice"] for r in mine if math.isfinite(r["dice"])])
+        worst = float(np.quantile(dices, settings["flag_worst_fraction"])) if dices.size else -1.0
+        for r in mine:
+            flags = []
+            if math.isfinite(r["dice"]) and r["dice"] < settings["flag_dice_below"]:
+                flags.append(f"Dice < {settings['flag_dice_below']}")
+            if dices.size > 1 and math.isfinite(r["dice"]) and r["dice"] <= worst:
+                flags.append(f"worst {settings['flag_worst_fraction']:.0%}")
+            if r["vol_pred_ml"] == 0 and r["vol_ref_ml"] > 0:
+                flags.append("missed: empty prediction")
+            if r["vol_pred_ml"] > 0 and r["vol_ref_ml"] == 0:
+                flags.append("false structure: empty reference")
+            if math.isfinite(r["vol_err_pct"]) and abs(r["vol_err_pct"]) > settings["flag_volume_error_pct"]:
+                flags.append(f"volume error > {settings['flag_volume_error_pct']:g}%")
+            if r["touches_border"]:
+                flags.append("touches image border")
+            r["flags"] = flags
+
+
+def _case_scores(rows: list[dict]) -> dict[str, float]:
+    scores: dict[str, list[float]] = {}
+    for r in rows:
+        if math.isfinite(r["dice"]):
+            scores.setdefault(r["case"], []).append(r["dice"])
+    return {case: float(np.mean(v)) for case, v in scores.items()}
+
+
+def pick_overlay_cases(rows: list[dict]) -> list[tuple[str, str]]:
+    """Best, median and worst case by mean Dice over labels, then every flagged case: ``[(case, why)]``."""
+    scores = sorted(_case_scores(rows).items(), key=lambda kv: kv[1])
+    picked: dict[str, str] = {}
+    if scores:
+        picked[scores[-1][0]] = "best"
+        picked.setdefault(scores[len(scores) // 2][0], "median")
+        picked.setdefault(scores[0][0], "worst")
+    for r in rows:
+        if r["flags"] and r["case"] not in picked:
+            picked[r["case"]] = "flagged"
+    return list(picked.items())
+
+
+def _slice_thickness_group(spacing: list[float]) -> str:
+    z = spacing[2]
+    return "< 2.5 mm" if z < 2.5 else ("2.5–5 mm" if z <= 5 else "> 5 mm")
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _sentences(name: str, s: dict, unit: str, ci: float) -> list[str]:
+    dice, nsd, hd95, vol = s["dice"], s["nsd"], s["hd95"], s["vol_err_pct"]
+    if dice["mean"] is None:
+        return [f"No case has a {name} in the reference or the prediction."]
+    out = [
+        f"Across {dice['n']} case(s), the predicted {name} overlapped the reference with a mean Dice of "
+        f"{dice['mean']:.2f} ({ci:.0%} CI {dice['ci_low']:.2f} to {dice['ci_high']:.2f}; 1 is perfect)."
+    ]
+    if hd95["median"] is not None:
+        out.append(
+            f"Typically 95% of the predicted boundary lay within {hd95['median']:.1f} mm of the reference boundary "
+            f"(median HD95), and {nsd['mean']:.0%} of boundary points were within the tolerance (NSD)."
+        )
+    if vol["mean"] is not None:
+        out.append(f"Predicted volumes differed from the reference by {vol['mean']:+.0f}% on average "
+                   f"(median {vol['median']:+.0f}%).")
+    pooled = s["lesions_pooled"]
+    if pooled["n_ref"]:
+        out.append(
+            f"{pooled['detected']} of {pooled['n_ref']} separate reference {name} region(s) were detected; "
+            f"there were {pooled['fp_per_case']:.1f} false-positive region(s) per case."
+        )
+    return out
+
+
+def _read_case(paths: dict[str, Path], case: str) -> np.ndarray | None:
+    return read_volume(paths[case]).array if case in paths else None
+
+
+def build_report(eval_dir: str | Path) -> dict:
+    """Everything the HTML and PDF show, with figures as PNG bytes."""
+    eval_dir = Path(eval_dir)
+    rows, summary, record = _load(eval_dir)
+    settings = record["settings"]
+    labels = {int(k): v for k, v in record["labels"].items()}
+    names = list(labels.values())
+    unit = record["units"]["volume"]
+    flag_rows(rows, settings)
+    refs, preds = files_by_id(Path(record["ref_dir"])), files_by_id(Path(record["pred_dir"]))
+    images = files_by_id(Path(record["images_dir"])) if record.get("images_dir") else {}
+    window = tuple(record["window"]) if record.get("window") else None
+
+    overlays = []
+    picks = pick_overlay_cases(rows)
+    flagged_total = sum(1 for _, why in picks if why == "flagged")
+    for case, why in [p for p in picks if p[1] != "flagged"] + [p for p in picks if p[1] == "flagged"][:MAX_FLAGGED_OVERLAYS]:
+        ref_vol = read_volume(refs[case])
+        pred_arr = read_volume(preds[case]).array[0]
+        image = _read_case(images, case)
+        if len(ref_vol.spatial_shape) == 3:
+            png, caption = overlay_3d(
+                None if image is None else image[0].astype(np.float32), ref_vol.array[0], pred_arr, ref_vol.affine,
+                labels, window,
+            )
+        else:
+            png, caption = overlay_2d(image, ref_vol.array[0], pred_arr, labels)
+        case_flags = sorted({f"{r['label']}: {f}" for r in rows if r["case"] == case for f in r["flags"]})
+        overlays.append({"case": case, "why": why, "png": png, "caption": caption, "flags": case_flags})
+
+    case_meta = {case: dict(info.get("metadata", {})) for case, info in record["cases"].items()}
+    for case, info in record["cases"].items():
+        if info["dims"] == 3:
+            case_meta[case]["slice thickness"] = _slice_thickness_group(info["spacing"])
+    groups = subgroups(rows, case_meta, names, "dice", settings["small_subgroup"], settings["bootstrap"], settings["ci_level"])
+
+    figs = [("Metric distributions", figures.distributions(rows, names))]
+    figs += [(f"Volume agreement: {name}", figures.volume_agreement(rows, name, unit)) for name in names]
+    return {
+        "title": "Segmentation evaluation report",
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": versions(),
+        "context": record.get("context", {}),
+        "n_cases": len(record["cases"]),
+        "labels": names,
+        "unit": unit,
+        "settings": settings,
+        "cards": {name: _sentences(name, summary[name], unit, settings["ci_level"]) for name in names},
+        "summary": summary,
+        "rows": rows,
+        "figures": figs,
+        "overlays": overlays,
+        "flagged_not_shown": max(0, flagged_total - MAX_FLAGGED_OVERLAYS),
+        "subgroups": groups,
+        "window": window,
+    }
+
+
+def write_report(eval_dir: str | Path, out: str | Path | None = None, pdf: bool = True) -> Path:
+    """Renders ``report.html`` (and ``report.pdf`` beside it) for an evaluation folder.
 
     Args:
-        eval_dir: Folder with ``metrics.csv``, ``summary.json`` and ``evaluation.json``.
-        out: Output HTML path (default ``eval_dir/report.html``).
+        eval_dir: Folder written by :func:`medseg.metrics.evaluate.evaluate_folders`.
+        out: HTML path (default ``eval_dir/report.html``).
+        pdf: Also write the PDF version (same name, ``.pdf``).
 
     Returns:
-        The written path.
+        The HTML path.
 
     Raises:
         InputError: ``PATH_NOT_FOUND``; ``EVAL_DIR_INVALID`` when the evaluation files are missing.
     """
-    eval_dir = Path(eval_dir)
-    require_exists(eval_dir, "evaluation folder")
-    needed = ("metrics.csv", "summary.json", "evaluation.json")
-    missing = [n for n in needed if not (eval_dir / n).is_file()]
-    if missing:
-        raise InputError(
-            "EVAL_DIR_INVALID", f"{eval_dir} lacks {', '.join(missing)}", "run `medseg evaluate` to create it"
-        )
-    with open(eval_dir / "metrics.csv", newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
-    record = json.loads((eval_dir / "evaluation.json").read_text(encoding="utf-8"))
-    labels = {int(k): v for k, v in record["labels"].items()}
-    window = tuple(record["window"]) if record.get("window") else None
-
-    cases = []
-    refs = nifti_files_by_id(Path(record["ref_dir"]))
-    preds = nifti_files_by_id(Path(record["pred_dir"]))
-    images = nifti_files_by_id(Path(record["images_dir"])) if record.get("images_dir") else {}
-    for case_id in record["cases"]:
-        ref = read_nifti(refs[case_id])
-        pred = read_nifti(preds[case_id])
-        image = read_nifti(images[case_id]).array[0].astype(np.float32) if case_id in images else None
-        png, caption = axial_overlay_png(image, ref.array[0], pred.array[0], ref.affine, labels, window)
-        case_rows = [r for r in rows if r["case"] == case_id]
-        cases.append(
-            {
-                "id": case_id,
-                "rows": [{k: (_float(v) if k not in ("case", "label") else v) for k, v in r.items()} for r in case_rows],
-                "figure": base64.b64encode(png).decode(),
-                "caption": caption,
-            }
-        )
+    data = build_report(eval_dir)
     env = Environment(loader=PackageLoader("medseg.reporting", "templates"), autoescape=select_autoescape())
-    html = env.get_template("report.html.j2").render(
-        title="Segmentation evaluation report",
-        created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        version=medseg.__version__,
-        context=record.get("context", {}),
-        n_cases=len(record["cases"]),
-        labels=labels,
-        summary=summary,
-        cases=cases,
-        ref_colour=REF_COLOUR,
-        pred_colour=PRED_COLOUR,
-    )
-    out_path = Path(out) if out else eval_dir / "report.html"
+    env.filters["b64"] = lambda raw: base64.b64encode(raw).decode()
+    env.filters["num"] = _fmt
+    html = env.get_template("report.html.j2").render(**data, ref_colour=REF_COLOUR, pred_colour=PRED_COLOUR)
+    out_path = Path(out) if out else Path(eval_dir) / "report.html"
     out_path.write_text(html, encoding="utf-8")
+    if pdf:
+        from medseg.reporting.pdf import write_pdf
+
+        write_pdf(data, out_path.with_suffix(".pdf"))
     return out_path

@@ -1,0 +1,45 @@
+"""2D images (PNG, JPEG, TIFF; grey or RGB) as :class:`Volume` ``(C, X, Y)``.
+
+X is the row index and Y the column index of the picture, so ``array[c]`` displays as stored. Photos carry
+no geometry: the affine is the identity (1 mm pixels) unless the caller knows better.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from medseg.errors import InputError
+from medseg.io.volume import Volume
+
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def is_image2d(path: Path) -> bool:
+    """True for the 2D picture file endings medseg reads."""
+    return path.suffix.lower() in IMAGE_2D_SUFFIXES
+
+
+def read_image2d(path: str | Path) -> Volume:
+    """Reads a grey or RGB picture.
+
+    Returns:
+        ``(1, X, Y)`` for grey, ``(3, X, Y)`` for colour (alpha dropped); dtype as stored.
+
+    Raises:
+        InputError: ``PATH_NOT_FOUND``; ``IMAGE_CORRUPT`` when the file cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("PATH_NOT_FOUND", f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("RGBA", "P", "CMYK", "LA"):
+                img = img.convert("RGB" if img.mode != "LA" else "L")
+            data = np.asarray(img)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError("IMAGE_CORRUPT", f"cannot decode {path.name}: {exc}") from None
+    array = data[None] if data.ndim == 2 else np.moveaxis(data[..., :3], -1, 0)
+    return Volume(np.ascontiguousarray(array), np.eye(4), {"source_format": path.suffix.lower().lstrip(".")})

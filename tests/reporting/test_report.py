@@ -1,0 +1,107 @@
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medseg.metrics.evaluate import evaluate_folders
+from medseg.reporting.report import build_report, flag_rows, pick_overlay_cases, write_report
+
+SETTINGS = {"flag_dice_below": 0.5, "flag_worst_fraction": 0.05, "flag_volume_error_pct": 20}
+
+
+def _row(case: str, dice: float, ref: float = 10.0, pred: float = 10.0, border: bool = False) -> dict:
+    err = 100 * (pred - ref) / ref if ref else math.nan
+    return {"case": case, "label": "organ", "dice": dice, "vol_ref_ml": ref, "vol_pred_ml": pred, "vol_err_pct": err,
+            "touches_border": border}
+
+
+def test_flags_follow_the_settings():
+    rows = [
+        _row("ok", 0.9), _row("low", 0.3), _row("missed", 0.0, pred=0.0), _row("extra", 0.0, ref=0.0, pred=2.0),
+        _row("big", 0.8, pred=13.0), _row("edge", 0.85, border=True), _row("fine", 0.95),
+    ]
+    flag_rows(rows, SETTINGS)
+    flags = {r["case"]: r["flags"] for r in rows}
+    assert flags["ok"] == [] and flags["fine"] == []
+    assert flags["low"] == ["Dice < 0.5"]
+    assert "missed: empty prediction" in flags["missed"] and "worst 5%" in flags["missed"]
+    assert "false structure: empty reference" in flags["extra"]
+    assert flags["big"] == ["volume error > 20%"]
+    assert flags["edge"] == ["touches image border"]
+
+
+def test_overlay_selection_best_median_worst_then_flagged():
+    rows = [_row("a", 0.9), _row("b", 0.8), _row("c", 0.7), _row("d", 0.3), _row("e", 0.95)]
+    flag_rows(rows, SETTINGS)
+    assert pick_overlay_cases(rows) == [("e", "best"), ("b", "median"), ("d", "worst")]
+    rows.append(_row("f", 0.75, border=True))
+    flag_rows(rows, SETTINGS)
+    assert ("f", "flagged") in pick_overlay_cases(rows)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_dataset: Path, smoke_model: Path, tmp_path_factory) -> Path:
+    from medseg.inference.predictor import Predictor
+    from medseg.inference.runner import predict_folder
+
+    out = tmp_path_factory.mktemp("rep")
+    predict_folder(Predictor.from_model_dir(smoke_model, "cpu"), tiny_dataset / "imagesTs", out / "pred")
+    meta = out / "meta.csv"
+    meta.write_text("case,site\nct_003,hospital-A\n")
+    evaluate_folders(
+        out / "pred", tiny_dataset / "labelsTs", out / "ev", labels={1: "organ", 2: "lesion"},
+        images_dir=tiny_dataset / "imagesTs", metadata=meta, context={"Model": "smoke"}, window=(-160, 240),
+    )
+    return out / "ev"
+
+
+def test_report_content(evaluated: Path):
+    html = write_report(evaluated).read_text()
+    assert "Research use only — not a medical device" in html and "smoke" in html
+    assert html.count('class="case-row"') == 2
+    assert "window [-160, 240]" in html
+    assert re.search(r"hospital-A</td><td>1 <span class=\"small\">small N", html)
+    assert "slice thickness" in html  # automatic subgroup from the geometry
+    assert "percentile bootstrap" in html and "MedPy" in html  # methods appendix
+    assert not re.search(r'(src|href)="(https?:)?//', html)
+    pdf = (evaluated / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and len(pdf) > 10_000
+
+
+def test_report_data_overlays_are_three_plane_pngs(evaluated: Path):
+    data = build_report(evaluated)
+    assert [o["case"] for o in data["overlays"]] == ["ct_003"]
+    png = data["overlays"][0]["png"]
+    assert png.startswith(b"\x89PNG")
+    from io import BytesIO
+
+    width, height = Image.open(BytesIO(png)).size
+    assert width > 2.5 * height  # axial, coronal and sagittal side by side
+
+
+def test_2d_report_has_2d_overlays(tmp_path: Path):
+    from medseg.sample_data import write_sample_data
+
+    root = write_sample_data(tmp_path / "d", cases=4, seed=0, kinds=("derm2d",))["derm2d"]
+    pred = tmp_path / "pred"
+    shutil.copytree(root / "labelsTs", pred)
+    mask = np.asarray(Image.open(pred / "derm_003.png")).copy()
+    Image.fromarray(np.roll(mask, 4, axis=0)).save(pred / "derm_003.png")
+    evaluate_folders(pred, root / "labelsTs", tmp_path / "ev", labels={1: "lesion"}, images_dir=root / "imagesTs")
+    data = build_report(tmp_path / "ev")
+    width, height = Image.open(__import__("io").BytesIO(data["overlays"][0]["png"])).size
+    assert width == height  # one panel
+    html = write_report(tmp_path / "ev").read_text()
+    assert "cm²" in html
+
+
+def test_report_of_missing_folder(tmp_path: Path):
+    from medseg.errors import InputError
+
+    with pytest.raises(InputError) as info:
+        write_report(tmp_path / "nope")
+    assert info.value.code == "PATH_NOT_FOUND"
