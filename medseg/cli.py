@@ -1,7 +1,8 @@
 """The ``medseg`` command line. Each command is a few lines calling the library; heavy imports stay inside.
 
 Exit codes: 0 when everything succeeded; 1 when some cases failed (listed one line each); 2 for a usage,
-configuration or input error, printed as one line ``error: CODE: message (hint: ...)`` without a traceback.
+configuration or input error, printed as one line ``error: CODE: message (hint: ...)`` without a traceback;
+3 for an unexpected internal error (one line; ``MEDSEG_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -65,6 +66,34 @@ def sample_data(
     roots = write_sample_data(out, cases=cases, seed=seed)
     for kind, root in roots.items():
         typer.echo(f"{kind}: {root}")
+
+
+@app.command()
+def plan(
+    dataset: Path = typer.Argument(..., help="Dataset folder (MSD layout)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan here (default: print it)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Config whose 'plan' budgets to use."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    gpu: bool = typer.Option(False, "--gpu/--cpu", help="Plan for the GPU or the CPU memory budget."),
+) -> None:
+    """Fingerprint a dataset and derive the plan (spacing, patch, batch, network, normalisation) as JSON."""
+    from medseg.config import load_config
+    from medseg.io.dataset import load_dataset
+    from medseg.plan.fingerprint import compute_fingerprint
+    from medseg.plan.planner import make_plan
+
+    cfg = load_config(config, set_)
+    fingerprint = compute_fingerprint(load_dataset(dataset))
+    made = make_plan(fingerprint, cfg.plan, on_gpu=gpu)
+    if out is None:
+        typer.echo(made.to_json())
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(made.to_json())
+    out.with_name(out.stem + ".fingerprint.json").write_text(fingerprint.to_json())
+    typer.echo(f"plan: {out}")
+    for note in made.notes:
+        typer.echo(f"  {note}")
 
 
 @app.command()
@@ -231,6 +260,18 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
+        import os
+
+        if os.environ.get("MEDSEG_DEBUG"):
+            raise
+        cause = exc.__cause__ or exc
+        print(
+            f"error: INTERNAL_ERROR: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
+            "(hint: rerun with MEDSEG_DEBUG=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -30,36 +30,80 @@ class _Strict(BaseModel):
 
 
 class IntensityConfig(_Strict):
-    """Intensity normalisation. ``ct_window`` clips to ``window`` (HU) and rescales to [0, 1];
-    ``zscore`` normalises each image to zero mean, unit variance over its non-zero voxels (MR)."""
+    """Intensity normalisation (null scheme: chosen by the plan from the modality).
 
-    scheme: Literal["ct_window", "zscore"]
+    ``ct``: clip to the dataset's foreground 0.5/99.5 percentiles, z-score with its foreground mean/std;
+    ``window``: clip to ``window`` and rescale to [0, 1]; ``zscore``: per image over non-zero voxels (MR);
+    ``percentile``: per image, rescale ``percentiles`` to [0, 1]; ``rgb``: divide by 255 (photos).
+    """
+
+    scheme: Literal["ct", "window", "zscore", "percentile", "rgb"] | None
     window: tuple[float, float] | None
+    percentiles: tuple[float, float]
+
+
+class ClaheConfig(_Strict):
+    """Contrast-limited adaptive histogram equalisation (scikit-image), applied before normalisation."""
+
+    enabled: bool
+    kernel_size: int | tuple[int, ...] | None = Field(description="tile size in voxels; null = 1/8 of each axis")
+    clip_limit: float = Field(gt=0, le=1)
+    nbins: int = Field(ge=2)
 
 
 class DataConfig(_Strict):
     dataset: str | None = Field(description="dataset folder (MSD layout with dataset.json)")
     val_fraction: float = Field(gt=0, lt=1)
-    spacing: tuple[float, ...] = Field(min_length=2, max_length=3, description="target spacing in mm (X, Y[, Z])")
-    patch_size: tuple[int, ...] = Field(min_length=2, max_length=3)
+    spacing: tuple[float, ...] | None = Field(min_length=2, max_length=3, description="target spacing; null = plan")
+    patch_size: tuple[int, ...] | None = Field(min_length=2, max_length=3, description="null = plan")
     intensity: IntensityConfig
+    clahe: ClaheConfig
+    cache: Literal["disk", "memory", "none"]
+    cache_dir: str | None = Field(description="preprocessed-case cache; null = <run dir>/cache")
     num_workers: int = Field(ge=0)
 
 
 class AugmentConfig(_Strict):
     pos_neg_ratio: float = Field(ge=0, description="foreground:background ratio of random crop centres")
     flip_prob: float = Field(ge=0, le=1)
+    rotate_prob: float = Field(ge=0, le=1)
+    rotate_deg: float = Field(ge=0, le=180)
+    scale_prob: float = Field(ge=0, le=1)
+    scale_range: float = Field(ge=0, lt=1)
+    elastic_prob: float = Field(ge=0, le=1)
+    elastic_sigma: tuple[float, float]
+    elastic_magnitude: tuple[float, float]
     intensity_prob: float = Field(ge=0, le=1)
     intensity_scale: float = Field(ge=0)
     intensity_shift: float = Field(ge=0)
+    gamma_prob: float = Field(ge=0, le=1)
+    gamma_range: tuple[float, float]
+    noise_prob: float = Field(ge=0, le=1)
+    noise_std: float = Field(ge=0)
+    blur_prob: float = Field(ge=0, le=1)
+    blur_sigma: tuple[float, float]
+    lowres_prob: float = Field(ge=0, le=1)
+    lowres_zoom: tuple[float, float]
+    colour_prob: float = Field(ge=0, le=1)
+    colour_scale: float = Field(ge=0)
 
 
 class ModelConfig(_Strict):
     name: str
-    channels: tuple[int, ...] = Field(min_length=2)
-    strides: tuple[int, ...] = Field(min_length=1)
+    channels: tuple[int, ...] | None = Field(min_length=2, description="null (with strides null) = plan")
+    strides: tuple[int, ...] | None = Field(min_length=1)
     num_res_units: int = Field(ge=0)
     dropout: float = Field(ge=0, lt=1)
+    deep_supervision: bool
+
+
+class PlanConfig(_Strict):
+    """Budgets the planner sizes patches and networks for."""
+
+    gpu_memory_gb: float = Field(gt=0)
+    cpu_memory_gb: float = Field(gt=0)
+    base_channels: int = Field(ge=1)
+    max_channels: int = Field(ge=1)
 
 
 class LossConfig(_Strict):
@@ -73,7 +117,7 @@ class LossConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: int = Field(ge=1)
     iterations_per_epoch: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
+    batch_size: int | None = Field(ge=1, description="null = plan")
     optimizer: Literal["adamw", "sgd"]
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
@@ -119,6 +163,7 @@ class Config(_Strict):
     seed: int
     data: DataConfig
     augment: AugmentConfig
+    plan: PlanConfig
     model: ModelConfig
     loss: LossConfig
     train: TrainConfig

@@ -49,3 +49,24 @@ def make_volume():
         return Volume(arr, np.eye(4) if affine is None else affine)
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-case synthetic dermoscopy dataset (3 training, 1 test), PNG."""
+    from medseg.sample_data import write_sample_data
+
+    return write_sample_data(tmp_path_factory.mktemp("data2d"), cases=4, seed=0, kinds=("derm2d",))["derm2d"]
+
+
+@pytest.fixture(scope="session")
+def smoke_model_2d(tiny_dataset_2d: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2D model folder trained for a few steps on RGB photos."""
+    from medseg.training.trainer import fit
+
+    cfg = load_config(
+        "smoke",
+        [f"data.dataset={tiny_dataset_2d}", "data.spacing=[2.0, 2.0]", "data.patch_size=[32, 32]",
+         "data.intensity.scheme=rgb", "data.clahe.enabled=true"],
+    )
+    return fit(cfg, tmp_path_factory.mktemp("run2d"), show_progress=False).model_dir

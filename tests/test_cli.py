@@ -111,3 +111,32 @@ def test_evaluate_grid_mismatch_is_one_line(tmp_path: Path, tiny_dataset: Path):
 
 def test_report_of_missing_evaluation(tmp_path: Path):
     assert_one_line_error(run("report", str(tmp_path)), "EVAL_DIR_INVALID")
+
+
+def test_plan_command(tmp_path: Path, tiny_dataset: Path):
+    import json
+
+    proc = run("plan", str(tiny_dataset), "-o", str(tmp_path / "plan.json"))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["dims"] == 3 and plan["normalization"] == "ct" and len(plan["spacing"]) == 3
+    assert (tmp_path / "plan.fingerprint.json").is_file() and "target spacing" in proc.stdout
+
+
+def test_internal_errors_are_one_line(tmp_path: Path, monkeypatch, capsys):
+    import medseg.sample_data
+    from medseg.cli import main
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("something unexpected\nsecond line")
+
+    monkeypatch.setattr(medseg.sample_data, "write_sample_data", boom)
+    monkeypatch.setattr(sys, "argv", ["medseg", "sample-data", "-o", str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 3 and len(err) == 1
+    assert err[0].startswith("error: INTERNAL_ERROR: RuntimeError: something unexpected (hint: rerun with MEDSEG_DEBUG=1")
+    monkeypatch.setenv("MEDSEG_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main()

@@ -57,7 +57,7 @@ def test_demo_run_is_tracked_in_embedded_mlflow(demo_run):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model", "test", "val", "training_curves.png"} <= artifacts
     model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
-    assert model_files == {"weights.pt", "config.yaml", "model.json"}
+    assert model_files == {"weights.pt", "config.yaml", "model.json", "plan.json"}
     report = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "test")}
     assert {"report.html", "report.pdf", "metrics.csv", "summary.json"} <= report
     assert Path(exp.artifact_location.removeprefix("file://")).is_relative_to(out / "run")

@@ -14,7 +14,8 @@ from medseg.config import Config
 from medseg.errors import InputError
 from medseg.io.volume import Volume
 from medseg.models.folder import load_model_dir
-from medseg.training.trainer import select_device
+from medseg.plan.planner import Plan
+from medseg.training.trainer import final_output, select_device
 from medseg.transforms.pipeline import IMAGE, build_infer_transforms, volume_to_metatensor
 
 
@@ -27,27 +28,27 @@ class Predictor:
     probabilities: one byte per voxel instead of one float per class.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, info: dict, device: torch.device) -> None:
-        self.model, self.cfg, self.info, self.device = model, cfg, info, device
+    def __init__(self, model: torch.nn.Module, cfg: Config, plan: Plan, info: dict, device: torch.device) -> None:
+        self.model, self.cfg, self.plan, self.info, self.device = model, cfg, plan, info, device
         self.labels: dict[int, str] = info["labels"]
-        self._preprocess = build_infer_transforms(cfg)
+        self._preprocess = build_infer_transforms(cfg, plan)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, device: str = "auto") -> "Predictor":
         """Loads a model folder (see :mod:`medseg.models.folder`) onto ``device`` (``auto|cpu|cuda|mps``)."""
         dev = select_device(device)
-        model, cfg, info = load_model_dir(model_dir, dev)
-        return cls(model, cfg, info, dev)
+        model, cfg, plan, info = load_model_dir(model_dir, dev)
+        return cls(model, cfg, plan, info, dev)
 
     @torch.no_grad()
     def predict(self, volume: Volume) -> Volume:
         """Segments one volume.
 
         Args:
-            volume: Image ``(C, X, Y, Z)`` with C equal to the model's input channels.
+            volume: Image ``(C, X, Y, Z)`` (or ``(C, X, Y)`` for a 2D model) with the model's input channels.
 
         Returns:
-            uint8 label map ``(1, X, Y, Z)`` on the input's grid (same shape and affine).
+            uint8 label map ``(1, X, Y[, Z])`` on the input's grid (same shape and affine).
 
         Raises:
             InputError: ``CHANNELS_MISMATCH`` / ``SHAPE_INVALID`` when the input does not fit the model.
@@ -68,15 +69,15 @@ class Predictor:
             image.as_tensor()[None].to(self.device),
             roi_size=self.cfg.data.patch_size,
             sw_batch_size=self.cfg.inference.sw_batch_size,
-            predictor=self.model,
+            predictor=lambda x: final_output(self.model(x)),
             overlap=self.cfg.inference.overlap,
             mode=self.cfg.inference.blend,
         )
-        labels = logits.argmax(1).to(torch.float32).cpu()  # (1, X', Y', Z')
+        labels = logits.argmax(1).to(torch.float32).cpu()  # (1, X', Y'[, Z'])
         del logits
         on_model_grid = MetaTensor(labels, affine=image.affine)
         back = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
             on_model_grid, dst_affine=original.affine, spatial_size=volume.spatial_shape
         )
-        out = np.asarray(back.as_tensor().numpy().round(), dtype=np.uint8)  # (1, X, Y, Z)
+        out = np.asarray(back.as_tensor().numpy().round(), dtype=np.uint8)  # (1, X, Y[, Z])
         return volume.with_array(out, kind="label")

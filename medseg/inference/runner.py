@@ -14,12 +14,12 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from medseg.errors import InputError, MedsegError, OutputError, require_exists
 from medseg.fsutil import sha256_file
 from medseg.inference.predictor import Predictor
-from medseg.io.nifti import nifti_files_by_id, read_nifti, strip_nifti_suffix, write_nifti
+from medseg.io.image2d import is_image2d
+from medseg.io.readers import case_id as case_id_of
+from medseg.io.readers import files_by_id, read_volume, write_labels
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -40,17 +40,17 @@ class CaseResult:
 
 
 def find_inputs(path: Path) -> list[Path]:
-    """A NIfTI file, or the NIfTI files directly inside a folder (sorted).
+    """A file, or the NIfTI files and 2D pictures directly inside a folder (sorted).
 
     Raises:
-        InputError: ``PATH_NOT_FOUND``; ``NO_INPUTS`` when a folder holds no NIfTI file.
+        InputError: ``PATH_NOT_FOUND``; ``NO_INPUTS`` when a folder holds no readable file.
     """
     require_exists(path, "input")
     if path.is_file():
         return [path]
-    files = list(nifti_files_by_id(path).values())
+    files = list(files_by_id(path).values())
     if not files:
-        raise InputError("NO_INPUTS", f"no .nii/.nii.gz files in {path}")
+        raise InputError("NO_INPUTS", f"no .nii/.nii.gz/.png/.jpg/.tif files in {path}")
     return files
 
 
@@ -81,11 +81,11 @@ def predict_folder(predictor: Predictor, inputs: Path, out_dir: Path, overwrite:
 
 
 def predict_files(predictor: Predictor, files: list[Path], out_dir: Path, overwrite: bool = False) -> list[CaseResult]:
-    """Predicts each file and writes ``out_dir/<case_id>.nii.gz`` and ``out_dir/manifest.json``.
+    """Predicts each file; writes ``out_dir/<case_id>.nii.gz`` (``.png`` for 2D pictures) and ``manifest.json``.
 
     Args:
         predictor: A loaded :class:`Predictor`.
-        files: NIfTI images.
+        files: NIfTI images or 2D pictures.
         out_dir: Output folder (created).
         overwrite: Replace existing outputs; otherwise such cases fail with ``OUTPUT_EXISTS``.
 
@@ -99,15 +99,15 @@ def predict_files(predictor: Predictor, files: list[Path], out_dir: Path, overwr
     with progress_bar() as progress:
         task = progress.add_task("predicting", total=len(files))
         for path in files:
-            case_id = strip_nifti_suffix(path.name)
-            target = out_dir / f"{case_id}.nii.gz"
+            case_id = case_id_of(path)
+            target = out_dir / (f"{case_id}.png" if is_image2d(path) else f"{case_id}.nii.gz")
             start = time.perf_counter()
             result = CaseResult(case_id, str(path), "failed")
             try:
                 if target.exists() and not overwrite:
                     raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it")
-                labels = predictor.predict(read_nifti(path))
-                write_nifti(labels, target, np.uint8)
+                labels = predictor.predict(read_volume(path))
+                write_labels(labels, out_dir, case_id, path)
                 result.status, result.output, result.sha256 = "ok", target.name, sha256_file(target)
             except MedsegError as exc:
                 result.error_code, result.error = exc.code, exc.one_line()

@@ -4,6 +4,7 @@
 
     MODEL_DIR/weights.pt   network state_dict (loaded with weights_only=True)
     MODEL_DIR/config.yaml  resolved run configuration (network, preprocessing, inference settings)
+    MODEL_DIR/plan.json    the plan (spacing, patch, normalisation statistics)
     MODEL_DIR/model.json   labels, input channels, spatial dims, dataset, metric, versions, hashes
 """
 
@@ -21,17 +22,19 @@ from medseg.config import Config, config_hash, load_config, save_config
 from medseg.errors import ModelError
 from medseg.fsutil import atomic_torch_save, sha256_file, versions
 from medseg.models.registry import build_model
+from medseg.plan.planner import Plan
 
-WEIGHTS, CONFIG, INFO = "weights.pt", "config.yaml", "model.json"
+WEIGHTS, CONFIG, INFO, PLAN = "weights.pt", "config.yaml", "model.json", "plan.json"
 
 
-def save_model_dir(path: Path, model: nn.Module, cfg: Config, info: dict[str, Any]) -> Path:
+def save_model_dir(path: Path, model: nn.Module, cfg: Config, plan: Plan, info: dict[str, Any]) -> Path:
     """Writes a model folder; the folder is assembled beside ``path`` and swapped in whole.
 
     Args:
         path: Destination folder (replaced if it exists).
         model: The network (its ``state_dict`` is saved, on CPU).
         cfg: The resolved configuration.
+        plan: The run's plan.
         info: Must hold ``labels`` ({int: name}), ``spatial_dims`` and ``in_channels``; more is kept.
     """
     tmp = path.with_name(f".{path.name}.partial")
@@ -40,11 +43,13 @@ def save_model_dir(path: Path, model: nn.Module, cfg: Config, info: dict[str, An
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(state, tmp / WEIGHTS)
     save_config(cfg, tmp / CONFIG)
+    (tmp / PLAN).write_text(plan.to_json(), encoding="utf-8")
     full = {
         "format_version": 1,
         **info,
         "labels": {str(k): v for k, v in info["labels"].items()},
         "config_hash": config_hash(cfg),
+        "plan_hash": plan.hash(),
         "weights_sha256": sha256_file(tmp / WEIGHTS),
         "versions": versions(),
     }
@@ -58,11 +63,11 @@ def save_model_dir(path: Path, model: nn.Module, cfg: Config, info: dict[str, An
     return path
 
 
-def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config, dict[str, Any]]:
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config, Plan, dict[str, Any]]:
     """Loads a model folder written by :func:`save_model_dir`.
 
     Returns:
-        ``(model in eval mode on device, config, info)``; ``info["labels"]`` has int keys.
+        ``(model in eval mode on device, config, plan, info)``; ``info["labels"]`` has int keys.
 
     Raises:
         ModelError: ``MODEL_NOT_FOUND`` (no such folder), ``MODEL_DIR_INVALID`` (files missing or unreadable),
@@ -71,14 +76,15 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tupl
     path = Path(path)
     if not path.is_dir():
         raise ModelError("MODEL_NOT_FOUND", f"model folder not found: {path}", "pass the folder written by `medseg train`")
-    missing = [name for name in (WEIGHTS, CONFIG, INFO) if not (path / name).is_file()]
+    missing = [name for name in (WEIGHTS, CONFIG, PLAN, INFO) if not (path / name).is_file()]
     if missing:
         raise ModelError("MODEL_DIR_INVALID", f"{path} is not a model folder: missing {', '.join(missing)}")
     try:
         info = json.loads((path / INFO).read_text(encoding="utf-8"))
         info["labels"] = {int(k): v for k, v in info["labels"].items()}
+        plan = Plan.from_json((path / PLAN).read_text(encoding="utf-8"))
         state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelError("MODEL_DIR_INVALID", f"cannot read model folder {path}: {exc}") from None
     cfg = load_config(path / CONFIG)
     model = build_model(cfg.model, int(info["spatial_dims"]), int(info["in_channels"]), len(info["labels"]))
@@ -87,4 +93,4 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tupl
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise ModelError("MODEL_WEIGHTS_MISMATCH", f"{path}: weights do not fit the configured network: {first}") from None
-    return model.to(device).eval(), cfg, info
+    return model.to(device).eval(), cfg, plan, info

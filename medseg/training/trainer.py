@@ -2,7 +2,9 @@
 
 Run folder layout::
 
-    RUN/config.yaml            resolved configuration
+    RUN/config.yaml            resolved configuration (plan-derived values filled in)
+    RUN/fingerprint.json, RUN/plan.json   dataset fingerprint and the plan made from it
+    RUN/cache/                 preprocessed cases (data.cache: disk; data.cache_dir moves it)
     RUN/splits.json            train/validation case IDs
     RUN/model/                 best model folder (see medseg.models.folder)
     RUN/checkpoints/last.pt    model, optimizer, scheduler, epoch, best metric (atomic)
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
 from monai.utils import set_determinism
 from torch import nn
@@ -35,7 +37,10 @@ from medseg.metrics.overlap import per_label_dice
 from medseg.models import build_model
 from medseg.models.folder import save_model_dir
 from medseg.tracking import NullTracker, Tracker
-from medseg.transforms.pipeline import IMAGE, LABEL, build_train_transforms, build_val_transforms
+from medseg.plan.fingerprint import load_or_compute
+from medseg.plan.planner import Plan, apply_plan, make_plan
+from medseg.training.data import CaseDataset, PreprocessedCache, preprocessing_spec
+from medseg.transforms.pipeline import IMAGE, LABEL, build_augment_transforms, build_preprocess_transforms
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,11 @@ def _items(cases: list[Case]) -> list[dict]:
 
 
 def _check_patch(cfg: Config) -> None:
+    for key, value in (("data.spacing", cfg.data.spacing), ("data.patch_size", cfg.data.patch_size),
+                       ("model.channels", cfg.model.channels), ("model.strides", cfg.model.strides),
+                       ("train.batch_size", cfg.train.batch_size)):
+        if value is None:
+            raise ConfigError("CONFIG_MISSING_KEY", f"{key} is null after planning", "set it, or leave both model.channels and model.strides null")
     if len(cfg.data.patch_size) != len(cfg.data.spacing):
         raise ConfigError("CONFIG_INVALID_VALUE", "data.patch_size and data.spacing must have the same length")
     divisor = int(np.prod(cfg.model.strides))
@@ -114,8 +124,32 @@ def _check_patch(cfg: Config) -> None:
         )
 
 
+def plan_run(cfg: Config, dataset, run_dir: Path, device: torch.device) -> tuple[Config, Plan]:
+    """Fingerprints the dataset (``RUN/fingerprint.json``), plans, fills unpinned config values, saves ``plan.json``."""
+    from medseg.models.registry import MODELS
+
+    fingerprint = load_or_compute(dataset, run_dir / "fingerprint.json")
+    levels = getattr(MODELS.get(cfg.model.name), "fixed_levels", None)
+    plan = make_plan(fingerprint, cfg.plan, on_gpu=device.type == "cuda", fixed_levels=levels)
+    (run_dir / "plan.json").write_text(plan.to_json())
+    return apply_plan(cfg, plan), plan
+
+
+def final_output(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """The full-resolution prediction of a network that may return deep-supervision outputs."""
+    return output[-1] if isinstance(output, (list, tuple)) else output
+
+
+def deep_supervision_loss(loss_fn: nn.Module, output: torch.Tensor | list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+    """Loss of one output, or the weighted mean over deep-supervision outputs (weights halve from the final one)."""
+    if not isinstance(output, (list, tuple)):
+        return loss_fn(output, label)
+    weights = [0.5 ** (len(output) - 1 - i) for i in range(len(output))]
+    return sum(w * loss_fn(o, label) for w, o in zip(weights, output)) / sum(weights)
+
+
 @torch.no_grad()
-def validate(model: nn.Module, val_ds: CacheDataset, cfg: Config, labels: list[int], device: torch.device) -> dict[int, float]:
+def validate(model: nn.Module, val_ds: CaseDataset, cfg: Config, labels: list[int], device: torch.device) -> dict[int, float]:
     """Sliding-window prediction of each validation case on the preprocessed grid; mean Dice per label."""
     model.eval()
     scores: dict[int, list[float]] = {lab: [] for lab in labels}
@@ -125,11 +159,11 @@ def validate(model: nn.Module, val_ds: CacheDataset, cfg: Config, labels: list[i
             image,
             roi_size=cfg.data.patch_size,
             sw_batch_size=cfg.inference.sw_batch_size,
-            predictor=model,
+            predictor=lambda x: final_output(model(x)),
             overlap=cfg.inference.overlap,
             mode=cfg.inference.blend,
         )
-        pred = logits.argmax(1)[0].cpu().numpy()  # (X, Y, Z)
+        pred = logits.argmax(1)[0].cpu().numpy()  # (X, Y[, Z])
         ref = item[LABEL].as_tensor()[0].cpu().numpy().round().astype(np.int64)
         for lab, value in per_label_dice(pred, ref, labels).items():
             scores[lab].append(value)
@@ -176,15 +210,15 @@ def fit(cfg: Config, run_dir: str | Path, tracker: Tracker | None = None, show_p
     tracker = tracker or NullTracker()
     if cfg.data.dataset is None:
         raise ConfigError("CONFIG_MISSING_KEY", "data.dataset is not set", "use --set data.dataset=PATH")
-    _check_patch(cfg)
     dataset = load_dataset(cfg.data.dataset)
+    device = select_device(cfg.train.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, plan = plan_run(cfg, dataset, run_dir, device)
+    _check_patch(cfg)
     train_cases, val_cases = split_cases(dataset.training, cfg.data.val_fraction, cfg.seed)
     labels = sorted(dataset.labels)
     fg_labels = [lab for lab in labels if lab != 0]
-    device = select_device(cfg.train.device)
     set_determinism(seed=cfg.seed)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "splits.json").write_text(
         json.dumps({"seed": cfg.seed, "train": [c.id for c in train_cases], "val": [c.id for c in val_cases]}, indent=2)
@@ -193,6 +227,7 @@ def fit(cfg: Config, run_dir: str | Path, tracker: Tracker | None = None, show_p
         {
             **flatten(config_to_dict(cfg)),
             "config_hash": config_hash(cfg),
+            "plan_hash": plan.hash(),
             "dataset.name": dataset.name,
             "dataset.n_train": len(train_cases),
             "dataset.n_val": len(val_cases),
@@ -202,8 +237,10 @@ def fit(cfg: Config, run_dir: str | Path, tracker: Tracker | None = None, show_p
         }
     )
 
-    train_ds = CacheDataset(_items(train_cases), build_train_transforms(cfg), cache_rate=1.0, progress=False)
-    val_ds = CacheDataset(_items(val_cases), build_val_transforms(cfg), cache_rate=1.0, progress=False)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
+    cache = PreprocessedCache(build_preprocess_transforms(cfg, plan), cfg.data.cache, cache_dir, preprocessing_spec(cfg, plan))
+    train_ds = CaseDataset(_items(train_cases), cache, build_augment_transforms(cfg))
+    val_ds = CaseDataset(_items(val_cases), cache)
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
     n_samples = cfg.train.iterations_per_epoch * cfg.train.batch_size
     sampler = torch.utils.data.RandomSampler(train_ds, replacement=True, num_samples=n_samples, generator=sampler_gen)
@@ -246,7 +283,7 @@ def fit(cfg: Config, run_dir: str | Path, tracker: Tracker | None = None, show_p
                 label = batch[LABEL].as_tensor().to(device)  # (B, 1, *patch)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = loss_fn(model(image), label)
+                    loss = deep_supervision_loss(loss_fn, model(image), label)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         "TRAIN_NONFINITE_LOSS",
@@ -276,7 +313,7 @@ def fit(cfg: Config, run_dir: str | Path, tracker: Tracker | None = None, show_p
                 record["val_dice_mean"] = float(np.nanmean(list(scores.values())))
                 if record["val_dice_mean"] > best:
                     best, best_epoch = record["val_dice_mean"], epoch
-                    save_model_dir(model_dir, model, cfg, {**model_info, "epoch": epoch, "val_dice_mean": best})
+                    save_model_dir(model_dir, model, cfg, plan, {**model_info, "epoch": epoch, "val_dice_mean": best})
             history.append(record)
             tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             atomic_torch_save(
@@ -295,7 +332,8 @@ def fit(cfg: Config, run_dir: str | Path, tracker: Tracker | None = None, show_p
 
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
     _save_curves(history, run_dir / "training_curves.png")
-    for name in ("config.yaml", "splits.json", "history.json", "training_curves.png"):
+    log.info("preprocessed cases: %d computed, %d read from the cache", cache.computed, cache.loaded)
+    for name in ("config.yaml", "plan.json", "fingerprint.json", "splits.json", "history.json", "training_curves.png"):
         tracker.log_artifact(run_dir / name)
     tracker.log_artifact(model_dir, "model")
     tracker.log_metrics({"best_val_dice_mean": best, "best_epoch": best_epoch})

@@ -1,13 +1,15 @@
-"""Train / validation / inference transform pipelines (MONAI), built from the configuration.
+"""Train / validation / inference transform pipelines (MONAI), built from the configuration and the plan.
 
 Every pipeline starts with the same deterministic preprocessing: read through :mod:`medseg.io`, reorient
-to RAS, resample to ``data.spacing`` (images linear, labels nearest) and normalise intensities. Training
-adds foreground-oversampled random crops and augmentation; the inference pipeline is the preprocessing
-alone, and :class:`medseg.inference.predictor.Predictor` maps predictions back to the input grid.
+to RAS, resample to ``data.spacing`` (images linear, labels nearest), optional CLAHE, intensity normalisation.
+That part is cached per case (:mod:`medseg.training.data`). Training then pads, takes foreground-oversampled
+random crops and augments. The inference pipeline is the preprocessing alone;
+:class:`medseg.inference.predictor.Predictor` maps predictions back to the input grid.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Hashable, Mapping
 
 import numpy as np
@@ -16,26 +18,34 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     MapTransform,
-    NormalizeIntensityd,
     Orientationd,
+    Rand2DElasticd,
+    Rand3DElasticd,
+    RandAdjustContrastd,
+    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    ScaleIntensityRanged,
+    RandSimulateLowResolutiond,
     Spacingd,
     SpatialPadd,
 )
 
 from medseg.config import Config
-from medseg.io.nifti import read_nifti
+from medseg.io.readers import read_volume
 from medseg.io.volume import Volume
+from medseg.plan.planner import Plan
+from medseg.transforms.clahe import CLAHEd
+from medseg.transforms.intensity import normalization
 
 IMAGE, LABEL = "image", "label"
 
 
 def volume_to_metatensor(volume: Volume) -> MetaTensor:
-    """Converts a :class:`Volume` to a float32 MONAI ``MetaTensor`` ``(C, X, Y, Z)`` carrying its affine."""
+    """Converts a :class:`Volume` to a float32 MONAI ``MetaTensor`` ``(C, *spatial)`` carrying its affine."""
     data = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
     spatial = len(volume.spatial_shape)
     affine = volume.affine if spatial == 3 else volume.affine[np.ix_([0, 1, 3], [0, 1, 3])]
@@ -43,62 +53,93 @@ def volume_to_metatensor(volume: Volume) -> MetaTensor:
 
 
 class LoadVolumed(MapTransform):
-    """Reads the files named under ``keys`` with :func:`medseg.io.nifti.read_nifti` into MetaTensors."""
+    """Reads the files named under ``keys`` with :func:`medseg.io.readers.read_volume` into MetaTensors."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = volume_to_metatensor(read_nifti(d[key]))
+            d[key] = volume_to_metatensor(read_volume(d[key]))
         return d
 
 
-def _preprocess(cfg: Config, keys: tuple[str, ...]) -> list:
-    has_label = LABEL in keys
-    modes = ("bilinear", "nearest") if has_label else ("bilinear",)
+def _preprocess(cfg: Config, plan: Plan, keys: tuple[str, ...]) -> list:
+    spacing = cfg.data.spacing or tuple(plan.spacing)
+    modes = ("bilinear", "nearest") if LABEL in keys else ("bilinear",)
     steps: list = [
-        Orientationd(keys=keys, axcodes="RAS"[: len(cfg.data.spacing)], labels=None),
-        Spacingd(keys=keys, pixdim=cfg.data.spacing, mode=modes),
+        Orientationd(keys=keys, axcodes="RAS"[: len(spacing)], labels=None),
+        Spacingd(keys=keys, pixdim=spacing, mode=modes),
     ]
-    intensity = cfg.data.intensity
-    if intensity.scheme == "ct_window":
-        if intensity.window is None:
-            from medseg.errors import ConfigError
-
-            raise ConfigError("CONFIG_INVALID_VALUE", "data.intensity.window is required for scheme ct_window")
-        low, high = intensity.window
-        steps.append(ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
-    else:
-        steps.append(NormalizeIntensityd(keys=IMAGE, nonzero=True, channel_wise=True))
+    clahe = cfg.data.clahe
+    if clahe.enabled:
+        steps.append(CLAHEd(IMAGE, kernel_size=clahe.kernel_size, clip_limit=clahe.clip_limit, nbins=clahe.nbins))
+    steps.append(normalization(cfg.data.intensity, plan.intensity))
     return steps
 
 
-def build_infer_transforms(cfg: Config) -> Compose:
+def build_infer_transforms(cfg: Config, plan: Plan) -> Compose:
     """Preprocessing of an image MetaTensor already in memory (key ``image``)."""
-    return Compose(_preprocess(cfg, (IMAGE,)))
+    return Compose(_preprocess(cfg, plan, (IMAGE,)))
 
 
-def build_val_transforms(cfg: Config) -> Compose:
-    """Reads image and label files and preprocesses both (keys ``image``, ``label``)."""
+def build_preprocess_transforms(cfg: Config, plan: Plan) -> Compose:
+    """Deterministic part for training and validation: reads image and label files and preprocesses both."""
     keys = (IMAGE, LABEL)
-    return Compose([LoadVolumed(keys=keys), *_preprocess(cfg, keys)])
+    return Compose([LoadVolumed(keys=keys), *_preprocess(cfg, plan, keys)])
 
 
-def build_train_transforms(cfg: Config) -> Compose:
-    """Validation preprocessing, then padded foreground-oversampled crops and augmentation."""
+def build_augment_transforms(cfg: Config) -> Compose:
+    """Random part, applied to preprocessed cases every time they are drawn: pad, crop, augment.
+
+    Spatial: flips per axis; in-plane rotation and isotropic zoom (``RandAffined``); elastic deformation
+    (3D: ``Rand3DElasticd`` with ``elastic_sigma``/``elastic_magnitude``; 2D: ``Rand2DElasticd`` with control
+    points every 3 x sigma voxels moved by magnitude / 50 of that spacing). Intensity: scale, shift, gamma,
+    Gaussian noise, Gaussian blur, low-resolution simulation, per-channel colour scaling.
+    """
     keys = (IMAGE, LABEL)
     aug = cfg.augment
-    patch = list(cfg.data.patch_size)
-    steps = [
-        LoadVolumed(keys=keys),
-        *_preprocess(cfg, keys),
+    patch = list(cfg.data.patch_size or ())
+    dims = len(patch)
+    spatial_modes = ("bilinear", "nearest")
+    steps: list = [
         SpatialPadd(keys=keys, spatial_size=patch),
-        RandCropByPosNegLabeld(
-            keys=keys, label_key=LABEL, spatial_size=patch, pos=aug.pos_neg_ratio, neg=1.0, num_samples=1
-        ),
+        RandCropByPosNegLabeld(keys=keys, label_key=LABEL, spatial_size=patch, pos=aug.pos_neg_ratio, neg=1.0, num_samples=1),
     ]
-    steps += [RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(len(patch))]
+    steps += [RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(dims)]
+    angle = math.radians(aug.rotate_deg)
+    if aug.rotate_prob or aug.scale_prob:
+        steps.append(
+            RandAffined(
+                keys=keys,
+                prob=max(aug.rotate_prob, aug.scale_prob),
+                rotate_range=(angle,) if dims == 2 else (0.0, 0.0, angle),
+                scale_range=(aug.scale_range,) * dims,
+                mode=spatial_modes,
+                padding_mode="border",
+            )
+        )
+    if aug.elastic_prob:
+        if dims == 3:
+            steps.append(Rand3DElasticd(keys=keys, sigma_range=aug.elastic_sigma, magnitude_range=aug.elastic_magnitude,
+                                        prob=aug.elastic_prob, mode=spatial_modes, padding_mode="border"))
+        else:
+            spacing = (3 * aug.elastic_sigma[1],) * 2
+            magnitude = (aug.elastic_magnitude[0] / 50, aug.elastic_magnitude[1] / 50)
+            steps.append(Rand2DElasticd(keys=keys, spacing=spacing, magnitude_range=magnitude, prob=aug.elastic_prob,
+                                        mode=spatial_modes, padding_mode="border"))
     steps += [
         RandScaleIntensityd(keys=IMAGE, factors=aug.intensity_scale, prob=aug.intensity_prob),
         RandShiftIntensityd(keys=IMAGE, offsets=aug.intensity_shift, prob=aug.intensity_prob),
     ]
+    if aug.colour_prob:
+        steps.append(RandScaleIntensityd(keys=IMAGE, factors=aug.colour_scale, prob=aug.colour_prob, channel_wise=True))
+    if aug.gamma_prob:
+        steps.append(RandAdjustContrastd(keys=IMAGE, prob=aug.gamma_prob, gamma=aug.gamma_range))
+    if aug.noise_prob:
+        steps.append(RandGaussianNoised(keys=IMAGE, prob=aug.noise_prob, std=aug.noise_std))
+    if aug.blur_prob:
+        blur = {"sigma_x": aug.blur_sigma, "sigma_y": aug.blur_sigma, **({"sigma_z": aug.blur_sigma} if dims == 3 else {})}
+        steps.append(RandGaussianSmoothd(keys=IMAGE, prob=aug.blur_prob, **blur))
+    if aug.lowres_prob:
+        steps.append(RandSimulateLowResolutiond(keys=IMAGE, prob=aug.lowres_prob, zoom_range=aug.lowres_zoom,
+                                                upsample_mode="trilinear" if dims == 3 else "bilinear"))
     return Compose(steps)

@@ -72,4 +72,4 @@ def test_model_folder_is_self_describing(smoke_model: Path):
     info = json.loads((smoke_model / "model.json").read_text())
     assert info["labels"] == {"0": "background", "1": "organ", "2": "lesion"}
     assert {"torch", "monai", "medseg"} <= set(info["versions"]) and len(info["weights_sha256"]) == 64
-    assert sorted(p.name for p in smoke_model.iterdir()) == ["config.yaml", "model.json", "weights.pt"]
+    assert sorted(p.name for p in smoke_model.iterdir()) == ["config.yaml", "model.json", "plan.json", "weights.pt"]

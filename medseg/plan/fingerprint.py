@@ -1,0 +1,124 @@
+"""Dataset fingerprint: what the planner needs to know about a dataset, measured once, stored as JSON.
+
+Spacings and shapes are given per axis of the RAS-reoriented grid (the grid training works on). Intensity
+statistics are over foreground voxels (label > 0), from at most ``samples_per_case`` voxels per case drawn with
+a fixed seed, as nnU-Net does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.io.dataset import Dataset
+from medseg.io.readers import read_volume
+
+
+@dataclass
+class Fingerprint:
+    """Measured properties of a dataset's training cases."""
+
+    dataset: str
+    modality: dict[str, str]
+    labels: dict[str, str]
+    dims: int
+    channels: int
+    spacings: list[list[float]]  # per case, (X, Y[, Z]) in RAS order, mm
+    shapes: list[list[int]]  # per case, voxels in RAS order
+    intensity: list[dict[str, float]]  # per channel: p00_5, p99_5, mean, std, min, max (foreground)
+    class_frequency: dict[str, float]  # share of all voxels per label
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Fingerprint":
+        return cls(**json.loads(text))
+
+    def hash(self) -> str:
+        """Short SHA-256 of the canonical JSON."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _ras_order(affine: np.ndarray, dims: int) -> np.ndarray:
+    """Index of the source axis that becomes each RAS axis."""
+    if dims == 2:
+        return np.array([0, 1])
+    ornt = nib.orientations.io_orientation(affine)  # row i: RAS axis of source axis i
+    order = np.empty(3, dtype=int)
+    order[ornt[:, 0].astype(int)] = np.arange(3)
+    return order
+
+
+def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: int = 0) -> Fingerprint:
+    """Measures the training cases of ``dataset``.
+
+    Args:
+        dataset: A discovered dataset.
+        samples_per_case: Foreground voxels sampled per case for the intensity statistics.
+        seed: Seed of that sampling.
+    """
+    rng = np.random.default_rng(seed)
+    spacings, shapes, samples = [], [], []
+    counts: dict[int, int] = {}
+    total = 0
+    dims = channels = 0
+    for case in dataset.training:
+        image, label = read_volume(case.image), read_volume(case.label)
+        dims, channels = len(image.spatial_shape), image.array.shape[0]
+        order = _ras_order(image.affine, dims)
+        spacings.append([round(float(image.spacing[i]), 6) for i in order])
+        shapes.append([int(image.spatial_shape[i]) for i in order])
+        lab = label.array[0]
+        values, n = np.unique(lab, return_counts=True)
+        for v, c in zip(values.tolist(), n.tolist()):
+            counts[int(v)] = counts.get(int(v), 0) + int(c)
+        total += lab.size
+        fg = np.flatnonzero(lab > 0)
+        pick = rng.choice(fg, size=min(samples_per_case, fg.size), replace=False) if fg.size else fg
+        samples.append(image.array.reshape(channels, -1)[:, pick].astype(np.float64))  # (C, n)
+    pooled = np.concatenate(samples, axis=1) if samples else np.zeros((channels, 0))
+    intensity = []
+    for c in range(channels):
+        v = pooled[c]
+        if v.size == 0:
+            intensity.append(dict.fromkeys(["p00_5", "p99_5", "mean", "std", "min", "max"], 0.0))
+            continue
+        intensity.append(
+            {
+                "p00_5": float(np.percentile(v, 0.5)),
+                "p99_5": float(np.percentile(v, 99.5)),
+                "mean": float(v.mean()),
+                "std": float(v.std()),
+                "min": float(v.min()),
+                "max": float(v.max()),
+            }
+        )
+    return Fingerprint(
+        dataset=dataset.name,
+        modality=dataset.modality,
+        labels={str(k): v for k, v in dataset.labels.items()},
+        dims=dims,
+        channels=channels,
+        spacings=spacings,
+        shapes=shapes,
+        intensity=intensity,
+        class_frequency={str(k): counts.get(k, 0) / max(total, 1) for k in sorted(dataset.labels)},
+    )
+
+
+def load_or_compute(dataset: Dataset, path: Path) -> Fingerprint:
+    """Reads ``path`` if it exists and describes this dataset, else computes and writes it."""
+    if path.is_file():
+        fp = Fingerprint.from_json(path.read_text())
+        if fp.dataset == dataset.name and len(fp.shapes) == len(dataset.training):
+            return fp
+    fp = compute_fingerprint(dataset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(fp.to_json())
+    return fp

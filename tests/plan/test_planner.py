@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pytest
+
+from medseg.config import load_config
+from medseg.io.dataset import load_dataset
+from medseg.io.nifti import read_nifti
+from medseg.plan.fingerprint import Fingerprint, compute_fingerprint
+from medseg.plan.planner import Plan, apply_plan, estimate_memory_gb, make_plan
+
+PLAN_CFG = load_config(None).plan
+
+
+def _fp(spacings, shapes, modality=None, dims=3) -> Fingerprint:
+    stats = {"p00_5": -50.0, "p99_5": 250.0, "mean": 100.0, "std": 30.0, "min": -80.0, "max": 300.0}
+    return Fingerprint("synthetic", modality or {"0": "CT"}, {"0": "background", "1": "organ"}, dims, 1,
+                       spacings, shapes, [stats], {"0": 0.9, "1": 0.1})
+
+
+def test_median_spacing_is_the_target():
+    fp = _fp([[0.7, 0.7, 1.8], [0.8, 0.8, 2.0], [0.9, 0.9, 2.2]], [[100, 100, 40]] * 3)
+    plan = make_plan(fp, PLAN_CFG, on_gpu=True)
+    assert plan.spacing == [0.8, 0.8, 2.0]
+    assert not plan.anisotropic
+
+
+def test_anisotropic_dataset_keeps_slice_spacing():
+    fp = _fp([[0.5, 0.5, 5.0], [0.6, 0.6, 5.0], [0.7, 0.7, 6.0]], [[200, 200, 30]] * 3)
+    plan = make_plan(fp, PLAN_CFG, on_gpu=True)
+    assert plan.anisotropic and plan.spacing == [0.6, 0.6, 5.0]  # not resampled to 0.6 mm slices
+    assert any("anisotropic" in note for note in plan.notes)
+
+
+def test_patch_fits_the_memory_budget_and_the_network():
+    fp = _fp([[1.0, 1.0, 1.0]] * 3, [[256, 256, 256]] * 3)
+    for on_gpu, budget in ((True, PLAN_CFG.gpu_memory_gb), (False, PLAN_CFG.cpu_memory_gb)):
+        plan = make_plan(fp, PLAN_CFG, on_gpu=on_gpu)
+        assert estimate_memory_gb(plan.patch_size, plan.batch_size, PLAN_CFG.base_channels) <= budget
+        divisor = 2 ** len(plan.strides)
+        assert all(p % divisor == 0 and p // divisor >= 4 for p in plan.patch_size)
+        assert len(plan.channels) == len(plan.strides) + 1 and plan.channels[0] == PLAN_CFG.base_channels
+    cpu, gpu = make_plan(fp, PLAN_CFG, on_gpu=False), make_plan(fp, PLAN_CFG, on_gpu=True)
+    assert np.prod(cpu.patch_size) < np.prod(gpu.patch_size)
+
+
+def test_small_images_get_whole_image_patches_and_larger_batches():
+    fp = _fp([[1.0, 1.0]] * 4, [[64, 48]] * 4, modality={"0": "R", "1": "G", "2": "B"}, dims=2)
+    plan = make_plan(fp, PLAN_CFG, on_gpu=True)
+    assert plan.dims == 2 and plan.patch_size[0] >= 64 and plan.patch_size[1] >= 48
+    assert plan.batch_size > 2 and plan.normalization == "rgb"
+
+
+@pytest.mark.parametrize("modality,scheme", [({"0": "CT"}, "ct"), ({"0": "MRI"}, "zscore"), ({"0": "T2"}, "zscore")])
+def test_normalisation_follows_modality(modality, scheme):
+    plan = make_plan(_fp([[1.0, 1.0, 1.0]] * 2, [[64, 64, 64]] * 2, modality), PLAN_CFG, on_gpu=True)
+    assert plan.normalization == scheme
+
+
+def test_fixed_depth_networks():
+    plan = make_plan(_fp([[1.0, 1.0]] * 2, [[150, 140]] * 2, dims=2), PLAN_CFG, on_gpu=True, fixed_levels=4)
+    assert plan.strides == [2, 2, 2, 2] and len(plan.channels) == 5
+    assert all(p % 16 == 0 for p in plan.patch_size)
+
+
+def test_pinned_values_win_and_nulls_are_filled():
+    plan = make_plan(_fp([[0.8, 0.8, 2.5]] * 2, [[120, 120, 40]] * 2), PLAN_CFG, on_gpu=False)
+    pinned = apply_plan(load_config(None, ["data.spacing=[2, 2, 4]", "train.batch_size=3"]), plan)
+    assert pinned.data.spacing == (2.0, 2.0, 4.0) and pinned.train.batch_size == 3
+    assert pinned.data.patch_size == tuple(plan.patch_size) and pinned.model.channels == tuple(plan.channels)
+    assert pinned.data.intensity.scheme == "ct"
+    free = apply_plan(load_config(None), plan)
+    assert free.data.spacing == tuple(plan.spacing) and free.train.batch_size == plan.batch_size
+
+
+def test_plan_json_round_trip_and_hash():
+    plan = make_plan(_fp([[1.0, 1.0, 2.0]] * 2, [[64, 64, 32]] * 2), PLAN_CFG, on_gpu=True)
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.hash() == plan.hash()
+    assert json.loads(plan.to_json())["spacing"] == plan.spacing
+
+
+def test_fingerprint_of_sample_data_matches_direct_measurement(tiny_dataset):
+    ds = load_dataset(tiny_dataset)
+    fp = compute_fingerprint(ds, samples_per_case=10**9)  # all foreground voxels
+    values = np.concatenate([
+        read_nifti(c.image).array[0][read_nifti(c.label).array[0] > 0].astype(float) for c in ds.training
+    ])
+    assert fp.intensity[0]["mean"] == pytest.approx(values.mean())
+    assert fp.intensity[0]["p99_5"] == pytest.approx(np.percentile(values, 99.5))
+    assert len(fp.spacings) == 3 and fp.dims == 3 and fp.modality == {"0": "CT"}
+    # spacings are in RAS order: the slice axis (2-5 mm) is last for every case
+    assert all(2.0 <= s[2] <= 5.0 and s[0] < 1.0 for s in fp.spacings)
+    assert sum(fp.class_frequency.values()) == pytest.approx(1.0)
+    assert Fingerprint.from_json(fp.to_json()) == fp
