@@ -98,24 +98,43 @@ def plan(
 
 @app.command()
 def train(
-    config: str = typer.Option(..., "--config", "-c", help="Preset name (demo, smoke, ...) or YAML path."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset name (demo, smoke, ...) or YAML path."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<time>)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint."),
+    fold: Optional[str] = typer.Option(None, "--fold", help="Train one cross-validation fold: K or all."),
+    folds: Optional[str] = typer.Option(None, "--folds", help="Train folds in sequence, e.g. 0-4; then pool them."),
 ) -> None:
-    """Train a model, then evaluate it on the validation cases; all tracked in one MLflow run."""
+    """Train a model, then evaluate it on the validation cases; all tracked in MLflow. Works under torchrun."""
     from medseg.config import load_config
-    from medseg.tracking import MlflowTracker
-    from medseg.workflow import train_and_validate
+    from medseg.training.folds import parse_folds
+    from medseg.workflow import cross_validate, open_run_tracker, resume_config, train_and_validate
 
-    cfg = load_config(config, set_)
+    if resume and out is None:
+        raise MedsegError("CONFIG_MISSING_KEY", "--resume needs -o RUN, the run folder to continue")
+    if config is None and not resume:
+        raise MedsegError("CONFIG_MISSING_KEY", "give a config with -c (a preset name or a YAML file)")
     run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    tracker = MlflowTracker.for_run_dir(cfg.tracking, run_dir, run_name=run_dir.name)
+    if fold is not None or folds is not None:
+        cfg = load_config(config, set_) if config else resume_config(run_dir / "fold_0", set_)
+        selected = parse_folds(fold if fold is not None else folds, cfg.data.folds)
+        result = cross_validate(cfg, run_dir, selected, resume=resume)
+        for r in result.folds:
+            typer.echo(f"fold {r['fold']}: best validation Dice {r['best_val_dice_mean']:.3f} at epoch {r['best_epoch']}")
+        if result.pooled is not None:
+            typer.echo(f"cross-validation report: {result.pooled.report}")
+        typer.echo(f"summary: {result.summary_path}")
+        return
+    cfg = resume_config(run_dir, set_) if resume else load_config(config, set_)
+    tracker = open_run_tracker(cfg, run_dir, run_dir.name, resume)
     try:
-        result, validation = train_and_validate(cfg, run_dir, tracker)
+        result, validation = train_and_validate(cfg, run_dir, tracker, resume=resume)
     except BaseException:
         tracker.close("FAILED")
         raise
     tracker.close("FINISHED")
+    if validation is None:  # a non-zero torchrun rank
+        return
     typer.echo(f"model: {result.model_dir} (best validation Dice {result.best_metric:.3f} at epoch {result.best_epoch})")
     typer.echo(f"validation report: {validation.report}")
     typer.echo(f"MLflow: {tracker.uri} run {tracker.run_id}")

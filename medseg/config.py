@@ -60,6 +60,7 @@ class DataConfig(_Strict):
     clahe: ClaheConfig
     cache: Literal["disk", "memory", "none"]
     cache_dir: str | None = Field(description="preprocessed-case cache; null = <run dir>/cache")
+    folds: int = Field(ge=2, description="k of k-fold cross-validation (medseg train --fold/--folds)")
     num_workers: int = Field(ge=0)
 
 
@@ -108,6 +109,7 @@ class PlanConfig(_Strict):
 
 class LossConfig(_Strict):
     name: str
+    activation: Literal["softmax", "sigmoid"] = Field(description="applied by every term of the loss")
     dice_weight: float = Field(ge=0)
     focal_weight: float = Field(ge=0)
     focal_gamma: float = Field(ge=0)
@@ -122,6 +124,8 @@ class TrainConfig(_Strict):
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     warmup_epochs: int = Field(ge=0)
+    schedule: Literal["cosine", "poly"]
+    early_stopping: int | None = Field(ge=1, description="stop after this many validations without improvement")
     grad_clip: float | None = Field(gt=0)
     val_every: int = Field(ge=1)
     device: Literal["auto", "cpu", "cuda", "mps"]
@@ -155,6 +159,10 @@ class EvaluationConfig(_Strict):
 class TrackingConfig(_Strict):
     uri: str | None = Field(description="MLflow tracking URI; null = sqlite:///<run dir>/mlflow.db")
     experiment: str
+    log_model: bool = Field(description="log the best network with mlflow.pytorch (signature, input example)")
+    registered_model: str | None = Field(description="register the logged model under this name")
+    alias: str | None = Field(description="alias for the registered version, e.g. candidate")
+    system_metrics: bool = Field(description="log CPU/GPU/memory use during training")
 
 
 class Config(_Strict):

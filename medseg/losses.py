@@ -1,5 +1,7 @@
-"""Loss registry. Every loss takes logits ``(B, K, *spatial)`` and integer labels ``(B, 1, *spatial)`` and
-applies softmax over the K classes, in every term.
+"""Loss registry. Every loss takes logits ``(B, K, *spatial)`` and integer labels ``(B, 1, *spatial)``.
+
+``loss.activation`` is chosen once and used by every term: ``softmax`` over the K classes, or ``sigmoid`` per
+channel against the one-hot labels (each class an independent binary problem).
 
 Combined losses are explicit weighted sums of their parts (:class:`WeightedSum`). MONAI's ``DiceFocalLoss``
 is not used: with ``softmax=True`` its focal term still applies a sigmoid (MONAI 1.6), silently mixing two
@@ -19,10 +21,18 @@ LOSSES: Registry = Registry("loss", "loss.name")
 
 
 class CrossEntropy(nn.Module):
-    """Cross-entropy on logits ``(B, K, *spatial)`` and labels ``(B, 1, *spatial)``."""
+    """Cross-entropy on logits ``(B, K, *spatial)`` and labels ``(B, 1, *spatial)``; with ``sigmoid``, binary
+    cross-entropy per channel against the one-hot labels."""
+
+    def __init__(self, sigmoid: bool = False) -> None:
+        super().__init__()
+        self.sigmoid = sigmoid
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, labels[:, 0].long())
+        if not self.sigmoid:
+            return nn.functional.cross_entropy(logits, labels[:, 0].long())
+        onehot = nn.functional.one_hot(labels[:, 0].long(), logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+        return nn.functional.binary_cross_entropy_with_logits(logits, onehot)
 
 
 class WeightedSum(nn.Module):
@@ -40,17 +50,18 @@ class WeightedSum(nn.Module):
         return total
 
 
-def _dice_part() -> nn.Module:
-    return DiceLoss(to_onehot_y=True, softmax=True)
+def _dice_part(cfg: LossConfig) -> nn.Module:
+    softmax = cfg.activation == "softmax"
+    return DiceLoss(to_onehot_y=True, softmax=softmax, sigmoid=not softmax)
 
 
 def _focal_part(cfg: LossConfig) -> nn.Module:
-    return FocalLoss(to_onehot_y=True, use_softmax=True, gamma=cfg.focal_gamma)
+    return FocalLoss(to_onehot_y=True, use_softmax=cfg.activation == "softmax", gamma=cfg.focal_gamma)
 
 
 @LOSSES.register("dice")
 def _dice(cfg: LossConfig) -> nn.Module:
-    return _dice_part()
+    return _dice_part(cfg)
 
 
 @LOSSES.register("focal")
@@ -60,12 +71,12 @@ def _focal(cfg: LossConfig) -> nn.Module:
 
 @LOSSES.register("dice_focal")
 def _dice_focal(cfg: LossConfig) -> nn.Module:
-    return WeightedSum([(cfg.dice_weight, _dice_part()), (cfg.focal_weight, _focal_part(cfg))])
+    return WeightedSum([(cfg.dice_weight, _dice_part(cfg)), (cfg.focal_weight, _focal_part(cfg))])
 
 
 @LOSSES.register("dice_ce")
 def _dice_ce(cfg: LossConfig) -> nn.Module:
-    return WeightedSum([(cfg.dice_weight, _dice_part()), (cfg.ce_weight, CrossEntropy())])
+    return WeightedSum([(cfg.dice_weight, _dice_part(cfg)), (cfg.ce_weight, CrossEntropy(cfg.activation == "sigmoid"))])
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:

@@ -29,6 +29,12 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Uploads a file or a whole folder."""
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Sets run tags (never patient data)."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Ends the run as ``FINISHED`` or ``FAILED``."""
+
 
 class NullTracker:
     """Tracks nothing (tests, or tracking switched off)."""
@@ -45,6 +51,9 @@ class NullTracker:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
 
@@ -135,6 +144,48 @@ class MlflowTracker:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
 
+    def start_system_metrics(self) -> None:
+        """Starts logging CPU, memory (and GPU, where visible) use every 10 s to this run until :meth:`close`."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
+        self._monitor.start()
+
+    def log_pytorch_model(self, net, in_channels: int, spatial_dims: int, divisor: int, cfg) -> None:
+        """Logs the network with ``mlflow.pytorch`` (signature and a small input example); registers it under
+        ``cfg.registered_model`` with ``cfg.alias`` when set. Uses ``torch.export`` serialisation (no pickle) where
+        the network exports, MLflow's default otherwise; medseg itself never loads models from MLflow."""
+        import logging
+
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        from medseg.training.components import final_output
+
+        example = np.zeros((2, in_channels, *([2 * divisor] * spatial_dims)), dtype=np.float32)  # (2, C, *spatial)
+        net = net.eval().cpu()
+        with torch.no_grad():
+            output = final_output(net(torch.from_numpy(example))).numpy()
+        signature = infer_signature(example, output)
+        mlflow.set_tracking_uri(self.uri)
+        kwargs = dict(name="pytorch_model", signature=signature, input_example=example, pip_requirements=["torch", "monai"],
+                      registered_model_name=cfg.registered_model)
+        with mlflow.start_run(run_id=self.run_id):
+            try:
+                info = mlflow.pytorch.log_model(net, export_model=True, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - torch.export does not cover every network
+                logging.getLogger(__name__).info("torch.export failed (%s); logging the model with MLflow's default", exc)
+                info = mlflow.pytorch.log_model(net, **kwargs)
+        self.client.update_run(self.run_id, status="RUNNING")
+        if cfg.registered_model and cfg.alias and info.registered_model_version is not None:
+            self.client.set_registered_model_alias(cfg.registered_model, cfg.alias, str(info.registered_model_version))
+
     def close(self, status: str = "FINISHED") -> None:
-        """Marks the run ``FINISHED`` or ``FAILED``."""
+        """Stops system metrics (if started) and marks the run ``FINISHED`` or ``FAILED``."""
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            monitor.finish()
         self.client.set_terminated(self.run_id, status=status)

@@ -11,14 +11,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.config import Config, config_hash
-from medseg.errors import DatasetError
+from medseg.config import Config, config_hash, load_config
+from medseg.errors import ConfigError, DatasetError
 from medseg.inference.predictor import Predictor
 from medseg.inference.runner import predict_files
 from medseg.io.dataset import Case, load_dataset
 from medseg.metrics.evaluate import evaluate_folders
 from medseg.reporting.report import write_report
-from medseg.tracking import MlflowTracker, Tracker
+from medseg.tracking import MlflowTracker, NullTracker, Tracker, resolve_tracking_uri
+from medseg.training.folds import load_or_make_splits
 from medseg.training.trainer import FitResult, fit
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,154 @@ def evaluate_model(
     return EvaluationResult(out / "predictions", out / "evaluation", report, summary, len(cases) - len(ok))
 
 
-def train_and_validate(cfg: Config, run_dir: Path, tracker: MlflowTracker, show_progress: bool = True) -> tuple[FitResult, EvaluationResult]:
-    """Trains, then evaluates the best model on the validation cases (``run_dir/validation``)."""
-    result = fit(cfg, run_dir, tracker, show_progress=show_progress)
-    dataset = load_dataset(cfg.data.dataset or "")
+def train_and_validate(
+    cfg: Config,
+    run_dir: Path,
+    tracker: Tracker,
+    show_progress: bool = True,
+    resume: bool = False,
+    split: tuple[list[str], list[str]] | None = None,
+) -> tuple[FitResult, EvaluationResult | None]:
+    """Trains (or resumes), then evaluates the best model on the validation cases (``run_dir/validation``).
+
+    Under ``torchrun`` only rank 0 evaluates; other ranks get ``None``.
+    """
+    result = fit(cfg, run_dir, tracker, show_progress=show_progress, resume=resume, split=split)
+    if not result.is_main:
+        return result, None
+    resolved = load_config(run_dir / "config.yaml")
+    dataset = load_dataset(resolved.data.dataset or "")
     by_id = {c.id: c for c in dataset.training}
     val_ids = json.loads((run_dir / "splits.json").read_text())["val"]
-    evaluation = evaluate_model(result, cfg, [by_id[i] for i in val_ids], run_dir / "validation", "val", tracker, tracker.uri)
+    cases = [by_id[i] for i in val_ids]
+    evaluation = evaluate_model(result, resolved, cases, run_dir / "validation", "val", tracker, getattr(tracker, "uri", ""))
     return result, evaluation
+
+
+RESUMABLE_KEYS = {"train.epochs", "train.early_stopping", "train.val_every"}
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The run's saved configuration with ``overrides`` applied (only epochs, early stopping, val_every).
+
+    Raises:
+        ConfigError: ``RESUME_CONFIG_CHANGED`` when another key is overridden.
+    """
+    changed = sorted({o.partition("=")[0].strip() for o in overrides} - RESUMABLE_KEYS)
+    if changed:
+        raise ConfigError(
+            "RESUME_CONFIG_CHANGED", f"cannot change {', '.join(changed)} when resuming",
+            f"only {', '.join(sorted(RESUMABLE_KEYS))} may change; start a new run for other changes",
+        )
+    return load_config(run_dir / "config.yaml", overrides)
+
+
+def open_run_tracker(cfg: Config, run_dir: Path, run_name: str, resume: bool, store_dir: Path | None = None) -> Tracker:
+    """The MLflow run of ``run_dir`` (reopened on resume via ``run.json``); a null tracker on non-zero ranks."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return NullTracker()
+    record = run_dir / "run.json"
+    if resume and record.is_file():
+        saved = json.loads(record.read_text())
+        tracker = MlflowTracker(saved["tracking_uri"], cfg.tracking.experiment, run_id=saved["mlflow_run_id"])
+    else:
+        store = store_dir or run_dir
+        store.mkdir(parents=True, exist_ok=True)
+        uri = resolve_tracking_uri(cfg.tracking, store)
+        artifact_dir = store / "mlartifacts" if uri.startswith("sqlite:") else None
+        tracker = MlflowTracker(uri, cfg.tracking.experiment, run_name=run_name, artifact_dir=artifact_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri}, indent=2))
+    if cfg.tracking.system_metrics:
+        tracker.start_system_metrics()
+    return tracker
+
+
+@dataclass
+class CrossValidationResult:
+    """Per-fold results and the pooled evaluation of every fold's validation cases."""
+
+    folds: list[dict]
+    summary_path: Path
+    pooled: EvaluationResult | None
+
+
+def cross_validate(cfg: Config, root: Path, folds: list[int | str], resume: bool = False, show_progress: bool = True) -> CrossValidationResult:
+    """Trains the given folds in sequence (``root/fold_K``), each validated on its held-out cases, then evaluates
+    all validation predictions together (``root/cv``) and writes ``root/cv_summary.json``.
+
+    Splits come from ``root/splits.json`` (made once with ``seed`` and ``data.folds``, then reused). Fold ``all``
+    trains on every case and validates on the training cases. All folds log to one MLflow store.
+    """
+    dataset = load_dataset(cfg.data.dataset or "")
+    splits = load_or_make_splits(root / "splits.json", [c.id for c in dataset.training], cfg.data.folds, cfg.seed)
+    everything = sorted(c.id for c in dataset.training)
+    results = []
+    for fold in folds:
+        run_dir = root / f"fold_{fold}"
+        split = (everything, everything) if fold == "all" else (splits[int(fold)]["train"], splits[int(fold)]["val"])
+        can_resume = resume and (run_dir / "checkpoints" / "last.pt").is_file()
+        fold_cfg = resume_config(run_dir, []) if can_resume else cfg
+        tracker = open_run_tracker(fold_cfg, run_dir, f"fold_{fold}", can_resume, store_dir=root)
+        tracker.set_tags({"medseg.fold": str(fold), "medseg.dataset": dataset.name})
+        try:
+            result, evaluation = train_and_validate(fold_cfg, run_dir, tracker, show_progress, can_resume, split)
+        except BaseException:
+            tracker.close("FAILED")
+            raise
+        tracker.close("FINISHED")
+        if evaluation is not None:
+            results.append({"fold": fold, "best_epoch": result.best_epoch, "best_val_dice_mean": result.best_metric,
+                            "val_dice": evaluation.mean_dice, "run_dir": str(run_dir)})
+    numeric = [r for r in results if r["fold"] != "all"]
+    pooled = _pool_folds(cfg, root, numeric) if len(numeric) > 1 else None
+    labels = sorted({k for r in numeric for k in r["val_dice"]})
+    summary = {
+        "folds": results,
+        "mean_over_folds": {lab: _mean([r["val_dice"][lab] for r in numeric]) for lab in labels},
+        "std_over_folds": {lab: _std([r["val_dice"][lab] for r in numeric]) for lab in labels},
+        "pooled": pooled.summary if pooled else None,
+    }
+    (root / "cv_summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None))
+    return CrossValidationResult(results, root / "cv_summary.json", pooled)
+
+
+def _mean(values: list) -> float | None:
+    finite = [v for v in values if v is not None and v == v]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _std(values: list) -> float | None:
+    finite = [v for v in values if v is not None and v == v]
+    if len(finite) < 2:
+        return None
+    mean = sum(finite) / len(finite)
+    return (sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) ** 0.5
+
+
+def _pool_folds(cfg: Config, root: Path, folds: list[dict]) -> EvaluationResult:
+    """Evaluates every fold's validation predictions together, against the training labels."""
+    import shutil
+
+    dataset = load_dataset(cfg.data.dataset or "")
+    pooled = root / "cv" / "predictions"
+    pooled.mkdir(parents=True, exist_ok=True)
+    for fold in folds:
+        for path in (Path(fold["run_dir"]) / "validation" / "predictions").iterdir():
+            if path.name != "manifest.json":
+                shutil.copy2(path, pooled / path.name)
+    labels = {k: v for k, v in dataset.labels.items() if k != 0}
+    first = dataset.training[0]
+    ids = sorted({p.name.split(".")[0] for p in pooled.iterdir()})
+    summary = evaluate_folders(
+        pooled, first.label.parent, root / "cv" / "evaluation", settings=cfg.evaluation, labels=labels,
+        images_dir=first.image.parent, context={"Dataset": f"{dataset.name} (cross-validation, {len(folds)} folds)"},
+        cases=ids,
+    )
+    report = write_report(root / "cv" / "evaluation")
+    return EvaluationResult(pooled, root / "cv" / "evaluation", report, summary, 0)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from medseg.errors import InputError
 from medseg.io.volume import Volume
 from medseg.models.folder import load_model_dir
 from medseg.plan.planner import Plan
-from medseg.training.trainer import final_output, select_device
+from medseg.training.components import final_output, select_device
 from medseg.transforms.pipeline import IMAGE, build_infer_transforms, volume_to_metatensor
 
 
