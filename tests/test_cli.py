@@ -140,3 +140,22 @@ def test_internal_errors_are_one_line(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.setenv("MEDSEG_DEBUG", "1")
     with pytest.raises(RuntimeError):
         main()
+
+
+def test_evaluate_logs_to_the_active_mlflow_run(tmp_path: Path, tiny_dataset: Path, smoke_model: Path):
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("eval", artifact_location=(tmp_path / "art").as_uri())).info.run_id
+    pred = tmp_path / "pred"
+    assert run("predict", "-i", str(tiny_dataset / "imagesTs"), "-o", str(pred), "-m", str(smoke_model)).returncode == 0
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run([sys.executable, "-m", "medseg", "evaluate", "--pred", str(pred), "--ref", str(tiny_dataset / "labelsTs"),
+                           "-o", str(tmp_path / "ev"), "-m", str(smoke_model)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    metrics = client.get_run(run_id).data.metrics
+    assert "eval_dice_organ" in metrics and "eval_hd95_organ" in metrics
+    assert "metrics.csv" in {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}

@@ -19,8 +19,23 @@ from medseg.io.dataset import Dataset
 from medseg.io.readers import read_volume
 
 
+class JsonRecord:
+    """JSON round trip and a short content hash for the fingerprint and plan dataclasses."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls(**json.loads(text))
+
+    def hash(self) -> str:
+        """Short SHA-256 of the canonical JSON."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclass
-class Fingerprint:
+class Fingerprint(JsonRecord):
     """Measured properties of a dataset's training cases."""
 
     dataset: str
@@ -32,17 +47,6 @@ class Fingerprint:
     shapes: list[list[int]]  # per case, voxels in RAS order
     intensity: list[dict[str, float]]  # per channel: p00_5, p99_5, mean, std, min, max (foreground)
     class_frequency: dict[str, float]  # share of all voxels per label
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Fingerprint":
-        return cls(**json.loads(text))
-
-    def hash(self) -> str:
-        """Short SHA-256 of the canonical JSON."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _ras_order(affine: np.ndarray, dims: int) -> np.ndarray:

@@ -12,29 +12,27 @@ Rules (each recorded in ``Plan.notes``):
   patch already covers the median image.
 * **Network**: as many levels as halve the smallest patch axis down to at least 4 voxels (at most 6 levels);
   channels start at ``plan.base_channels`` and double per level up to ``plan.max_channels``.
-* **Normalisation** per channel from the modality: CT -> ``ct`` (clip to the foreground 0.5/99.5 percentiles,
-  z-score with the foreground mean/std); RGB channels -> ``rgb`` (divide by 255); anything else -> ``zscore``
-  per image (MR).
+* **Normalisation** per channel from its modality: CT -> ``ct`` (clip to that channel's foreground 0.5/99.5
+  percentiles, z-score with its foreground mean/std); R/G/B channels -> ``rgb`` (divide by 255); anything else
+  (MR sequences, PET, ...) -> ``zscore`` per image.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from medseg.config import Config, PlanConfig
-from medseg.plan.fingerprint import Fingerprint
+from medseg.plan.fingerprint import Fingerprint, JsonRecord
 
 BYTES_PER_VOXEL_PER_BASE_CHANNEL = 64.0  # activations kept for backward, all levels, encoder + decoder (fp32)
 MIN_BOTTLENECK = 4
 
 
 @dataclass
-class Plan:
+class Plan(JsonRecord):
     """Derived settings; any of them can be pinned in the configuration instead."""
 
     dims: int
@@ -43,21 +41,17 @@ class Plan:
     batch_size: int
     channels: list[int]
     strides: list[int]
-    normalization: str
-    intensity: dict[str, float]  # stats of channel 0 used by the ``ct`` scheme
+    normalization: list[str]  # scheme per channel
+    intensity: list[dict[str, float]]  # foreground statistics per channel (used by ``ct``)
     anisotropic: bool
     fingerprint_hash: str
     notes: list[str] = field(default_factory=list)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        return cls(**json.loads(text))
-
-    def hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    def __post_init__(self) -> None:  # plans written before per-channel normalisation held one scheme and one stats dict
+        if isinstance(self.intensity, dict):
+            self.intensity = [self.intensity]
+        if isinstance(self.normalization, str):
+            self.normalization = [self.normalization] * max(1, len(self.intensity))
 
 
 def _levels(patch: list[int]) -> int:
@@ -109,13 +103,8 @@ def make_plan(fp: Fingerprint, cfg: PlanConfig, on_gpu: bool, fixed_levels: int 
     while covers and batch < 8 and estimate_memory_gb(patch_size, batch * 2, cfg.base_channels) <= budget:
         batch *= 2
     channels = [min(cfg.base_channels * 2**i, cfg.max_channels) for i in range(levels + 1)]
-    modality = [m.upper() for _, m in sorted(fp.modality.items())]
-    if modality and modality[0] == "CT":
-        normalization = "ct"
-    elif modality and set(modality) <= {"R", "G", "B"}:
-        normalization = "rgb"
-    else:
-        normalization = "zscore"
+    modality = [fp.modality.get(str(c), "").upper() for c in range(fp.channels)]
+    normalization = ["ct" if m == "CT" else "rgb" if m in ("R", "G", "B") else "zscore" for m in modality]
     notes.append(f"normalisation {normalization} from modality {modality}")
     return Plan(
         dims=fp.dims,
@@ -125,7 +114,7 @@ def make_plan(fp: Fingerprint, cfg: PlanConfig, on_gpu: bool, fixed_levels: int 
         channels=channels,
         strides=[2] * levels,
         normalization=normalization,
-        intensity=fp.intensity[0] if fp.intensity else {},
+        intensity=fp.intensity,
         anisotropic=anisotropic,
         fingerprint_hash=fp.hash(),
         notes=notes,
@@ -138,7 +127,7 @@ def apply_plan(cfg: Config, plan: Plan) -> Config:
     Network width and depth come from the plan only when both ``model.channels`` and ``model.strides`` are null.
     """
     data, model, train = cfg.data, cfg.model, cfg.train
-    intensity = data.intensity.model_copy(update={"scheme": data.intensity.scheme or plan.normalization})
+    intensity = data.intensity  # a null scheme means: per channel, as planned
     new_data = data.model_copy(
         update={
             "spacing": data.spacing or tuple(plan.spacing),

@@ -238,9 +238,11 @@ def fit(
     stopped_early = False
     with progress_bar(show_progress and rank.is_main) as progress:
         task = progress.add_task("training", total=cfg.train.epochs, completed=start_epoch - 1)
+        iterations = progress.add_task("iterations", total=cfg.train.iterations_per_epoch)
         for epoch in range(start_epoch, cfg.train.epochs + 1):
             model.train()
             start, losses = time.perf_counter(), []
+            progress.update(iterations, completed=0, description=f"epoch {epoch} iterations")
             for batch in loader:
                 loss = _step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg, device, use_amp, amp_dtype)
                 if ddp.any_rank(not bool(torch.isfinite(loss)), rank):
@@ -251,6 +253,7 @@ def fit(
                     )
                 losses.append(loss.item())
                 step += 1
+                progress.update(iterations, advance=1, description=f"epoch {epoch} loss {losses[-1]:.3f}")
             elapsed = time.perf_counter() - start
             record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
                       "epoch_time_s": elapsed, "samples_per_s": n_samples * rank.world_size / elapsed}

@@ -26,24 +26,49 @@ class ClipZScored(MapTransform):
         return d
 
 
-def normalization(cfg: IntensityConfig, stats: dict[str, float], key: str = "image") -> MapTransform:
-    """The normalisation transform for ``cfg.scheme``; ``stats`` are the fingerprint's foreground statistics.
+class PerChannel(MapTransform):
+    """Applies one normalisation per channel of ``(C, *spatial)`` images (e.g. CT + PET, or several MR sequences)."""
+
+    def __init__(self, key: str, transforms: list[MapTransform]) -> None:
+        super().__init__(key)
+        self.transforms = transforms
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            channels = [t({key: image[c : c + 1]})[key] for c, t in enumerate(self.transforms)]
+            d[key] = torch.cat(channels, dim=0)
+        return d
+
+
+def normalization(cfg: IntensityConfig, schemes: list[str], stats: list[dict[str, float]], key: str = "image") -> MapTransform:
+    """The normalisation transform: ``cfg.scheme`` for every channel when set, else the plan's ``schemes`` per
+    channel. ``stats`` are the fingerprint's foreground statistics per channel.
 
     Raises:
-        ConfigError: ``CONFIG_INVALID_VALUE`` when ``window`` is missing for the window scheme or no scheme is set.
+        ConfigError: ``CONFIG_INVALID_VALUE`` when ``window`` is missing for the window scheme.
     """
-    if cfg.scheme == "ct":
+    if cfg.scheme is not None:
+        return _single(cfg, cfg.scheme, stats[0] if stats else {}, key)
+    if len(set(schemes)) == 1 and schemes[0] != "ct":
+        return _single(cfg, schemes[0], stats[0] if stats else {}, key)
+    return PerChannel(key, [_single(cfg, scheme, stat, key) for scheme, stat in zip(schemes, stats)])
+
+
+def _single(cfg: IntensityConfig, scheme: str, stats: dict[str, float], key: str) -> MapTransform:
+    if scheme == "ct":
         return ClipZScored(key, stats["p00_5"], stats["p99_5"], stats["mean"], stats["std"])
-    if cfg.scheme == "window":
+    if scheme == "window":
         if cfg.window is None:
             raise ConfigError("CONFIG_INVALID_VALUE", "data.intensity.window is required for scheme window", "e.g. [-160, 240]")
         low, high = cfg.window
         return ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
-    if cfg.scheme == "zscore":
+    if scheme == "zscore":
         return NormalizeIntensityd(key, nonzero=True, channel_wise=True)
-    if cfg.scheme == "percentile":
+    if scheme == "percentile":
         low, high = cfg.percentiles
         return ScaleIntensityRangePercentilesd(key, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)
-    if cfg.scheme == "rgb":
+    if scheme == "rgb":
         return ScaleIntensityRanged(key, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)
-    raise ConfigError("CONFIG_INVALID_VALUE", "data.intensity.scheme is not set and no plan chose one")
+    raise ConfigError("CONFIG_INVALID_VALUE", f"unknown normalisation scheme {scheme!r}")

@@ -72,7 +72,7 @@ def _preprocess(cfg: Config, plan: Plan, keys: tuple[str, ...]) -> list:
     clahe = cfg.data.clahe
     if clahe.enabled:
         steps.append(CLAHEd(IMAGE, kernel_size=clahe.kernel_size, clip_limit=clahe.clip_limit, nbins=clahe.nbins))
-    steps.append(normalization(cfg.data.intensity, plan.intensity))
+    steps.append(normalization(cfg.data.intensity, plan.normalization, plan.intensity))
     return steps
 
 

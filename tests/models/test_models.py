@@ -10,9 +10,10 @@ from medseg.models import MODELS, build_model
 
 SMALL = {  # the smallest sensible network of each registered model
     "unet": ["model.channels=[4, 8]", "model.strides=[2]"],
+    "dynunet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"],
     "unetpp": ["model.channels=[4, 4, 8, 8, 8]", "model.strides=[2, 2, 2, 2]"],
 }
-SIZE = {"unet": 16, "unetpp": 32}  # smallest input keeping a bottleneck of more than one voxel
+SIZE = {"unet": 16, "dynunet": 16, "unetpp": 32}  # smallest input keeping a bottleneck of more than one voxel
 
 
 def test_every_registered_model_has_contract_settings():
@@ -62,3 +63,33 @@ def test_unetpp_requires_five_levels():
     cfg = load_config("smoke", ["model.name=unetpp"]).model
     with pytest.raises(ConfigError, match="5 model.channels"):
         build_model(cfg, 2, 1, 2)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_dynunet_deep_supervision_outputs(spatial_dims: int):
+    cfg = load_config("smoke", ["model.name=dynunet", "model.channels=[4, 8, 8, 8]", "model.strides=[2, 2, 2]",
+                                "model.deep_supervision=true"]).model
+    net = build_model(cfg, spatial_dims, 1, 3)
+    x = torch.randn(2, 1, *([16] * spatial_dims))
+    outputs = net.train()(x)
+    assert isinstance(outputs, list) and len(outputs) == 3  # two deep-supervision heads + the final output
+    assert all(o.shape == (2, 3, *([16] * spatial_dims)) for o in outputs)
+    assert torch.allclose(net.eval()(x), outputs[-1], atol=1e-5)  # the last one is the network's final output
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("name", MODELS.names())
+def test_odd_sizes_the_plan_allows(name: str, spatial_dims: int):
+    """Patches are multiples of the network divisor but need not be powers of two or equal per axis."""
+    cfg = load_config("smoke", [f"model.name={name}", *SMALL[name]]).model
+    divisor = 2 ** len(cfg.strides)
+    size = [divisor * m for m in (3, 2, 2)[:spatial_dims]]
+    net = build_model(cfg, spatial_dims, 1, 2).eval()
+    assert net(torch.randn(1, 1, *size)).shape == (1, 2, *size)
+
+
+def test_unet_refuses_deep_supervision():
+    cfg = load_config("smoke", ["model.deep_supervision=true"]).model
+    with pytest.raises(ConfigError) as info:
+        build_model(cfg, 3, 1, 2)
+    assert "deep supervision" in info.value.message and "dynunet or unetpp" in info.value.hint

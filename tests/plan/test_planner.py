@@ -14,8 +14,9 @@ PLAN_CFG = load_config(None).plan
 
 def _fp(spacings, shapes, modality=None, dims=3) -> Fingerprint:
     stats = {"p00_5": -50.0, "p99_5": 250.0, "mean": 100.0, "std": 30.0, "min": -80.0, "max": 300.0}
-    return Fingerprint("synthetic", modality or {"0": "CT"}, {"0": "background", "1": "organ"}, dims, 1,
-                       spacings, shapes, [stats], {"0": 0.9, "1": 0.1})
+    modality = modality or {"0": "CT"}
+    return Fingerprint("synthetic", modality, {"0": "background", "1": "organ"}, dims, len(modality),
+                       spacings, shapes, [stats] * len(modality), {"0": 0.9, "1": 0.1})
 
 
 def test_median_spacing_is_the_target():
@@ -48,13 +49,35 @@ def test_small_images_get_whole_image_patches_and_larger_batches():
     fp = _fp([[1.0, 1.0]] * 4, [[64, 48]] * 4, modality={"0": "R", "1": "G", "2": "B"}, dims=2)
     plan = make_plan(fp, PLAN_CFG, on_gpu=True)
     assert plan.dims == 2 and plan.patch_size[0] >= 64 and plan.patch_size[1] >= 48
-    assert plan.batch_size > 2 and plan.normalization == "rgb"
+    assert plan.batch_size > 2 and plan.normalization == ["rgb"] * 3
 
 
 @pytest.mark.parametrize("modality,scheme", [({"0": "CT"}, "ct"), ({"0": "MRI"}, "zscore"), ({"0": "T2"}, "zscore")])
 def test_normalisation_follows_modality(modality, scheme):
     plan = make_plan(_fp([[1.0, 1.0, 1.0]] * 2, [[64, 64, 64]] * 2, modality), PLAN_CFG, on_gpu=True)
-    assert plan.normalization == scheme
+    assert plan.normalization == [scheme]
+
+
+def test_normalisation_is_per_channel_and_applied_per_channel():
+    import torch
+    from monai.data import MetaTensor
+
+    from medseg.transforms.intensity import normalization
+
+    plan = make_plan(_fp([[1.0, 1.0, 1.0]] * 2, [[32, 32, 32]] * 2, {"0": "CT", "1": "PET"}), PLAN_CFG, on_gpu=True)
+    assert plan.normalization == ["ct", "zscore"]
+    ct_stats = {"p00_5": -100.0, "p99_5": 300.0, "mean": 50.0, "std": 25.0}
+    transform = normalization(load_config(None).data.intensity, plan.normalization, [ct_stats, {}])
+    image = MetaTensor(torch.stack([torch.full((4, 4, 4), 1000.0), torch.arange(64.0).reshape(4, 4, 4) + 1]))
+    out = transform({"image": image})["image"]
+    assert torch.allclose(out[0], torch.full((4, 4, 4), (300.0 - 50.0) / 25.0))  # clipped, then z-scored with CT stats
+    assert abs(float(out[1].mean())) < 1e-5 and abs(float(out[1].std(unbiased=False)) - 1) < 1e-4  # per-image z-score
+
+
+def test_old_single_scheme_plans_still_load():
+    old = Plan(3, [1.0, 1.0, 1.0], [64, 64, 64], 2, [16, 32], [2], "ct", {"p00_5": 0.0, "p99_5": 1.0, "mean": 0.0, "std": 1.0},
+               False, "x")
+    assert old.normalization == ["ct"] and isinstance(old.intensity, list)
 
 
 def test_fixed_depth_networks():
@@ -68,7 +91,7 @@ def test_pinned_values_win_and_nulls_are_filled():
     pinned = apply_plan(load_config(None, ["data.spacing=[2, 2, 4]", "train.batch_size=3"]), plan)
     assert pinned.data.spacing == (2.0, 2.0, 4.0) and pinned.train.batch_size == 3
     assert pinned.data.patch_size == tuple(plan.patch_size) and pinned.model.channels == tuple(plan.channels)
-    assert pinned.data.intensity.scheme == "ct"
+    assert pinned.data.intensity.scheme is None  # null: the plan's per-channel schemes apply
     free = apply_plan(load_config(None), plan)
     assert free.data.spacing == tuple(plan.spacing) and free.train.batch_size == plan.batch_size
 

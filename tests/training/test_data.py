@@ -80,3 +80,15 @@ def test_cached_case_equals_fresh_preprocessing(tiny_dataset: Path, tmp_path: Pa
     assert torch.equal(fresh["image"].as_tensor(), cached["image"].as_tensor())
     assert torch.equal(fresh["label"].as_tensor(), cached["label"].as_tensor())
     assert torch.allclose(fresh["image"].affine, cached["image"].affine)
+
+
+def test_worker_processes_load_batches(tiny_dataset: Path, tmp_path: Path):
+    from monai.data import DataLoader
+
+    dataset, _ = _setup(tiny_dataset, tmp_path / "cache", [])
+    dataset[0]  # fill one case; the workers compute the others and share the disk cache
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, shuffle=False)
+    batches = list(loader)
+    assert sum(b["image"].shape[0] for b in batches) == 3
+    assert tuple(batches[0]["image"].shape[1:]) == (1, 16, 16, 8)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
