@@ -119,7 +119,7 @@ def test_plan_command(tmp_path: Path, tiny_dataset: Path):
     proc = run("plan", str(tiny_dataset), "-o", str(tmp_path / "plan.json"))
     assert proc.returncode == 0, proc.stderr
     plan = json.loads((tmp_path / "plan.json").read_text())
-    assert plan["dims"] == 3 and plan["normalization"] == "ct" and len(plan["spacing"]) == 3
+    assert plan["dims"] == 3 and plan["normalization"] == ["ct"] and len(plan["spacing"]) == 3
     assert (tmp_path / "plan.fingerprint.json").is_file() and "target spacing" in proc.stdout
 
 
