@@ -44,7 +44,7 @@ def _root(
 
     handler = RichHandler(show_path=False, show_time=False, markup=False, console=_stderr_console())
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", handlers=[handler])
-    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib"):
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -146,6 +146,7 @@ def predict(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (must not lie inside the input folder)."),
     model: Path = typer.Option(..., "--model", "-m", help="Model folder written by `medseg train`."),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
 ) -> None:
     """Segment one file or a folder; writes <case>.nii.gz on the input grid and manifest.json."""
@@ -154,7 +155,7 @@ def predict(
     from medseg.inference.runner import predict_folder
 
     require_exists(input, "input")
-    predictor = Predictor.from_model_dir(model, device)
+    predictor = Predictor.from_model_dir(model, device, backend)
     results = predict_folder(predictor, input, out, overwrite=overwrite)
     failed = [r for r in results if r.status != "ok"]
     typer.echo(f"{len(results) - len(failed)} of {len(results)} case(s) written to {out}")
@@ -162,6 +163,23 @@ def predict(
         typer.echo(f"failed: {r.case_id}: {r.error}", err=True)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(..., "--model", "-m", help="Model folder written by `medseg train`."),
+    format: str = typer.Option(..., "--format", "-f", help="onnx or torchscript."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Exported model folder (default MODEL_<format>)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 quantisation (ONNX)."),
+) -> None:
+    """Export the network to ONNX or TorchScript as a model folder `medseg predict` loads directly."""
+    import json
+
+    from medseg.deploy.export import export_model
+
+    folder = export_model(model, format, out, quantize)
+    parity = json.loads((folder / "model.json").read_text())["parity"]["max_abs_logit_diff"]
+    typer.echo(f"exported: {folder} (max |logit difference| to PyTorch {parity:.2e})")
 
 
 @app.command()

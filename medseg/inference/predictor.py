@@ -13,9 +13,10 @@ from monai.transforms import SpatialResample
 from medseg.config import Config
 from medseg.errors import InputError
 from medseg.io.volume import Volume
+from medseg.inference.backends import Backend, load_backend
 from medseg.models.folder import load_model_dir
 from medseg.plan.planner import Plan
-from medseg.training.components import final_output, select_device
+from medseg.training.components import select_device
 from medseg.transforms.pipeline import IMAGE, build_infer_transforms, volume_to_metatensor
 
 
@@ -28,17 +29,18 @@ class Predictor:
     probabilities: one byte per voxel instead of one float per class.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, plan: Plan, info: dict, device: torch.device) -> None:
-        self.model, self.cfg, self.plan, self.info, self.device = model, cfg, plan, info, device
+    def __init__(self, backend: Backend, cfg: Config, plan: Plan, info: dict, device: torch.device) -> None:
+        self.backend, self.cfg, self.plan, self.info, self.device = backend, cfg, plan, info, device
         self.labels: dict[int, str] = info["labels"]
         self._preprocess = build_infer_transforms(cfg, plan)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, device: str = "auto") -> "Predictor":
-        """Loads a model folder (see :mod:`medseg.models.folder`) onto ``device`` (``auto|cpu|cuda|mps``)."""
+    def from_model_dir(cls, model_dir: str | Path, device: str = "auto", backend: str = "auto") -> "Predictor":
+        """Loads a model folder (PyTorch or exported) onto ``device`` (``auto|cpu|cuda|mps``) with ``backend``
+        (``auto|torch|onnxruntime|openvino``; see :mod:`medseg.inference.backends`)."""
         dev = select_device(device)
         model, cfg, plan, info = load_model_dir(model_dir, dev)
-        return cls(model, cfg, plan, info, dev)
+        return cls(load_backend(Path(model_dir), backend, dev, model, info), cfg, plan, info, dev)
 
     @torch.no_grad()
     def predict(self, volume: Volume) -> Volume:
@@ -69,7 +71,7 @@ class Predictor:
             image.as_tensor()[None].to(self.device),
             roi_size=self.cfg.data.patch_size,
             sw_batch_size=self.cfg.inference.sw_batch_size,
-            predictor=lambda x: final_output(self.model(x)),
+            predictor=self.backend,
             overlap=self.cfg.inference.overlap,
             mode=self.cfg.inference.blend,
         )

@@ -63,11 +63,15 @@ def save_model_dir(path: Path, model: nn.Module, cfg: Config, plan: Plan, info: 
     return path
 
 
-def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config, Plan, dict[str, Any]]:
-    """Loads a model folder written by :func:`save_model_dir`.
+EXPORTED_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+
+
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module | None, Config, Plan, dict[str, Any]]:
+    """Loads a model folder written by :func:`save_model_dir` or ``medseg export``.
 
     Returns:
-        ``(model in eval mode on device, config, plan, info)``; ``info["labels"]`` has int keys.
+        ``(model in eval mode on device, config, plan, info)``; ``info["labels"]`` has int keys. For an exported
+        folder (``info["format"]`` ``onnx``/``torchscript``) the model is None: a backend runs its network file.
 
     Raises:
         ModelError: ``MODEL_NOT_FOUND`` (no such folder), ``MODEL_DIR_INVALID`` (files missing or unreadable),
@@ -76,17 +80,24 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tupl
     path = Path(path)
     if not path.is_dir():
         raise ModelError("MODEL_NOT_FOUND", f"model folder not found: {path}", "pass the folder written by `medseg train`")
-    missing = [name for name in (WEIGHTS, CONFIG, PLAN, INFO) if not (path / name).is_file()]
+    missing = [name for name in (CONFIG, PLAN, INFO) if not (path / name).is_file()]
+    try:
+        info = json.loads((path / INFO).read_text(encoding="utf-8")) if not missing else {}
+    except (OSError, ValueError) as exc:
+        raise ModelError("MODEL_DIR_INVALID", f"cannot read {path / INFO}: {exc}") from None
+    network_file = EXPORTED_FILES.get(info.get("format", "pytorch"), WEIGHTS)
+    missing += [network_file] if not (path / network_file).is_file() else []
     if missing:
         raise ModelError("MODEL_DIR_INVALID", f"{path} is not a model folder: missing {', '.join(missing)}")
     try:
-        info = json.loads((path / INFO).read_text(encoding="utf-8"))
         info["labels"] = {int(k): v for k, v in info["labels"].items()}
         plan = Plan.from_json((path / PLAN).read_text(encoding="utf-8"))
-        state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+        state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True) if network_file == WEIGHTS else None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelError("MODEL_DIR_INVALID", f"cannot read model folder {path}: {exc}") from None
     cfg = load_config(path / CONFIG)
+    if state is None:
+        return None, cfg, plan, info
     model = build_model(cfg.model, int(info["spatial_dims"]), int(info["in_channels"]), len(info["labels"]))
     try:
         model.load_state_dict(state)

@@ -1,0 +1,1 @@
+"""Deployment: exported model folders (ONNX, TorchScript) with parity checks."""

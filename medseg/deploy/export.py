@@ -1,0 +1,119 @@
+"""``medseg export``: a model folder variant whose network is ONNX or TorchScript.
+
+The exported folder keeps ``config.yaml``, ``plan.json`` and ``model.json`` (labels, provenance) so that
+``medseg predict -m EXPORTED`` loads it directly, and adds ``model.onnx`` or ``model.ts``. Batch and spatial
+sizes are dynamic. Every export is checked against PyTorch on random inputs of several sizes (max |logit
+difference| recorded in ``model.json``; over ``tolerance`` the export fails). ``quantize="int8"`` additionally
+applies ONNX Runtime's dynamic int8 quantisation (weights int8, activations quantised at run time).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.errors import ModelError, OutputError
+from medseg.models.folder import CONFIG, INFO, PLAN, load_model_dir
+from medseg.training.components import final_output
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
+
+
+class _FinalOutput(torch.nn.Module):
+    """Exports only the final output (no deep-supervision heads)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return final_output(self.net(x))
+
+
+def parity_inputs(info: dict, divisor: int) -> list[torch.Tensor]:
+    """Random inputs of several sizes (multiples of the network's divisor, unequal axes, batch 1 and 2)."""
+    g = torch.Generator().manual_seed(0)
+    dims, channels = int(info["spatial_dims"]), int(info["in_channels"])
+    shapes = [(1, [3, 2, 2]), (2, [2, 4, 3])]
+    return [torch.randn(b, channels, *[divisor * m for m in mult[:dims]], generator=g) for b, mult in shapes]
+
+
+def _require(module: str, package: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ModelError("BACKEND_UNAVAILABLE", f"exporting needs the {package} package", f"pip install {package} (or medseg[onnx])")
+
+
+def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None, quantize: str | None = None,
+                 tolerance: float = 1e-4) -> Path:
+    """Exports a model folder.
+
+    Args:
+        model_dir: A PyTorch model folder written by training.
+        fmt: ``onnx`` or ``torchscript``.
+        out: Output folder (default ``<model_dir>_<fmt>``); must not exist.
+        quantize: ``int8`` for dynamic int8 quantisation (ONNX only), or None.
+        tolerance: Largest allowed |logit difference| to PyTorch (fp32 exports).
+
+    Returns:
+        The exported model folder.
+
+    Raises:
+        ModelError: ``MODEL_NOT_FOUND``/``MODEL_DIR_INVALID``, ``EXPORT_FORMAT_UNKNOWN``, ``BACKEND_UNAVAILABLE``,
+            ``EXPORT_PARITY_FAILED``.
+        OutputError: ``OUTPUT_EXISTS``.
+    """
+    model_dir = Path(model_dir)
+    if fmt not in FORMATS:
+        raise ModelError("EXPORT_FORMAT_UNKNOWN", f"unknown export format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
+        raise ModelError("EXPORT_FORMAT_UNKNOWN", f"quantize={quantize!r} is only available as int8 with --format onnx")
+    net, cfg, plan, info = load_model_dir(model_dir, "cpu")
+    if info.get("format", "pytorch") != "pytorch":
+        raise ModelError("MODEL_DIR_INVALID", f"{model_dir} is already an exported ({info['format']}) model folder")
+    out = Path(out) if out else model_dir.with_name(f"{model_dir.name}_{fmt}{'_int8' if quantize else ''}")
+    if out.exists():
+        raise OutputError("OUTPUT_EXISTS", f"{out} exists", "choose another -o or remove it")
+    wrapped = _FinalOutput(net).eval()
+    divisor = int(np.prod(cfg.model.strides)) * (2 if cfg.model.name == "unetpp" else 1)
+    inputs = parity_inputs(info, max(divisor, 4))
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    target = tmp / FORMATS[fmt]
+    with torch.no_grad():
+        if fmt == "torchscript":
+            torch.jit.trace(wrapped, inputs[0]).save(str(target))
+        else:
+            _require("onnxscript", "onnxscript")
+            _require("onnx", "onnx")
+            dynamic = ({0: torch.export.Dim.AUTO, **{a: torch.export.Dim.AUTO for a in range(2, inputs[0].ndim)}},)
+            torch.onnx.export(wrapped, (inputs[0],), str(target), dynamic_shapes=dynamic, dynamo=True, verbose=False)
+            if quantize == "int8":
+                _require("onnxruntime", "onnxruntime")
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                quantized = tmp / "model.int8.onnx"
+                quantize_dynamic(str(target), str(quantized), weight_type=QuantType.QUInt8)
+                quantized.replace(target)
+    for name in (CONFIG, PLAN):
+        shutil.copy2(model_dir / name, tmp / name)
+    from medseg.inference.backends import load_backend
+
+    backend = load_backend(tmp, "auto", torch.device("cpu"), info={**info, "format": fmt})
+    with torch.no_grad():
+        diff = max(float((backend(x) - wrapped(x)).abs().max()) for x in inputs)
+    exported_info = {**info, "labels": {str(k): v for k, v in info["labels"].items()}, "format": fmt,
+                     "quantization": quantize, "exported_from": str(model_dir.resolve()),
+                     "parity": {"max_abs_logit_diff": diff, "inputs": [list(x.shape) for x in inputs]}}
+    (tmp / INFO).write_text(json.dumps(exported_info, indent=2) + "\n", encoding="utf-8")
+    if quantize is None and diff > tolerance:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError("EXPORT_PARITY_FAILED", f"{fmt} export differs from PyTorch by {diff:.2e} (> {tolerance:g})")
+    tmp.rename(out)
+    return out

@@ -1,0 +1,107 @@
+"""Export parity: ONNX / TorchScript logits within 1e-4 of PyTorch (2D and 3D, several sizes, every network),
+and identical label maps through every backend (OpenVINO: >= 99.99% of voxels, see medseg.inference.backends)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.config import load_config
+from medseg.deploy.export import export_model
+from medseg.errors import ModelError, OutputError
+from medseg.inference.backends import load_backend
+from medseg.inference.predictor import Predictor
+from medseg.io.readers import read_volume
+from medseg.models import build_model
+from medseg.models.folder import load_model_dir, save_model_dir
+from medseg.plan.planner import Plan
+
+SMALL = {
+    "unet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"],
+    "dynunet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"],
+    "unetpp": ["model.channels=[4, 4, 8, 8, 8]", "model.strides=[2, 2, 2, 2]"],
+}
+
+
+def _random_model_dir(tmp: Path, name: str, dims: int) -> Path:
+    cfg = load_config("smoke", [f"model.name={name}", *SMALL[name], f"data.spacing={[1.0] * dims}",
+                                f"data.patch_size={[32] * dims}"])
+    torch.manual_seed(0)
+    net = build_model(cfg.model, dims, 1, 3)
+    plan = Plan(dims, [1.0] * dims, [32] * dims, 2, list(cfg.model.channels), list(cfg.model.strides), ["zscore"],
+                [{}], False, "test")
+    return save_model_dir(tmp / f"{name}{dims}d", net, cfg, plan, {"labels": {0: "bg", 1: "a", 2: "b"}, "spatial_dims": dims, "in_channels": 1})
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("name,dims", [("unet", 2), ("unet", 3), ("dynunet", 3), ("unetpp", 2)])
+def test_logits_match_pytorch_on_several_sizes(tmp_path: Path, fmt: str, name: str, dims: int):
+    folder = _random_model_dir(tmp_path, name, dims)
+    exported = export_model(folder, fmt, tmp_path / "out")
+    net, *_ , info = load_model_dir(folder)
+    backend = load_backend(exported, "auto", torch.device("cpu"))
+    divisor = 32 if name == "unetpp" else 8
+    g = torch.Generator().manual_seed(1)
+    for batch, mult in ((1, (1, 2, 3)), (3, (2, 1, 1)), (2, (4, 3, 2))):
+        x = torch.randn(batch, 1, *[divisor * m for m in mult[:dims]], generator=g)
+        with torch.no_grad():
+            diff = float((backend(x) - net(x)).abs().max())
+        assert diff <= 1e-4, f"{fmt} {name} {dims}D {tuple(x.shape)}: {diff}"
+    recorded = json.loads((exported / "model.json").read_text())
+    assert recorded["format"] == fmt and recorded["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert {"config.yaml", "plan.json", "model.json"} <= {p.name for p in exported.iterdir()}
+
+
+def test_every_backend_gives_the_same_labels(smoke_model: Path, tiny_dataset: Path, tmp_path: Path):
+    image = read_volume(tiny_dataset / "imagesTs" / "ct_003.nii.gz")
+    onnx = export_model(smoke_model, "onnx", tmp_path / "onnx")
+    ts = export_model(smoke_model, "torchscript", tmp_path / "ts")
+    reference = Predictor.from_model_dir(smoke_model, "cpu").predict(image).array
+    for folder, backend in ((ts, "auto"), (onnx, "auto"), (onnx, "onnxruntime")):
+        labels = Predictor.from_model_dir(folder, "cpu", backend).predict(image)
+        np.testing.assert_array_equal(labels.array, reference)
+        assert labels.same_grid(image)
+    if importlib.util.find_spec("openvino") is not None:
+        labels = Predictor.from_model_dir(onnx, "cpu", "openvino").predict(image).array
+        assert (labels == reference).mean() >= 0.9999  # f32 OpenVINO: stated tolerance
+
+
+def test_int8_quantisation_runs_and_is_recorded(smoke_model: Path, tmp_path: Path):
+    folder = export_model(smoke_model, "onnx", tmp_path / "int8", quantize="int8")
+    info = json.loads((folder / "model.json").read_text())
+    assert info["quantization"] == "int8" and info["parity"]["max_abs_logit_diff"] > 0
+
+
+def test_clear_errors(smoke_model: Path, tmp_path: Path, monkeypatch):
+    with pytest.raises(ModelError) as info:
+        load_backend(smoke_model, "onnxruntime", torch.device("cpu"))
+    assert info.value.code == "BACKEND_NEEDS_EXPORT" and "medseg export" in info.value.hint
+    with pytest.raises(ModelError) as info:
+        load_backend(smoke_model, "tensorrt", torch.device("cpu"))
+    assert info.value.code == "BACKEND_UNKNOWN"
+    with pytest.raises(ModelError):
+        export_model(smoke_model, "torchscript", tmp_path / "x", quantize="int8")
+    onnx = export_model(smoke_model, "onnx", tmp_path / "onnx")
+    with pytest.raises(OutputError):
+        export_model(smoke_model, "onnx", tmp_path / "onnx")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(ModelError) as info:
+        load_backend(onnx, "onnxruntime", torch.device("cpu"))
+    assert info.value.code == "BACKEND_UNAVAILABLE" and info.value.hint.startswith("pip install onnxruntime")
+
+
+def test_export_and_predict_from_the_cli(smoke_model: Path, tiny_dataset: Path, tmp_path: Path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "medseg", *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    proc = run("export", "-m", str(smoke_model), "-f", "onnx", "-o", str(tmp_path / "onnx"))
+    assert proc.returncode == 0 and "exported:" in proc.stdout, proc.stderr
+    proc = run("predict", "-i", str(tiny_dataset / "imagesTs"), "-o", str(tmp_path / "pred"), "-m", str(tmp_path / "onnx"), "-b", "onnxruntime")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "pred" / "ct_003.nii.gz").is_file()
+    proc = run("predict", "-i", str(tiny_dataset / "imagesTs"), "-o", str(tmp_path / "p2"), "-m", str(smoke_model), "-b", "openvino")
+    assert proc.returncode == 2 and "BACKEND_NEEDS_EXPORT" in proc.stderr
