@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.config import Config, config_hash, load_config
-from medseg.errors import ConfigError, DatasetError
+from medseg.errors import ConfigError, DatasetError, InputError
 from medseg.inference.predictor import Predictor
 from medseg.inference.runner import predict_files
 from medseg.io.dataset import Case, load_dataset
@@ -68,6 +68,11 @@ def evaluate_model(
     predictor = Predictor.from_model_dir(fit_result.model_dir, cfg.train.device)
     results = predict_files(predictor, [c.image for c in cases], out / "predictions", overwrite=True)
     ok = [c for c, r in zip(cases, results) if r.status == "ok"]
+    if not ok:
+        raise InputError(
+            "PREDICTION_FAILED", f"none of the {len(cases)} {name} case(s) could be predicted",
+            f"see {out / 'predictions' / 'manifest.json'} for each case's error",
+        )
     context = {
         "Model": str(fit_result.model_dir.resolve()),
         "Dataset": f"{dataset.name} ({name} cases)",
