@@ -107,14 +107,6 @@ class MlflowTracker:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id: str | None = run_id
 
-    @classmethod
-    def for_run_dir(cls, cfg: TrackingConfig, run_dir: Path, run_name: str) -> "MlflowTracker":
-        """Opens a new run in the configured store (embedded SQLite in ``run_dir`` by default)."""
-        run_dir.mkdir(parents=True, exist_ok=True)
-        uri = resolve_tracking_uri(cfg, run_dir)
-        artifact_dir = run_dir / "mlartifacts" if uri.startswith("sqlite:") else None
-        return cls(uri, cfg.experiment, run_name=run_name, artifact_dir=artifact_dir)
-
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -265,7 +265,7 @@ def train_predict_evaluate(cfg: Config, out_dir: str | Path, show_progress: bool
     if not dataset.test or any(c.label is None for c in dataset.test):
         raise DatasetError("DATASET_NO_TEST_LABELS", f"{dataset.root} needs imagesTs/ with labels in labelsTs/")
     run_dir = out / "run"
-    tracker = MlflowTracker.for_run_dir(cfg.tracking, run_dir, run_name=f"{dataset.name}-{cfg.model.name}")
+    tracker = open_run_tracker(cfg, run_dir, f"{dataset.name}-{cfg.model.name}", resume=False)
     tracker.set_tags({"medseg.dataset": dataset.name, "medseg.config_hash": config_hash(cfg)})
     try:
         result, _ = train_and_validate(cfg, run_dir, tracker, show_progress)

@@ -32,11 +32,6 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
-def nifti_files_by_id(folder: Path) -> dict[str, Path]:
-    """The NIfTI files directly inside ``folder``, keyed by case ID (file name without its NIfTI ending)."""
-    return {strip_nifti_suffix(p.name): p for p in sorted(Path(folder).iterdir()) if p.is_file() and is_nifti(p)}
-
-
 def read_nifti(path: str | Path) -> Volume:
     """Reads a 2D/3D/4D NIfTI file into a channel-first :class:`Volume`.
 
