@@ -166,6 +166,29 @@ def predict(
 
 
 @app.command()
+def convert(
+    input: Path = typer.Option(..., "--input", "-i", help="DICOM folder (all series in it), DICOM file, or any image file."),
+    out: Path = typer.Option(..., "--out", "-o", help="OUT.nii.gz / .nii / .nrrd / .mha, or a folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted series (recorded) instead of refusing."),
+) -> None:
+    """Convert DICOM series (one output per series, named by index and UID hash) or any image to NIfTI/NRRD/MHA."""
+    from medseg.io.convert import convert as run_convert
+
+    report = run_convert(input, out, overwrite=overwrite, allow_tilt=allow_tilt)
+    for r in report.results:
+        if r.status == "ok":
+            note = f" ({'; '.join(r.notes)})" if r.notes else ""
+            typer.echo(f"{r.name}: {r.output}  shape {r.shape} spacing {r.spacing}{note}")
+        else:
+            typer.echo(f"failed: {r.name}: {r.error}", err=True)
+    for reason, count in report.skipped.items():
+        typer.echo(f"skipped {count} file(s): {reason}", err=True)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="Model folder written by `medseg train`."),
     format: str = typer.Option(..., "--format", "-f", help="onnx or torchscript."),

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], Any], suffix: str = "") -> Path:
     """Calls ``write(tmp_path)``, fsyncs the file and renames it over ``path``.
 
     A crash or a full disk leaves either the old file or the new one, never a partial file.
+    ``suffix`` ends the temporary name, for writers that pick the format from it (``".nii.gz"``, ``".nrrd"``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -7,6 +7,7 @@ Writing stores the affine in both sform and qform (code 1, scanner) so that othe
 from __future__ import annotations
 
 import gzip
+import logging
 import zlib
 from pathlib import Path
 
@@ -14,9 +15,12 @@ import nibabel as nib
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.volume import Volume
+from medseg.fsutil import atomic_write
+from medseg.io.volume import Volume, is_orthogonal
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+DEFAULT_MAX_BYTES = 16 * 1024**3  # largest voxel buffer a reader allocates (decompression bombs, corrupt headers)
+log = logging.getLogger(__name__)
 
 
 def is_nifti(path: Path) -> bool:
@@ -32,44 +36,76 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
-def read_nifti(path: str | Path) -> Volume:
+def read_nifti(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     """Reads a 2D/3D/4D NIfTI file into a channel-first :class:`Volume`.
 
     A 4th dimension is taken as channels: ``(X, Y, Z, C)`` on disk becomes ``(C, X, Y, Z)``.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
+        max_bytes: Refuse (before allocating) volumes whose header announces more voxel bytes than this.
 
     Returns:
         The volume; integer data keeps its dtype unless the header scales it.
 
     Raises:
-        InputError: ``PATH_NOT_FOUND``; ``NIFTI_CORRUPT`` when the header or the voxel data cannot be read;
-            ``NIFTI_NONFINITE`` when voxels are NaN or Inf.
+        InputError: ``PATH_NOT_FOUND``; ``NIFTI_CORRUPT`` when the header or the voxel data cannot be read
+            (truncated file, corrupt gzip or CRC); ``NIFTI_NONFINITE`` when voxels are NaN or Inf;
+            ``SHAPE_INVALID`` (zero-size axis, >4D); ``IMAGE_TOO_LARGE``; ``AFFINE_SHEARED``. A qform/sform
+            disagreement is logged and recorded in ``meta["qform_sform_disagree"]`` (the sform is used).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError("PATH_NOT_FOUND", f"NIfTI file not found: {path}")
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)  # reads all voxels: a truncated or corrupt gzip fails here
+        img = nib.load(str(path))  # header only; voxels are read below
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
+        raise InputError("NIFTI_CORRUPT", f"cannot read {path.name}: {exc}", "re-export or re-copy the file") from None
+    header = img.header
+    shape = tuple(int(s) for s in img.shape)
+    if not 2 <= len(shape) <= 4 or 0 in shape:
+        raise InputError("SHAPE_INVALID", f"{path.name}: expected 2D, 3D or 4D data with no empty axis, found {shape}")
+    nbytes = int(np.prod(shape)) * img.get_data_dtype().itemsize
+    if nbytes > max_bytes:
+        raise InputError(
+            "IMAGE_TOO_LARGE", f"{path.name}: header announces {nbytes / 1e9:.1f} GB, above the cap of "
+            f"{max_bytes / 1e9:.1f} GB", "refused before allocating (corrupt header or decompression bomb?)",
+        )
+    if not path.name.lower().endswith(".gz"):
+        needed = int(header.get_data_offset()) + nbytes
+        if path.stat().st_size < needed:
+            raise InputError(
+                "NIFTI_CORRUPT", f"{path.name}: the header announces {needed} bytes, the file has {path.stat().st_size}",
+                "the file is truncated; re-copy it",
+            )
+    try:
+        data = np.asanyarray(img.dataobj)  # reads all voxels: a truncated or corrupt gzip fails here
+    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
         raise InputError("NIFTI_CORRUPT", f"cannot read {path.name}: {exc}", "re-export or re-copy the file") from None
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise InputError("NIFTI_NONFINITE", f"{path.name} contains NaN or Inf voxels", "fix the file before use")
-    header = img.header
     sform_code = int(header["sform_code"])
-    used = "sform" if sform_code > 0 else ("qform" if int(header["qform_code"]) > 0 else "fallback")
-    if data.ndim == 2:
+    qform_code = int(header["qform_code"])
+    used = "sform" if sform_code > 0 else ("qform" if qform_code > 0 else "fallback")
+    affine = img.affine.astype(np.float64)
+    if not is_orthogonal(affine):
+        raise InputError(
+            "AFFINE_SHEARED", f"{path.name}: the {used} affine is sheared or degenerate (axes not orthogonal)",
+            "resample the image onto an orthogonal grid first",
+        )
+    disagree = False
+    if sform_code > 0 and qform_code > 0:
+        disagree = bool(np.abs(header.get_sform() - header.get_qform()).max() > 1e-3)
+        if disagree:
+            log.warning("%s: qform and sform disagree; using the sform", path.name)
+    if data.ndim in (2, 3):
         data = data[None]
-    elif data.ndim == 3:
-        data = data[None]
-    elif data.ndim == 4:
-        data = np.moveaxis(data, -1, 0)
     else:
-        raise InputError("SHAPE_INVALID", f"{path.name}: expected 2D, 3D or 4D data, found {data.ndim}D")
+        data = np.moveaxis(data, -1, 0)
     meta = {"source_format": "nifti", "nifti_transform": used, "source_dtype": str(img.get_data_dtype())}
-    return Volume(np.ascontiguousarray(data), img.affine.astype(np.float64), meta)
+    if disagree:
+        meta["qform_sform_disagree"] = True
+    return Volume(np.ascontiguousarray(data), affine, meta)
 
 
 def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None = None) -> Path:
@@ -96,9 +132,5 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None 
     img.set_qform(volume.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_data_dtype(data.dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.partial{suffix}")
-    nib.save(img, str(tmp))
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), suffix=suffix)

@@ -10,6 +10,16 @@ import numpy as np
 from medseg.errors import InputError
 
 
+def is_orthogonal(affine: np.ndarray, ndim: int = 3, tolerance: float = 1e-3) -> bool:
+    """True when the first ``ndim`` axes of ``affine`` are non-degenerate and mutually orthogonal (no shear)."""
+    axes = np.asarray(affine, dtype=np.float64)[:ndim, :ndim]
+    norms = np.linalg.norm(axes, axis=0)
+    if (norms < 1e-9).any():
+        return False
+    unit = axes / norms
+    return bool(np.abs(unit.T @ unit - np.eye(ndim)).max() <= tolerance)
+
+
 @dataclass
 class Volume:
     """An image or label map with its geometry.

@@ -1,0 +1,135 @@
+"""``medseg convert``: a DICOM folder (every series in it) or any supported file to NIfTI / NRRD / MetaImage.
+
+A folder with several series writes one file per series, named ``series_<index>_<UID hash>`` (never from
+patient tags); each series is converted in isolation, so one broken series does not stop the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medseg.errors import InputError, MedsegError, OutputError, require_exists
+from medseg.io.dicom_headers import is_dicom_file
+from medseg.io.nifti import is_nifti, strip_nifti_suffix, write_nifti
+from medseg.io.sitk_formats import is_sitk_format, write_sitk
+from medseg.io.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Converted:
+    """One input series or file and what became of it."""
+
+    name: str
+    status: str  # "ok" | "failed"
+    output: str | None = None
+    shape: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    error_code: str | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ConvertReport:
+    """All results of one conversion, plus the files the DICOM scan skipped (counted by reason)."""
+
+    results: list[Converted]
+    skipped: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        """True when at least one output was written and nothing failed."""
+        return bool(self.results) and all(r.status == "ok" for r in self.results)
+
+
+def _write(volume: Volume, target: Path) -> Path:
+    if is_sitk_format(target):
+        return write_sitk(volume, target)
+    return write_nifti(volume, target)
+
+
+def _split(out: Path) -> tuple[Path, str, str] | None:
+    """``(folder, stem, ending)`` for a file name with a volume ending; None for a folder."""
+    if is_nifti(out):
+        ending = ".nii.gz" if out.name.lower().endswith(".nii.gz") else ".nii"
+        return out.parent, strip_nifti_suffix(out.name), ending
+    if is_sitk_format(out):
+        return out.parent, out.stem, out.suffix.lower()
+    return None
+
+
+def _safe_target(root: Path, name: str) -> Path:
+    target = (root / name).resolve()
+    if root.resolve() not in target.parents:
+        raise OutputError("OUTPUT_PATH_UNSAFE", f"refusing to write outside {root}")
+    return target
+
+
+def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, allow_tilt: bool = False) -> ConvertReport:
+    """Converts a DICOM folder/file or any supported image file.
+
+    Args:
+        inputs: A DICOM folder (scanned recursively), a DICOM file, or a NIfTI/NRRD/MetaImage/2D file.
+        out: Output file (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``) or a folder (NIfTI files inside). With a
+            file name and several series, each series gets ``<stem>_series_<i>_<hash><ending>`` beside it.
+        overwrite: Replace existing outputs.
+        allow_tilt: Resample gantry-tilted series instead of refusing them.
+
+    Returns:
+        :class:`ConvertReport`.
+
+    Raises:
+        InputError: ``PATH_NOT_FOUND``; ``DICOM_NO_SERIES`` when a DICOM folder holds no image series.
+    """
+    from medseg.io.dicom import load_series, scan_dicom
+    from medseg.io.readers import read_volume
+
+    inputs, out = Path(inputs), Path(out)
+    require_exists(inputs, "input")
+    layout = _split(out)
+    if not (inputs.is_dir() or is_dicom_file(inputs)):
+        if layout is None:
+            raise OutputError("OUTPUT_NAME_INVALID", f"-o must name a .nii.gz, .nii, .nrrd or .mha file, not {out}")
+        result = Converted(inputs.name, "failed")
+        try:
+            if out.exists() and not overwrite:
+                raise OutputError("OUTPUT_EXISTS", f"{out.name} exists", "pass --overwrite to replace it")
+            volume = read_volume(inputs)
+            _write(volume, out)
+            result.status, result.output = "ok", str(out)
+            result.shape, result.spacing = volume.spatial_shape, tuple(round(s, 4) for s in volume.spacing)
+        except MedsegError as exc:
+            result.error_code, result.error = exc.code, exc.one_line()
+        return ConvertReport([result], {})
+
+    scan = scan_dicom(inputs)
+    if not scan.series:
+        summary = ", ".join(f"{k} x{v}" for k, v in scan.skipped_summary().items()) or "no files"
+        raise InputError("DICOM_NO_SERIES", f"no DICOM image series under {inputs} (skipped: {summary})")
+    results = []
+    for series in scan.series:
+        if layout is None:
+            target = _safe_target(out, f"{series.name}.nii.gz")
+        else:
+            folder, stem, ending = layout
+            name = f"{stem}{ending}" if len(scan.series) == 1 else f"{stem}_{series.name}{ending}"
+            target = _safe_target(folder, name)
+        result = Converted(series.name, "failed")
+        try:
+            if target.exists() and not overwrite:
+                raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it")
+            volume = load_series(series, allow_tilt=allow_tilt)
+            _write(volume, target)
+            result.status, result.output = "ok", str(target)
+            result.shape, result.spacing = volume.spatial_shape, tuple(round(s, 4) for s in volume.spacing)
+            if "gantry_tilt_degrees" in volume.meta:
+                result.notes.append(f"gantry tilt {volume.meta['gantry_tilt_degrees']} degrees resampled")
+        except MedsegError as exc:
+            result.error_code, result.error = exc.code, exc.one_line()
+            log.error("%s: %s", series.name, exc.one_line())
+        results.append(result)
+    return ConvertReport(results, scan.skipped_summary())

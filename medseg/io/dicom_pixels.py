@@ -1,0 +1,92 @@
+"""DICOM pixel reading: native little-endian data straight from the file offset, everything else through
+pydicom's decoders (pylibjpeg plugins for JPEG / JPEG-LS / JPEG 2000, built-in RLE and deflate), with a
+preflight check that names the plugin to install.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.io.dicom_headers import NATIVE_LITTLE_ENDIAN, DicomFile
+
+
+def check_decodable(f: DicomFile) -> None:
+    from pydicom.pixels import get_decoder
+
+    if f.transfer_syntax in NATIVE_LITTLE_ENDIAN:
+        return
+    try:
+        decoder = get_decoder(f.transfer_syntax)
+    except (NotImplementedError, ValueError):
+        raise InputError(
+            "DICOM_TRANSFER_SYNTAX_UNSUPPORTED",
+            f"{f.path.name}: no pixel decoder exists for transfer syntax {f.transfer_syntax}",
+        ) from None
+    if not decoder.is_available:
+        raise InputError(
+            "DICOM_DECODER_MISSING",
+            f"{f.path.name}: transfer syntax {decoder.UID.name} needs a decoder plugin that is not installed",
+            "install one of: " + "; ".join(decoder.missing_dependencies),
+        )
+
+
+def _native_frame(f: DicomFile) -> np.ndarray:
+    size = f.path.stat().st_size
+    expected = f.expected_bytes
+    assert f.pixel_offset is not None
+    available = min(size - f.pixel_offset, f.pixel_length or 0)
+    if available < expected:
+        raise InputError(
+            "DICOM_TRUNCATED", f"{f.path.name}: pixel data has {available} bytes, expected {expected}",
+            "the file was cut short; re-copy or re-export it",
+        )
+    dtype = np.dtype(f"<{'i' if f.signed else 'u'}{f.bits_allocated // 8}")
+    data = np.fromfile(f.path, dtype=dtype, count=expected // dtype.itemsize, offset=f.pixel_offset)
+    if f.signed and f.bits_stored < f.bits_allocated:
+        shift = f.bits_allocated - f.bits_stored
+        data = (data << shift) >> shift  # sign-extend the stored bits
+    if f.samples == 1:
+        return data.reshape(f.frames, f.rows, f.columns)
+    return data.reshape(f.frames, f.rows, f.columns, f.samples)
+
+
+def _decoded(f: DicomFile) -> np.ndarray:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(f.path)
+        arr = ds.pixel_array
+    except (ValueError, EOFError, OSError, RuntimeError, NotImplementedError, AttributeError, KeyError) as exc:
+        text = str(exc)
+        code = "DICOM_TRUNCATED" if "less than expected" in text or "truncat" in text.lower() else "DICOM_DECODE_FAILED"
+        raise InputError(code, f"{f.path.name}: cannot decode pixel data: {text.splitlines()[0][:200]}") from None
+    arr = np.asarray(arr)
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # big-endian sources become native
+    if f.frames == 1:
+        arr = arr[None]
+    return arr
+
+
+def read_pixels(f: DicomFile) -> np.ndarray:
+    """Raw stored values of a file: ``(frames, rows, columns[, samples])``.
+
+    Raises:
+        InputError: ``DICOM_TRUNCATED``, ``DICOM_DECODER_MISSING``, ``DICOM_PIXELS_CORRUPT``.
+    """
+    check_decodable(f)
+    if f.pixel_offset is not None and f.bits_allocated in (8, 16, 32) and f.samples == 1:
+        return _native_frame(f)
+    return _decoded(f)
+
+
+def rescale_dtype(slopes: np.ndarray, intercepts: np.ndarray, lo: float, hi: float) -> np.dtype:
+    """int16/int32 when every slope is 1, intercepts are whole and the rescaled range ``[lo, hi]`` of the stored
+    values fits; float32 otherwise."""
+    if np.all(slopes == 1.0) and np.all(intercepts == np.round(intercepts)):
+        lo, hi = lo + float(intercepts.min()), hi + float(intercepts.max())
+        for candidate in (np.int16, np.int32):
+            info = np.iinfo(candidate)
+            if info.min <= lo and hi <= info.max:
+                return np.dtype(candidate)
+    return np.dtype(np.float32)
