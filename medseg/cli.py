@@ -69,6 +69,41 @@ def sample_data(
 
 
 @app.command()
+def validate(
+    dataset: Path = typer.Argument(..., help="Dataset folder (MSD, nnU-Net v2 raw, images/+labels/) or a CSV manifest."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the findings as JSON here."),
+) -> None:
+    """Check a dataset's integrity (files, readability, NaN/Inf, channels, image/label geometry, label values).
+
+    Prints a table of problems per case; exits 1 when there is any."""
+    import json
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from medseg.io.validate import validate_dataset
+
+    report = validate_dataset(dataset)
+    console = _stderr_console()
+    typer.echo(
+        f"{report.layout} dataset: {report.n_training} training, {report.n_test} test case(s); "
+        f"labels {report.labels}"
+    )
+    if json_out:
+        payload = {**asdict(report), "root": str(report.root), "ok": report.ok}
+        json_out.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    if report.ok:
+        typer.echo("no problems found")
+        return
+    table = Table("case", "code", "problem", title=f"{len(report.problems)} problem(s)")
+    for case_id, problems in report.by_case().items():
+        for i, p in enumerate(problems):
+            table.add_row(case_id if i == 0 else "", p.code, p.message)
+    console.print(table)
+    raise typer.Exit(1)
+
+
+@app.command()
 def plan(
     dataset: Path = typer.Argument(..., help="Dataset folder (MSD layout)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan here (default: print it)."),

@@ -1,29 +1,57 @@
-"""Dataset discovery: a Medical Segmentation Decathlon (MSD) folder to a list of cases.
+"""Dataset discovery: four layouts to one list of cases.
 
-Layout::
+1. **MSD** (Medical Segmentation Decathlon)::
 
-    DATASET/dataset.json        name, modality, labels, training [{image, label}], test [image, ...]
-    DATASET/imagesTr/ID.nii.gz  DATASET/labelsTr/ID.nii.gz
-    DATASET/imagesTs/ID.nii.gz  DATASET/labelsTs/ID.nii.gz   (test labels optional)
+       DATASET/dataset.json         name, modality {"0": "CT"}, labels {"0": "background", ...},
+                                    training [{image, label}], test [image, ...]
+       DATASET/imagesTr/ID.nii.gz   DATASET/labelsTr/ID.nii.gz   (4D images hold the channels)
+
+2. **nnU-Net v2 raw**::
+
+       DATASET/dataset.json         channel_names {"0": "CT"}, labels {"background": 0, ...}, numTraining,
+                                    file_ending ".nii.gz"
+       DATASET/imagesTr/ID_0000.nii.gz [ID_0001 ...]   DATASET/labelsTr/ID.nii.gz   DATASET/imagesTs/...
+
+3. **Paired folders** (no dataset.json): ``DATASET/images/ID.<ext>`` and ``DATASET/labels/ID.<ext>``; an
+   image may also be a DICOM series folder ``DATASET/images/ID/``. Label names come from an optional
+   ``DATASET/labels.json`` (``{"0": "background", "1": "liver"}``), else from the values found in the labels.
+
+4. **CSV manifest**: a ``.csv`` file (or ``DATASET/dataset.csv``) with columns ``case_id,image,label`` and
+   optional ``split`` (``train``/``test``); ``image`` may list several channel files separated by ``;``.
+   Paths are relative to the CSV. Label names as for paired folders.
+
+Case IDs come from file names or the CSV, never from image headers.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.errors import DatasetError, require_exists
 from medseg.io.nifti import strip_nifti_suffix
+from medseg.io.readers import case_id as file_case_id
+from medseg.io.readers import is_supported
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One image (and optionally its label map). ``id`` is derived from the file name, never from headers."""
+    """One image (one or more channel files, or a DICOM folder) and optionally its label map."""
 
     id: str
     image: Path
     label: Path | None
+    channels: tuple[Path, ...] = ()
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """All channel files (just ``image`` for single-file images)."""
+        return self.channels or (self.image,)
 
 
 @dataclass(frozen=True)
@@ -36,6 +64,9 @@ class Dataset:
     labels: dict[int, str]
     training: list[Case]
     test: list[Case]
+    layout: str = "msd"
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (case id, code, message)
+    declared_training: int | None = None
 
 
 def _case_id(path: Path) -> str:
@@ -43,60 +74,206 @@ def _case_id(path: Path) -> str:
     return stem.rsplit(".", 1)[0] if "." in stem else stem
 
 
-def load_dataset(root: str | Path) -> Dataset:
-    """Reads ``dataset.json`` and checks that every listed file exists.
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError("DATASET_JSON_INVALID", f"{path}: cannot parse ({exc})") from None
+    if not isinstance(data, dict):
+        raise DatasetError("DATASET_JSON_INVALID", f"{path}: expected a JSON object")
+    return data
+
+
+def load_dataset(root: str | Path, strict: bool = True) -> Dataset:
+    """Discovers a dataset in any of the four layouts and checks that every case has its files.
 
     Args:
-        root: The dataset folder.
-
-    Returns:
-        The :class:`Dataset`; test cases carry a label when ``labelsTs/<same name>`` exists.
+        root: Dataset folder, or a CSV manifest file.
+        strict: Raise on missing files (training and prediction); with ``False`` the problems are listed in
+            :attr:`Dataset.problems` instead (``medseg validate``).
 
     Raises:
-        InputError: ``PATH_NOT_FOUND`` when the folder does not exist.
-        DatasetError: ``DATASET_JSON_MISSING``, ``DATASET_JSON_INVALID`` or ``DATASET_FILES_MISSING``
-            (listing the missing case IDs).
+        InputError: ``PATH_NOT_FOUND``.
+        DatasetError: ``DATASET_JSON_MISSING`` (no recognisable layout), ``DATASET_JSON_INVALID``,
+            ``DATASET_FILES_MISSING`` (listing the case IDs).
     """
     root = Path(root)
     require_exists(root, "dataset folder")
-    meta_path = root / "dataset.json"
-    if not meta_path.is_file():
+    if root.is_file() and root.suffix.lower() == ".csv":
+        dataset = _load_csv(root)
+    elif (root / "dataset.json").is_file():
+        meta = _read_json(root / "dataset.json")
+        dataset = _load_nnunet(root, meta) if "channel_names" in meta else _load_msd(root, meta)
+    elif (root / "dataset.csv").is_file():
+        dataset = _load_csv(root / "dataset.csv")
+    elif (root / "images").is_dir() and (root / "labels").is_dir():
+        dataset = _load_paired(root)
+    else:
         raise DatasetError(
-            "DATASET_JSON_MISSING", f"no dataset.json in {root}", "an MSD dataset folder holds dataset.json"
+            "DATASET_JSON_MISSING", f"no dataset.json, dataset.csv or images/+labels/ folders in {root}",
+            "see `medseg validate -h` for the supported layouts",
         )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        labels = {int(k): str(v) for k, v in meta["labels"].items()}
-        training_entries = meta.get("training", [])
-        test_entries = meta.get("test", [])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise DatasetError("DATASET_JSON_INVALID", f"{meta_path}: cannot parse ({exc})") from None
-
-    training = [
-        Case(_case_id(Path(e["image"])), (root / e["image"]).resolve(), (root / e["label"]).resolve())
-        for e in training_entries
-    ]
-    test = []
-    for entry in test_entries:
-        image = (root / (entry["image"] if isinstance(entry, dict) else entry)).resolve()
-        label = root / "labelsTs" / image.name
-        test.append(Case(_case_id(image), image, label.resolve() if label.is_file() else None))
-
+    if not dataset.labels and dataset.training:
+        dataset = _with_inferred_labels(dataset)
     missing = sorted(
-        {c.id for c in training if not (c.image.is_file() and c.label is not None and c.label.is_file())}
-        | {c.id for c in test if not c.image.is_file()}
+        {c.id for c in dataset.training if not (all(p.exists() for p in c.images) and c.label and c.label.exists())}
+        | {c.id for c in dataset.test if not all(p.exists() for p in c.images)}
     )
-    if missing:
+    if missing and strict:
         raise DatasetError(
             "DATASET_FILES_MISSING",
-            f"{len(missing)} case(s) listed in dataset.json lack files: {', '.join(missing[:20])}",
-            "check imagesTr/labelsTr/imagesTs against dataset.json",
+            f"{len(missing)} case(s) lack files: {', '.join(missing[:20])}",
+            "check the image and label folders against the dataset description",
         )
+    dataset.problems.extend((m, "DATASET_FILES_MISSING", "image or label file missing") for m in missing)
+    return dataset
+
+
+def _labels_from_msd(meta: dict, path: Path) -> dict[int, str]:
+    try:
+        return {int(k): str(v) for k, v in meta["labels"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DatasetError("DATASET_JSON_INVALID", f"{path}: 'labels' must map integers to names ({exc})") from None
+
+
+def _load_msd(root: Path, meta: dict) -> Dataset:
+    labels = _labels_from_msd(meta, root / "dataset.json")
+    try:
+        training = [
+            Case(_case_id(Path(e["image"])), (root / e["image"]).resolve(), (root / e["label"]).resolve())
+            for e in meta.get("training", [])
+        ]
+        test = []
+        for entry in meta.get("test", []):
+            image = (root / (entry["image"] if isinstance(entry, dict) else entry)).resolve()
+            label = root / "labelsTs" / image.name
+            test.append(Case(_case_id(image), image, label.resolve() if label.is_file() else None))
+    except (KeyError, TypeError) as exc:
+        raise DatasetError("DATASET_JSON_INVALID", f"{root / 'dataset.json'}: bad training/test entry ({exc})") from None
     return Dataset(
-        root=root.resolve(),
-        name=str(meta.get("name", root.name)),
+        root=root.resolve(), name=str(meta.get("name", root.name)),
         modality={str(k): str(v) for k, v in meta.get("modality", {}).items()},
-        labels=labels,
-        training=training,
-        test=test,
+        labels=labels, training=training, test=test, layout="msd",
+        declared_training=meta.get("numTraining"),
     )
+
+
+def _channel_groups(folder: Path, ending: str) -> dict[str, dict[int, Path]]:
+    groups: dict[str, dict[int, Path]] = {}
+    if not folder.is_dir():
+        return groups
+    for path in sorted(folder.iterdir()):
+        if not path.name.endswith(ending):
+            continue
+        match = _CHANNEL.match(path.name[: -len(ending)])
+        if match:
+            groups.setdefault(match["case"], {})[int(match["channel"])] = path.resolve()
+    return groups
+
+
+def _load_nnunet(root: Path, meta: dict) -> Dataset:
+    path = root / "dataset.json"
+    try:
+        channels = {str(k): str(v) for k, v in meta["channel_names"].items()}
+        labels = {int(v): str(k) for k, v in meta["labels"].items() if not isinstance(v, (list, tuple))}
+        ending = str(meta.get("file_ending", ".nii.gz"))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DatasetError("DATASET_JSON_INVALID", f"{path}: nnU-Net dataset.json needs channel_names, labels "
+                           f"(name: int) and file_ending ({exc})") from None
+    n_channels = len(channels)
+    problems: list[tuple[str, str, str]] = []
+
+    def cases(images: str, labels_dir: str | None) -> list[Case]:
+        out = []
+        for case, found in _channel_groups(root / images, ending).items():
+            files = tuple(found.get(c, root / images / f"{case}_{c:04d}{ending}") for c in range(n_channels))
+            extra = sorted(set(found) - set(range(n_channels)))
+            if extra:
+                problems.append((case, "CHANNELS_MISMATCH", f"unexpected channel file(s) {extra}; "
+                                 f"dataset.json declares {n_channels}"))
+            label = (root / labels_dir / f"{case}{ending}") if labels_dir else None
+            if label is not None and not label.is_file() and labels_dir == "labelsTs":
+                label = None
+            out.append(Case(case, files[0], label.resolve() if label else None, files if n_channels > 1 else ()))
+        return out
+
+    training, test = cases("imagesTr", "labelsTr"), cases("imagesTs", "labelsTs")
+    known = {c.id for c in training}
+    for label in sorted((root / "labelsTr").glob(f"*{ending}")) if (root / "labelsTr").is_dir() else []:
+        if label.name[: -len(ending)] not in known:
+            problems.append((label.name[: -len(ending)], "DATASET_FILES_MISSING", "label without an image"))
+    return Dataset(
+        root=root.resolve(), name=str(meta.get("name", root.name)), modality=channels, labels=labels,
+        training=training, test=test, layout="nnunet", problems=problems,
+        declared_training=meta.get("numTraining"),
+    )
+
+
+def _labels_sidecar(folder: Path) -> dict[int, str]:
+    sidecar = folder / "labels.json"
+    return _labels_from_msd({"labels": _read_json(sidecar)}, sidecar) if sidecar.is_file() else {}
+
+
+def _load_paired(root: Path) -> Dataset:
+    def entries(folder: Path) -> dict[str, Path]:
+        return {
+            (p.name if p.is_dir() else file_case_id(p)): p.resolve()
+            for p in sorted(folder.iterdir())
+            if p.is_dir() or is_supported(p) or p.suffix.lower() == ".dcm"
+        }
+
+    images, labels = entries(root / "images"), entries(root / "labels")
+    training = [Case(cid, path, labels.get(cid, root / "labels" / f"{cid}.missing")) for cid, path in images.items()]
+    problems = [(cid, "DATASET_FILES_MISSING", "label without an image") for cid in sorted(set(labels) - set(images))]
+    return Dataset(
+        root=root.resolve(), name=root.name, modality={}, labels=_labels_sidecar(root), training=training,
+        test=[], layout="paired", problems=problems,
+    )
+
+
+def _load_csv(path: Path) -> Dataset:
+    base = path.parent
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError("DATASET_JSON_INVALID", f"{path}: cannot read the CSV manifest ({exc})") from None
+    if not rows or not {"case_id", "image"} <= set(rows[0]):
+        raise DatasetError("DATASET_JSON_INVALID", f"{path}: needs columns case_id,image[,label,split]")
+    training, test, seen = [], [], set()
+    problems: list[tuple[str, str, str]] = []
+    for row in rows:
+        cid = (row.get("case_id") or "").strip()
+        if not cid or cid in seen:
+            problems.append((cid or "?", "DATASET_DUPLICATE_ID", "empty or repeated case_id"))
+            continue
+        seen.add(cid)
+        files = tuple((base / p.strip()).resolve() for p in (row.get("image") or "").split(";") if p.strip())
+        label = (base / row["label"].strip()).resolve() if (row.get("label") or "").strip() else None
+        case = Case(cid, files[0] if files else base / f"{cid}.missing", label, files if len(files) > 1 else ())
+        split = (row.get("split") or "train").strip().lower()
+        (test if split == "test" else training).append(case)
+    missing_labels = [c.id for c in training if c.label is None]
+    problems.extend((cid, "DATASET_FILES_MISSING", "training case without a label") for cid in missing_labels)
+    return Dataset(
+        root=base.resolve(), name=path.stem, modality={}, labels=_labels_sidecar(base),
+        training=[c for c in training if c.label is not None], test=test, layout="csv", problems=problems,
+    )
+
+
+def _with_inferred_labels(dataset: Dataset) -> Dataset:
+    """Label names ``label_<v>`` for the values found in the training labels (paired/CSV without labels.json)."""
+    import numpy as np
+
+    from medseg.errors import MedsegError
+    from medseg.io.readers import read_volume
+
+    values: set[int] = {0}
+    for case in dataset.training:
+        if case.label is not None and case.label.exists():
+            try:
+                values |= {int(v) for v in np.unique(read_volume(case.label).array)}
+            except MedsegError:
+                continue  # reported by validation
+    labels = {v: ("background" if v == 0 else f"label_{v}") for v in sorted(values)}
+    return Dataset(**{**dataset.__dict__, "labels": labels})

@@ -75,3 +75,24 @@ def write_labels(volume: Volume, folder: Path, case: str, like: Path) -> Path:
 def files_by_id(folder: Path) -> dict[str, Path]:
     """Supported files directly inside ``folder``, keyed by case ID (sorted)."""
     return {case_id(p): p for p in sorted(Path(folder).iterdir()) if p.is_file() and is_supported(p)}
+
+
+def read_channels(paths: "list[Path] | tuple[Path, ...] | list[str]", **dicom_options: Any) -> Volume:
+    """Reads one image per channel (nnU-Net ``_0000``, ``_0001`` ... files) and stacks them.
+
+    Raises:
+        InputError: ``CHANNELS_GRID_MISMATCH`` when the channel files do not share one grid.
+    """
+    import numpy as np
+
+    volumes = [read_volume(p, **dicom_options) for p in paths]
+    first = volumes[0]
+    for path, volume in zip(paths[1:], volumes[1:]):
+        if not first.same_grid(volume, atol_mm=1e-3):
+            raise InputError(
+                "CHANNELS_GRID_MISMATCH", f"{Path(path).name} does not share the grid of {Path(paths[0]).name}",
+                "all channels of a case must have the same shape, spacing, origin and direction",
+            )
+    if len(volumes) == 1:
+        return first
+    return Volume(np.concatenate([v.array for v in volumes]), first.affine, first.meta)

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg.io.dataset import Dataset
-from medseg.io.readers import read_volume
+from medseg.io.readers import read_channels, read_volume
 
 
 class JsonRecord:
@@ -73,7 +73,7 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
     total = 0
     dims = channels = 0
     for case in dataset.training:
-        image, label = read_volume(case.image), read_volume(case.label)
+        image, label = read_channels(case.images), read_volume(case.label)
         dims, channels = len(image.spatial_shape), image.array.shape[0]
         order = _ras_order(image.affine, dims)
         spacings.append([round(float(image.spacing[i]), 6) for i in order])

@@ -38,9 +38,16 @@ def preprocessing_spec(cfg: Config, plan: Plan) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _file_key(path: str) -> list:
-    stat = Path(path).stat()
-    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+def _file_key(path: "str | list[str]") -> list:
+    """Identity of an input for the cache: path, size and mtime (of each channel file; of each file in a
+    DICOM folder)."""
+    if isinstance(path, (list, tuple)):
+        return [_file_key(p) for p in path]
+    p = Path(path)
+    if p.is_dir():
+        return [str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.rglob("*")) if f.is_file()]
+    stat = p.stat()
+    return [str(p.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 class PreprocessedCache:

@@ -88,7 +88,10 @@ def dataset_hash(dataset: Dataset) -> str:
 
 
 def _items(cases: list[Case]) -> list[dict]:
-    return [{IMAGE: str(c.image), LABEL: str(c.label), "case_id": c.id} for c in cases]
+    return [
+        {IMAGE: [str(p) for p in c.images] if len(c.images) > 1 else str(c.image), LABEL: str(c.label), "case_id": c.id}
+        for c in cases
+    ]
 
 
 def _select_split(dataset: Dataset, cfg: Config, split: tuple[list[str], list[str]] | None) -> tuple[list[Case], list[Case]]:

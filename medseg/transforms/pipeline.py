@@ -35,7 +35,7 @@ from monai.transforms import (
 )
 
 from medseg.config import Config
-from medseg.io.readers import read_volume
+from medseg.io.readers import read_channels, read_volume
 from medseg.io.volume import Volume
 from medseg.plan.planner import Plan
 from medseg.transforms.clahe import CLAHEd
@@ -53,12 +53,14 @@ def volume_to_metatensor(volume: Volume) -> MetaTensor:
 
 
 class LoadVolumed(MapTransform):
-    """Reads the files named under ``keys`` with :func:`medseg.io.readers.read_volume` into MetaTensors."""
+    """Reads the files named under ``keys`` (a path, or a list of channel paths) into MetaTensors."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = volume_to_metatensor(read_volume(d[key]))
+            value = d[key]
+            volume = read_channels(value) if isinstance(value, (list, tuple)) else read_volume(value)
+            d[key] = volume_to_metatensor(volume)
         return d
 
 
