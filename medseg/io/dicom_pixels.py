@@ -10,6 +10,10 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.io.dicom_headers import NATIVE_LITTLE_ENDIAN, DicomFile
 
+# the pylibjpeg plugin that decodes each family of compressed transfer syntaxes (medseg depends on all of them)
+PLUGINS = {"JPEG 2000": "pylibjpeg-openjpeg", "JPEG-LS": "pylibjpeg-libjpeg", "JPEG": "pylibjpeg-libjpeg",
+           "RLE": "pylibjpeg-rle"}
+
 
 def check_decodable(f: DicomFile) -> None:
     from pydicom.pixels import get_decoder
@@ -24,10 +28,12 @@ def check_decodable(f: DicomFile) -> None:
             f"{f.path.name}: no pixel decoder exists for transfer syntax {f.transfer_syntax}",
         ) from None
     if not decoder.is_available:
+        name = decoder.UID.name
+        plugin = next((pkg for key, pkg in PLUGINS.items() if key in name), "pylibjpeg-libjpeg")
         raise InputError(
             "DICOM_DECODER_MISSING",
-            f"{f.path.name}: transfer syntax {decoder.UID.name} needs a decoder plugin that is not installed",
-            "install one of: " + "; ".join(decoder.missing_dependencies),
+            f"{f.path.name}: transfer syntax {name} needs a decoder plugin that is not installed",
+            f"pip install pylibjpeg {plugin} (or one of: {'; '.join(decoder.missing_dependencies)})",
         )
 
 

@@ -72,14 +72,18 @@ def read_nifti(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
             f"{max_bytes / 1e9:.1f} GB", "refused before allocating (corrupt header or decompression bomb?)",
         )
     if not path.name.lower().endswith(".gz"):
-        needed = int(header.get_data_offset()) + nbytes
+        needed = int(getattr(img.dataobj, "offset", header.get_data_offset())) + nbytes
         if path.stat().st_size < needed:
             raise InputError(
                 "NIFTI_CORRUPT", f"{path.name}: the header announces {needed} bytes, the file has {path.stat().st_size}",
                 "the file is truncated; re-copy it",
             )
     try:
-        data = np.asanyarray(img.dataobj)  # reads all voxels: a truncated or corrupt gzip fails here
+        if path.name.lower().endswith(".gz"):
+            # decompress the whole stream: a corrupt block or a CRC/length mismatch in the gzip trailer fails
+            # here (reading just the voxels stops before the trailer and would accept a damaged file)
+            img = type(img).from_bytes(gzip.decompress(path.read_bytes()))
+        data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
         raise InputError("NIFTI_CORRUPT", f"cannot read {path.name}: {exc}", "re-export or re-copy the file") from None
     if data.dtype.kind == "f" and not np.isfinite(data).all():
