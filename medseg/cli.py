@@ -105,7 +105,7 @@ def validate(
 
 @app.command()
 def plan(
-    dataset: Path = typer.Argument(..., help="Dataset folder (MSD layout)."),
+    dataset: Path = typer.Argument(..., help="Dataset folder (MSD, nnU-Net v2 raw, images/+labels/) or CSV manifest."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan here (default: print it)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Config whose 'plan' budgets to use."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
@@ -215,6 +215,8 @@ def convert(
         if r.status == "ok":
             note = f" ({'; '.join(r.notes)})" if r.notes else ""
             typer.echo(f"{r.name}: {r.output}  shape {r.shape} spacing {r.spacing}{note}")
+        elif r.status == "skipped":
+            typer.echo(f"skipped: {r.name}: {r.error}", err=True)
         else:
             typer.echo(f"failed: {r.name}: {r.error}", err=True)
     for reason, count in report.skipped.items():

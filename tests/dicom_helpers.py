@@ -50,3 +50,21 @@ def tool(name: str) -> str | None:
     """Path of a console tool installed beside this Python (dcm2niix, dciodvfy wheels) or on PATH."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else shutil.which(name)
+
+
+def assert_same_world(expected: Volume, actual: Volume, atol_mm: float = 1e-4) -> None:
+    """Asserts two volumes hold identical voxels on the same world grid, allowing a different axis order or
+    direction (e.g. a DICOM stack sorted along the slice normal, or highdicom's frame-first arrays)."""
+    to_expected = np.linalg.inv(expected.affine) @ actual.affine
+    perm = np.round(to_expected[:3, :3])
+    assert np.abs(np.abs(perm).sum(axis=0) - 1).max() == 0, "axes are not a signed permutation"
+    scale = np.linalg.norm(expected.affine[:3, :3], axis=0)
+    assert np.abs((to_expected[:3, :3] - perm) * scale[:, None]).max() < atol_mm
+    shift = np.round(to_expected[:3, 3])
+    assert np.abs((to_expected[:3, 3] - shift) * scale).max() < atol_mm
+    index = np.indices(actual.spatial_shape).reshape(3, -1)
+    mapped = (perm @ index + shift[:, None]).astype(int)
+    assert (mapped >= 0).all() and (mapped < np.array(expected.spatial_shape)[:, None]).all()
+    rebuilt = np.zeros_like(expected.array[0])
+    rebuilt[tuple(mapped)] = actual.array[0].reshape(-1)
+    assert actual.array.size == expected.array.size and np.array_equal(rebuilt, expected.array[0])

@@ -17,6 +17,7 @@ from medseg.io.sitk_formats import is_sitk_format, write_sitk
 from medseg.io.volume import Volume
 
 log = logging.getLogger(__name__)
+SKIP_CODES = ("DICOM_TOO_FEW_SLICES",)  # localizers and single images: not a failure (RELIABILITY.md 6)
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Converted:
     """One input series or file and what became of it."""
 
     name: str
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "skipped" (localizers: too few slices) | "failed"
     output: str | None = None
     shape: tuple[int, ...] | None = None
     spacing: tuple[float, ...] | None = None
@@ -42,8 +43,8 @@ class ConvertReport:
 
     @property
     def ok(self) -> bool:
-        """True when at least one output was written and nothing failed."""
-        return bool(self.results) and all(r.status == "ok" for r in self.results)
+        """True when at least one output was written and nothing failed (skipped localizers are fine)."""
+        return any(r.status == "ok" for r in self.results) and all(r.status != "failed" for r in self.results)
 
 
 def _write(volume: Volume, target: Path) -> Path:
@@ -130,6 +131,10 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
                 result.notes.append(f"gantry tilt {volume.meta['gantry_tilt_degrees']} degrees resampled")
         except MedsegError as exc:
             result.error_code, result.error = exc.code, exc.one_line()
-            log.error("%s: %s", series.name, exc.one_line())
+            if exc.code in SKIP_CODES:
+                result.status = "skipped"
+                log.info("%s skipped: %s", series.name, exc.message)
+            else:
+                log.error("%s: %s", series.name, exc.one_line())
         results.append(result)
     return ConvertReport(results, scan.skipped_summary())
