@@ -27,7 +27,7 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.io.dicom_geometry import LPS_TO_RAS, stack_geometry, untilt
 from medseg.io.dicom_headers import DicomFile, DicomScan, DicomSeries, floats, read_header, scan_dicom
-from medseg.io.dicom_pixels import check_decodable, read_pixels, rescale_dtype
+from medseg.io.dicom_pixels import check_decodable, native_dtype, read_frame_into, read_pixels, rescale_dtype
 from medseg.io.volume import Volume
 
 __all__ = ["DicomScan", "DicomSeries", "LPS_TO_RAS", "load_series", "read_dicom", "read_dicom_image", "scan_dicom"]
@@ -72,30 +72,7 @@ def load_series(
     for f in files:
         check_decodable(f)  # preflight: refuse before reading any pixels
     ordered = [files[i] for i in geometry.order]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        frames = list(pool.map(read_pixels, ordered))
-    for f, frame in zip(ordered, frames):
-        if frame.shape[1:3] != (first.rows, first.columns):
-            raise InputError("DICOM_PIXELS_CORRUPT", f"{f.path.name}: decoded size {frame.shape[1:3]} differs")
-    slopes = np.array([f.slope for f in ordered])
-    intercepts = np.array([f.intercept for f in ordered])
-    lo = min(float(fr.min()) for fr in frames) if frames[0].dtype.kind in "iu" else -np.inf
-    hi = max(float(fr.max()) for fr in frames) if frames[0].dtype.kind in "iu" else np.inf
-    dtype = rescale_dtype(slopes, intercepts, lo, hi)
-    stack = np.stack([fr[0] for fr in frames], axis=-1)  # (rows, columns[, samples], Z)
-    del frames
-    if stack.ndim == 3:
-        stack = stack[None]
-    else:
-        stack = np.moveaxis(stack, 2, 0)
-    array = np.empty((stack.shape[0], first.columns, first.rows, n), dtype=dtype)  # (C, X=col, Y=row, Z)
-    for k in range(n):
-        plane = stack[..., k].transpose(0, 2, 1)
-        if dtype.kind == "f":
-            array[..., k] = plane.astype(np.float32) * np.float32(slopes[k]) + np.float32(intercepts[k])
-        else:
-            array[..., k] = plane.astype(dtype) + dtype.type(intercepts[k])
-    del stack
+    array, slopes, intercepts = _read_stack(ordered, workers)
     meta = _meta(series, first, n, slopes, intercepts)
     if geometry.shift_per_slice is not None:
         array = untilt(array, geometry.shift_per_slice)
@@ -103,6 +80,48 @@ def load_series(
         log.warning("%s: gantry tilt %.2f degrees corrected by resampling", what, geometry.tilt_degrees)
     meta["dicom_files"] = [str(f.path) for f in ordered]
     return Volume(array, geometry.affine, meta)
+
+
+def _read_stack(ordered: list[DicomFile], workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stored values of sorted slices into one slice-major buffer, rescaled in place where exact.
+
+    Returns ``(array (C, X, Y, Z) view of the buffer, slopes, intercepts)``. Memory: one buffer of the stored
+    dtype (plus one of the output dtype when rescaling needs int32/float32).
+    """
+    first = ordered[0]
+    n = len(ordered)
+    dtypes = {native_dtype(f) for f in ordered}
+    sample = () if first.samples == 1 else (first.samples,)
+    if len(dtypes) == 1 and None not in dtypes:
+        buffer = np.empty((n, first.rows, first.columns, *sample), dtype=dtypes.pop())
+    else:  # compressed or mixed: decode the first slice to learn the dtype
+        probe = read_pixels(first)[0]
+        buffer = np.empty((n, first.rows, first.columns, *sample), dtype=probe.dtype)
+
+    def fill(k: int) -> None:
+        f = ordered[k]
+        if (f.rows, f.columns, f.samples) != (first.rows, first.columns, first.samples):
+            raise InputError("DICOM_PIXELS_CORRUPT", f"{f.path.name}: matrix size differs from the series")
+        read_frame_into(f, buffer[k])
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(fill, range(n)))
+    slopes = np.array([f.slope for f in ordered])
+    intercepts = np.array([f.intercept for f in ordered])
+    integral = buffer.dtype.kind in "iu"
+    dtype = rescale_dtype(slopes, intercepts, float(buffer.min()), float(buffer.max())) if integral else np.dtype(np.float32)
+    if dtype == buffer.dtype:
+        out = buffer
+        for k in np.flatnonzero(intercepts):
+            out[k] += dtype.type(intercepts[k])
+    else:
+        out = np.empty(buffer.shape, dtype=dtype)
+        for k in range(n):
+            np.multiply(buffer[k], slopes[k], out=out[k], casting="unsafe")
+            out[k] += dtype.type(intercepts[k])
+    # (Z, rows, columns[, samples]) -> (C, X=column, Y=row, Z): a view, no copy
+    array = out[..., None] if not sample else out
+    return array.transpose(3, 2, 1, 0), slopes, intercepts
 
 
 def _meta(series: DicomSeries, first: DicomFile, n: int, slopes: np.ndarray, intercepts: np.ndarray) -> dict:

@@ -74,6 +74,41 @@ def _decoded(f: DicomFile) -> np.ndarray:
     return arr
 
 
+def native_dtype(f: DicomFile) -> np.dtype | None:
+    """The stored dtype when the file's pixels can be read straight from disk (native little endian, one
+    sample, 8/16/32 bits), else None."""
+    if f.pixel_offset is None or f.bits_allocated not in (8, 16, 32) or f.samples != 1:
+        return None
+    return np.dtype(f"<{'i' if f.signed else 'u'}{f.bits_allocated // 8}")
+
+
+def read_frame_into(f: DicomFile, out: np.ndarray) -> None:
+    """Reads a single-frame file's stored values into ``out`` ``(rows, columns[, samples])``: one ``readinto``
+    from the file offset for native data of ``out``'s dtype, pydicom's decoders otherwise.
+
+    Raises:
+        InputError: as :func:`read_pixels`.
+    """
+    dtype = native_dtype(f)
+    if dtype is None or dtype != out.dtype or not out.flags.c_contiguous:
+        out[...] = read_pixels(f)[0].reshape(out.shape)
+        return
+    check_decodable(f)
+    expected = f.expected_bytes
+    with open(f.path, "rb") as fh:
+        fh.seek(int(f.pixel_offset))  # type: ignore[arg-type]
+        got = fh.readinto(memoryview(out).cast("B"))
+    if got < expected or (f.pixel_length or 0) < expected:
+        raise InputError(
+            "DICOM_TRUNCATED", f"{f.path.name}: pixel data has {min(got, f.pixel_length or 0)} bytes, expected {expected}",
+            "the file was cut short; re-copy or re-export it",
+        )
+    if f.signed and f.bits_stored < f.bits_allocated:
+        shift = f.bits_allocated - f.bits_stored
+        np.left_shift(out, shift, out=out)
+        np.right_shift(out, shift, out=out)  # sign-extend the stored bits
+
+
 def read_pixels(f: DicomFile) -> np.ndarray:
     """Raw stored values of a file: ``(frames, rows, columns[, samples])``.
 
@@ -81,7 +116,7 @@ def read_pixels(f: DicomFile) -> np.ndarray:
         InputError: ``DICOM_TRUNCATED``, ``DICOM_DECODER_MISSING``, ``DICOM_PIXELS_CORRUPT``.
     """
     check_decodable(f)
-    if f.pixel_offset is not None and f.bits_allocated in (8, 16, 32) and f.samples == 1:
+    if native_dtype(f) is not None:
         return _native_frame(f)
     return _decoded(f)
 

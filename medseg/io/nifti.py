@@ -19,6 +19,7 @@ from medseg.fsutil import atomic_write
 from medseg.io.volume import Volume, is_orthogonal
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+GZIP_LEVEL = 1  # fastest level; labels and CT compress well at it (see benchmarks/io.py)
 DEFAULT_MAX_BYTES = 16 * 1024**3  # largest voxel buffer a reader allocates (decompression bombs, corrupt headers)
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,39 @@ def strip_nifti_suffix(name: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _gzip_module():
+    """python-isal's igzip (ISA-L: about 3x faster than zlib at level 1, same format); the standard library's
+    gzip where ISA-L has no wheel."""
+    try:
+        from isal import igzip
+
+        return igzip
+    except ImportError:  # pragma: no cover - platforms without an isal wheel
+        return gzip
+
+
+def _read_gz_voxels(path: Path, img) -> np.ndarray:
+    """Voxels of a ``.nii.gz`` decompressed straight into the array, reading the stream to its end.
+
+    Reading to the end makes the gzip CRC and length trailer be checked: a damaged file fails here (nibabel
+    alone stops after the voxels and can accept a corrupt trailer or a flipped bit it never decompresses).
+    """
+    proxy = img.dataobj
+    shape = tuple(int(s) for s in img.shape)
+    with _gzip_module().open(path, "rb") as fh:
+        if len(fh.read(int(proxy.offset))) != int(proxy.offset):
+            raise EOFError("file ends inside the header")
+        raw = np.empty(int(np.prod(shape)), dtype=proxy.dtype)
+        if fh.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+            raise EOFError(f"voxel data ends early (expected {raw.nbytes} bytes)")
+        while fh.read(1 << 20):  # trailing bytes (rare): read on so that the CRC is verified
+            pass
+    raw = raw.reshape(shape, order=proxy.order)
+    if not raw.dtype.isnative:
+        raw = raw.astype(raw.dtype.newbyteorder("="))
+    return nib.volumeutils.apply_read_scaling(raw, proxy.slope, proxy.inter)
 
 
 def read_nifti(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
@@ -80,10 +114,9 @@ def read_nifti(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
             )
     try:
         if path.name.lower().endswith(".gz"):
-            # decompress the whole stream: a corrupt block or a CRC/length mismatch in the gzip trailer fails
-            # here (reading just the voxels stops before the trailer and would accept a damaged file)
-            img = type(img).from_bytes(gzip.decompress(path.read_bytes()))
-        data = np.asanyarray(img.dataobj)
+            data = _read_gz_voxels(path, img)
+        else:
+            data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
         raise InputError("NIFTI_CORRUPT", f"cannot read {path.name}: {exc}", "re-export or re-copy the file") from None
     if data.dtype.kind == "f" and not np.isfinite(data).all():
@@ -102,14 +135,12 @@ def read_nifti(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
         disagree = bool(np.abs(header.get_sform() - header.get_qform()).max() > 1e-3)
         if disagree:
             log.warning("%s: qform and sform disagree; using the sform", path.name)
-    if data.ndim in (2, 3):
-        data = data[None]
-    else:
-        data = np.moveaxis(data, -1, 0)
+    # no copy into C order: the (X, Y, Z) array stays in the file's (Fortran) order and is viewed channel-first
+    data = data[None] if data.ndim in (2, 3) else np.moveaxis(data, -1, 0)
     meta = {"source_format": "nifti", "nifti_transform": used, "source_dtype": str(img.get_data_dtype())}
     if disagree:
         meta["qform_sform_disagree"] = True
-    return Volume(np.ascontiguousarray(data), affine, meta)
+    return Volume(data, affine, meta)
 
 
 def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None = None) -> Path:
@@ -136,5 +167,16 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None 
     img.set_qform(volume.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_data_dtype(data.dtype)
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), suffix=suffix)
+    if not path.name.lower().endswith(".gz"):
+        return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), suffix=".nii")
+    header = img.header.copy()
+    header["vox_offset"] = 352  # single-file layout: 348-byte header + 4-byte extension flag, then voxels
+    header["scl_slope"], header["scl_inter"] = np.nan, np.nan  # stored values are the values
+
+    def write(tmp: Path) -> None:
+        with _gzip_module().open(tmp, "wb", compresslevel=GZIP_LEVEL) as fh:
+            fh.write(header.binaryblock + b"\x00" * 4)
+            for k in range(data.shape[-1]):  # Fortran order, one last-axis slab at a time (no full copy)
+                fh.write(np.ascontiguousarray(data[..., k].T).tobytes())
+
+    return atomic_write(path, write, suffix=".nii.gz")
