@@ -132,10 +132,23 @@ class TrainConfig(_Strict):
     amp: bool
 
 
+class PostprocessConfig(_Strict):
+    """Clean-up of predicted label maps, by label name (see medseg.inference.postprocess)."""
+
+    largest_component: list[str] = Field(description="labels reduced to their largest connected component")
+    min_component_mm3: float = Field(ge=0, description="remove components smaller than this, every label (0 = off)")
+    min_component_mm3_per_label: dict[str, float] = Field(description="per label name, overriding the default")
+    fill_holes: list[str] = Field(description="labels whose enclosed holes are filled")
+
+
 class InferenceConfig(_Strict):
     overlap: float = Field(ge=0, lt=1)
     sw_batch_size: int = Field(ge=1)
     blend: Literal["gaussian", "constant"]
+    tta: bool = Field(description="average predictions over mirrored inputs (2^dims flips)")
+    fast_overlap: float = Field(ge=0, lt=1, description="overlap used by --fast (which also turns TTA off)")
+    amp: bool = Field(description="mixed precision for the network on CUDA")
+    postprocess: PostprocessConfig
 
 
 class EvaluationConfig(_Strict):

@@ -1,85 +1,296 @@
-"""Sliding-window prediction of one volume, returned on the input's exact grid."""
+"""Prediction of one volume with one model or an ensemble, returned on the input's exact grid.
+
+Memory model (3D CT-like input of N voxels, K classes, window depth ``d`` along the last axis):
+
+* the input as stored (e.g. int16: 2N bytes), reoriented to RAS as a numpy view (no copy);
+* when the model spacing equals the input spacing and normalisation is voxel-wise (CT clip + z-score, window,
+  RGB scaling; no CLAHE), nothing else of the image's size: windows are cut from the stored array and
+  normalised batch by batch. Otherwise one float32 copy on the model grid (MONAI preprocessing, as in training);
+* the sliding-window accumulator: ``(K + 1) x X x Y x d`` values (float32; float16 for probabilities on CUDA);
+* the label map on the model grid (1 byte per voxel) and on the input grid (1 byte per voxel, mapped back by
+  nearest neighbour through per-axis index arrays).
+
+So a 512 x 512 x 600 int16 CT with 3 classes and 128-deep windows needs about 315 MB + 2 x 157 MB + 537 MB,
+plus the network. No float map per class of the whole volume ever exists (``--save-probabilities`` adds one
+float16 map on request). See ``benchmarks/inference.py`` for measured peaks.
+
+Averaging: TTA (mirroring over every subset of spatial axes) and ensembles average softmax probabilities,
+window by window, before Gaussian blending.
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
-from monai.transforms import SpatialResample
 
 from medseg.config import Config
-from medseg.errors import InputError
-from medseg.io.volume import Volume
+from medseg.errors import InputError, ModelError
 from medseg.inference.backends import Backend, load_backend
+from medseg.inference.grid import axis_map, map_back, to_ras
+from medseg.inference.postprocess import postprocess
+from medseg.inference.sliding_window import WindowLayout, sliding_window
+from medseg.io.volume import Volume
 from medseg.models.folder import load_model_dir
 from medseg.plan.planner import Plan
 from medseg.training.components import select_device
+from medseg.transforms.intensity import normalization
 from medseg.transforms.pipeline import IMAGE, build_infer_transforms, volume_to_metatensor
+
+log = logging.getLogger(__name__)
+POINTWISE = ("ct", "window", "rgb")  # normalisations that act voxel by voxel with fixed parameters
+WindowCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Member:
+    """One model of an ensemble."""
+
+    backend: Backend
+    cfg: Config
+    plan: Plan
+    info: dict
+    model_dir: Path
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in (self.cfg.data.spacing or self.plan.spacing))
+
+    @property
+    def schemes(self) -> list[str]:
+        scheme = self.cfg.data.intensity.scheme
+        return [scheme] * int(self.info["in_channels"]) if scheme else list(self.plan.normalization)
+
+
+@dataclass
+class Prediction:
+    """A label map on the input grid, optional probabilities (float16, same grid) and how it was made."""
+
+    labels: Volume
+    probabilities: Volume | None = None
+    stats: dict = field(default_factory=dict)
 
 
 class Predictor:
-    """Applies a trained model folder to volumes.
+    """Applies one model folder, or several (an ensemble, e.g. cross-validation folds), to volumes.
 
-    The image is reoriented, resampled to the model's spacing and normalised; windows are predicted with
-    Gaussian blending; the argmax label map (uint8) is resampled back to the input grid with nearest-neighbour
-    interpolation, so the output has exactly the input's shape and affine. Labels are resampled rather than
-    probabilities: one byte per voxel instead of one float per class.
+    Args:
+        members: Loaded models; they must agree on dimensions, channels, labels, patch size and spacing.
+        device: Where the networks run.
+        tta: Mirror test-time augmentation (default: the first model's ``inference.tta``).
+        overlap: Window overlap (default: the model's ``inference.overlap``).
+        sw_batch_size: Windows per network call (default: the model's).
     """
 
-    def __init__(self, backend: Backend, cfg: Config, plan: Plan, info: dict, device: torch.device) -> None:
-        self.backend, self.cfg, self.plan, self.info, self.device = backend, cfg, plan, info, device
-        self.labels: dict[int, str] = info["labels"]
-        self._preprocess = build_infer_transforms(cfg, plan)
+    def __init__(self, members: list[Member], device: torch.device, tta: bool | None = None,
+                 overlap: float | None = None, sw_batch_size: int | None = None) -> None:
+        if not members:
+            raise ModelError("MODEL_DIR_INVALID", "no model given")
+        first = members[0]
+        for other in members[1:]:
+            for what, get in (("spatial dims", lambda m: m.info["spatial_dims"]), ("input channels", lambda m: m.info["in_channels"]),
+                              ("labels", lambda m: m.info["labels"]), ("patch size", lambda m: tuple(m.cfg.data.patch_size)),
+                              ("spacing", lambda m: m.spacing)):
+                if get(other) != get(first):
+                    raise ModelError("ENSEMBLE_INCOMPATIBLE", f"{other.model_dir} differs from {first.model_dir} in {what}",
+                                     "ensemble models trained with the same plan (e.g. the folds of one cross-validation)")
+        self.members, self.device = members, device
+        self.cfg, self.plan, self.info = first.cfg, first.plan, first.info
+        self.labels: dict[int, str] = first.info["labels"]
+        inference = first.cfg.inference
+        self.tta = inference.tta if tta is None else tta
+        self.overlap = inference.overlap if overlap is None else overlap
+        self.sw_batch_size = sw_batch_size or inference.sw_batch_size
+        self.spatial_dims = int(first.info["spatial_dims"])
+        self.streaming = all(not m.cfg.data.clahe.enabled and all(s in POINTWISE for s in m.schemes) for m in members)
+        self._normalize = [normalization(m.cfg.data.intensity, m.plan.normalization, m.plan.intensity) for m in members]
+        self._preprocess = build_infer_transforms(first.cfg, first.plan)
+
+    # ------------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, device: str = "auto", backend: str = "auto") -> "Predictor":
-        """Loads a model folder (PyTorch or exported) onto ``device`` (``auto|cpu|cuda|mps``) with ``backend``
-        (``auto|torch|onnxruntime|openvino``; see :mod:`medseg.inference.backends`)."""
+    def from_model_dir(cls, model_dir: str | Path | Sequence[str | Path], device: str = "auto", backend: str = "auto",
+                       *, tta: bool | None = None, fast: bool = False, overlap: float | None = None) -> "Predictor":
+        """Loads one model folder or several (an ensemble) onto ``device`` (``auto|cpu|cuda|mps``) with ``backend``
+        (``auto|torch|onnxruntime|openvino``). ``fast`` uses ``inference.fast_overlap`` and no TTA."""
         dev = select_device(device)
-        model, cfg, plan, info = load_model_dir(model_dir, dev)
-        return cls(load_backend(Path(model_dir), backend, dev, model, info), cfg, plan, info, dev)
+        dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
+        members = []
+        for d in dirs:
+            model, cfg, plan, info = load_model_dir(d, dev)
+            members.append(Member(load_backend(Path(d), backend, dev, model, info), cfg, plan, info, Path(d)))
+        if fast:
+            tta, overlap = False, members[0].cfg.inference.fast_overlap if overlap is None else overlap
+        return cls(members, dev, tta=tta, overlap=overlap)
 
-    @torch.no_grad()
-    def predict(self, volume: Volume) -> Volume:
-        """Segments one volume.
+    # ------------------------------------------------------------------------------------------- public
 
-        Args:
-            volume: Image ``(C, X, Y, Z)`` (or ``(C, X, Y)`` for a 2D model) with the model's input channels.
-
-        Returns:
-            uint8 label map ``(1, X, Y[, Z])`` on the input's grid (same shape and affine).
+    def predict(self, volume: Volume, on_window: WindowCallback | None = None) -> Volume:
+        """Segments one volume; returns the label map ``(1, X, Y[, Z])`` (uint8, or uint16 for >255 labels) on the
+        input's grid (same shape and affine).
 
         Raises:
             InputError: ``CHANNELS_MISMATCH`` / ``SHAPE_INVALID`` when the input does not fit the model.
         """
+        return self.predict_case(volume, on_window=on_window).labels
+
+    @torch.inference_mode()
+    def predict_case(self, volume: Volume, probabilities: bool = False, on_window: WindowCallback | None = None) -> Prediction:
+        """Like :meth:`predict`, optionally with float16 class probabilities on the input grid, and run facts."""
         expected = int(self.info["in_channels"])
         if volume.array.shape[0] != expected:
-            raise InputError(
-                "CHANNELS_MISMATCH", f"model expects {expected} channel(s), image has {volume.array.shape[0]}"
-            )
-        if len(volume.spatial_shape) != int(self.info["spatial_dims"]):
-            raise InputError(
-                "SHAPE_INVALID",
-                f"model is {self.info['spatial_dims']}D, image is {len(volume.spatial_shape)}D {volume.spatial_shape}",
-            )
-        original = volume_to_metatensor(volume)
-        image = self._preprocess({IMAGE: original})[IMAGE]  # MetaTensor (C, X', Y', Z') on the model grid
-        logits = sliding_window_inference(
-            image.as_tensor()[None].to(self.device),
-            roi_size=self.cfg.data.patch_size,
-            sw_batch_size=self.cfg.inference.sw_batch_size,
-            predictor=self.backend,
-            overlap=self.cfg.inference.overlap,
-            mode=self.cfg.inference.blend,
+            raise InputError("CHANNELS_MISMATCH", f"model expects {expected} channel(s), image has {volume.array.shape[0]}")
+        dims = len(volume.spatial_shape)
+        start = time.perf_counter()
+        stats: dict = {"tta": self.tta, "overlap": self.overlap, "models": len(self.members)}
+        if dims == self.spatial_dims:
+            labels, probs = self._predict_grid(volume, probabilities, on_window, stats)
+        elif dims == 3 and self.spatial_dims == 2:
+            labels, probs = self._predict_slices(volume, probabilities, on_window, stats)
+        else:
+            raise InputError("SHAPE_INVALID", f"model is {self.spatial_dims}D, image is {dims}D {volume.spatial_shape}")
+        label_volume = volume.with_array(labels[None], kind="label")
+        pp = self.cfg.inference.postprocess
+        if pp.largest_component or pp.min_component_mm3 > 0 or pp.min_component_mm3_per_label or pp.fill_holes:
+            label_volume, stats["postprocess"] = postprocess(label_volume, pp, self.labels)
+        stats["seconds"] = round(time.perf_counter() - start, 3)
+        prob_volume = volume.with_array(probs, kind="probabilities") if probs is not None else None
+        return Prediction(label_volume, prob_volume, stats)
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    def _label_dtype(self) -> type:
+        return np.uint8 if max(self.labels) < 256 else np.uint16
+
+    def _predict_slices(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
+                        stats: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        """A 2D model over the axial (RAS z) slices of a 3D volume."""
+        ras, affine = to_ras(volume.array, volume.affine)
+        labels = np.empty(ras.shape[1:], dtype=self._label_dtype())
+        probs = np.empty((len(self.labels), *ras.shape[1:]), np.float16) if probabilities else None
+        for k in range(ras.shape[-1]):
+            plane = affine.copy()
+            plane[:3, 3] = affine[:3, 3] + k * affine[:3, 2]
+            part_labels, part_probs = self._predict_grid(Volume(ras[..., k], plane), probabilities, on_window, stats)
+            labels[..., k] = part_labels
+            if probs is not None:
+                probs[..., k] = part_probs
+        mapping = axis_map(affine, volume.affine, ras.shape[1:], volume.spatial_shape)
+        stats["slices"] = int(ras.shape[-1])
+        return map_back(labels, mapping), (map_back(probs, mapping) if probs is not None else None)
+
+    def _model_grid(self, volume: Volume) -> tuple[np.ndarray | torch.Tensor, np.ndarray, bool]:
+        """The image on the model grid: ``(array, 4x4 affine, normalised?)``."""
+        dims = len(volume.spatial_shape)
+        ras, affine = to_ras(volume.array, volume.affine)
+        spacing = np.linalg.norm(affine[:3, :dims], axis=0)
+        target = np.array(self.members[0].spacing[:dims])
+        if self.streaming and np.allclose(spacing, target, rtol=1e-4, atol=0):
+            return ras, affine, False
+        image = self._preprocess({IMAGE: volume_to_metatensor(volume)})[IMAGE]
+        model_affine = np.asarray(image.affine, dtype=np.float64)
+        if dims == 2:
+            full = np.eye(4)
+            full[np.ix_([0, 1, 3], [0, 1, 3])] = model_affine
+            model_affine = full
+        return image.as_tensor(), model_affine, True
+
+    def _predict_grid(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
+                      stats: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        image, model_affine, normalised = self._model_grid(volume)
+        shape = tuple(int(s) for s in image.shape[1:])
+        stats["streamed"] = not normalised
+        layout = WindowLayout(shape, tuple(self.cfg.data.patch_size), self.overlap)
+        network = self._network(normalised)
+        n_out = len(self.labels)
+        (labels, probs), target = with_cpu_fallback(
+            lambda target: self._stitch(image, layout, network, n_out, target, probabilities, on_window, normalised),
+            self.device,
         )
-        labels = logits.argmax(1).to(torch.float32).cpu()  # (1, X', Y'[, Z'])
-        del logits
-        on_model_grid = MetaTensor(labels, affine=image.affine)
-        back = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
-            on_model_grid, dst_affine=original.affine, spatial_size=volume.spatial_shape
-        )
-        out = np.asarray(back.as_tensor().numpy().round(), dtype=np.uint8)  # (1, X, Y[, Z])
-        return volume.with_array(out, kind="label")
+        stats["stitched_on"] = target.type
+        mapping = axis_map(model_affine, volume.affine, shape, volume.spatial_shape)
+        return map_back(labels, mapping), (map_back(probs, mapping) if probs is not None else None)
+
+    def _stitch(self, image: np.ndarray | torch.Tensor, layout: WindowLayout, network, n_out: int, target: torch.device,
+                probabilities: bool, on_window: WindowCallback | None, normalised: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        shape = layout.shape
+        labels = np.empty(shape, dtype=self._label_dtype())
+        probs = np.empty((n_out, *shape), np.float16) if probabilities else None
+        dtype = torch.float16 if target.type == "cuda" else torch.float32  # probabilities are bounded: safe in fp16
+        fill = 0.0 if normalised else float("nan")  # raw windows mark padding; the network wrapper zeroes it
+        source = _window_source(image, layout, fill)
+        for z0, z1, values in sliding_window(source, layout, network, n_out, sw_batch_size=self.sw_batch_size,
+                                              mode=self.cfg.inference.blend, device=self.device, accumulate=target,
+                                              dtype=dtype, on_window=on_window):
+            labels[..., z0:z1] = values.argmax(0).to("cpu", torch.int32).numpy()
+            if probs is not None:
+                probs[..., z0:z1] = values.to("cpu", torch.float16).numpy()
+        return labels, probs
+
+    def _network(self, normalised: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        dims = self.spatial_dims
+        flips = [()] + ([c for r in range(1, dims + 1) for c in itertools.combinations(range(2, 2 + dims), r)] if self.tta else [])
+        use_amp = self.device.type == "cuda" and self.cfg.inference.amp
+
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            total = None
+            for member, normalize in zip(self.members, self._normalize):
+                x = batch
+                if not normalised:  # raw windows: this member's normalisation, padding (NaN) becomes 0
+                    x = torch.where(torch.isnan(batch), 0.0, normalize({IMAGE: batch.transpose(0, 1)})[IMAGE].transpose(0, 1))
+                x = x.to(self.device)
+                for axes in flips:
+                    inp = torch.flip(x, axes) if axes else x
+                    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                        out = member.backend(inp)
+                    out = torch.softmax(out.float(), dim=1)
+                    out = torch.flip(out, axes) if axes else out
+                    total = out if total is None else total + out
+            return total / (len(self.members) * len(flips))
+
+        return run
+
+
+def with_cpu_fallback(attempt: Callable[[torch.device], object], device: torch.device):
+    """Runs ``attempt(device)``; on CUDA out-of-memory (only that error) frees the cache and runs
+    ``attempt(cpu)``, so the network stays on the GPU and stitching moves to the host.
+
+    Returns:
+        ``(result, device the accumulator lived on)``.
+    """
+    if device.type != "cuda":
+        return attempt(torch.device("cpu")), torch.device("cpu")
+    try:
+        return attempt(device), device
+    except torch.cuda.OutOfMemoryError:
+        log.warning("CUDA out of memory while stitching windows on the GPU; stitching on the CPU instead")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return attempt(torch.device("cpu")), torch.device("cpu")
+
+
+def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill: float):
+    """Cuts windows (slices of the padded image) from the unpadded image, padding with ``fill``."""
+    pad = layout.pad
+    channels = image.shape[0]
+
+    def source(slices: Sequence[slice]) -> torch.Tensor:
+        window = torch.full((channels, *layout.roi), fill, dtype=torch.float32)
+        real, target = [], []
+        for s, (before, _), size in zip(slices, pad, layout.shape):
+            lo, hi = max(s.start - before, 0), min(s.stop - before, size)
+            real.append(slice(lo, hi))
+            target.append(slice(lo + before - s.start, hi + before - s.start))
+        part = image[(slice(None), *real)]
+        if isinstance(part, np.ndarray):
+            part = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
+        window[(slice(None), *target)] = part.to(torch.float32)
+        return window
+
+    return source

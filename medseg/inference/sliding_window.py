@@ -1,0 +1,151 @@
+"""Sliding-window prediction with bounded memory: windows are visited in order of their start along the last
+spatial axis, and output slabs that no later window touches are finalised and handed out as soon as they are
+complete.
+
+Window positions, padding of images smaller than a window and the Gaussian importance map are MONAI's
+(``dense_patch_slices``, ``compute_importance_map``), so results match ``monai.inferers.sliding_window_inference``
+to float rounding. What differs is memory: MONAI keeps a float map per output channel for the whole image; here
+the accumulator spans one window depth along the last axis (``K x X x Y x roi_z`` values plus a weight map of
+``X x Y x roi_z``), whatever the image's length.
+
+Windows come from a *source* callable, so the image never has to exist as one float tensor: the predictor cuts
+windows from the stored (e.g. int16) image and normalises each batch on the fly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.inferers.utils import _get_scan_interval
+
+WindowSource = Callable[[Sequence[slice]], torch.Tensor]  # slices of the padded image -> (C, *roi) float32
+Network = Callable[[torch.Tensor], torch.Tensor]  # (B, C, *roi) -> (B, K, *roi)
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """Where windows go on an image: MONAI-compatible padding and positions."""
+
+    shape: tuple[int, ...]  # image spatial shape
+    roi: tuple[int, ...]
+    overlap: float
+
+    @property
+    def pad(self) -> tuple[tuple[int, int], ...]:
+        """Per axis ``(before, after)`` padding for axes shorter than the window (split as MONAI does)."""
+        out = []
+        for size, r in zip(self.shape, self.roi):
+            diff = max(r - size, 0)
+            out.append((diff // 2, diff - diff // 2))
+        return tuple(out)
+
+    @property
+    def padded(self) -> tuple[int, ...]:
+        """Spatial shape after padding."""
+        return tuple(max(s, r) for s, r in zip(self.shape, self.roi))
+
+    def windows(self) -> list[tuple[slice, ...]]:
+        """Window slices on the padded image, ordered by their start on the last axis (then MONAI's order)."""
+        n = len(self.roi)
+        interval = _get_scan_interval(self.padded, self.roi, n, (self.overlap,) * n)
+        slices = dense_patch_slices(self.padded, self.roi, interval)
+        return sorted(slices, key=lambda s: s[-1].start)
+
+
+def importance_map(roi: Sequence[int], mode: str, device: torch.device) -> torch.Tensor:
+    """MONAI's window weights: Gaussian (sigma 0.125 x window) or constant."""
+    return compute_importance_map(tuple(roi), mode=mode, sigma_scale=0.125, device=device, dtype=torch.float32)
+
+
+def sliding_window(
+    source: WindowSource,
+    layout: WindowLayout,
+    network: Network,
+    n_out: int,
+    *,
+    sw_batch_size: int = 2,
+    mode: str = "gaussian",
+    device: torch.device | str = "cpu",
+    accumulate: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    on_window: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Predicts all windows and yields finished slabs along the last spatial axis.
+
+    Args:
+        source: Returns the input window ``(C, *roi)`` for slices of the padded image.
+        layout: Image shape, window size and overlap.
+        network: Maps a batch of windows to outputs ``(B, n_out, *roi)`` (logits or probabilities).
+        n_out: Output channels.
+        sw_batch_size: Windows per network call.
+        mode: ``gaussian`` or ``constant`` blending.
+        device: Where windows are predicted.
+        accumulate: Where the accumulator lives (default: ``device``); ``cpu`` stitches on the host.
+        dtype: Accumulator dtype (float16 halves its memory; only for bounded outputs such as probabilities).
+        on_window: Progress callback ``(done, total)``.
+
+    Yields:
+        ``(z0, z1, values)``: the blended output ``(n_out, X, Y[, ...], z1 - z0)`` for the unpadded image's
+        last-axis range ``[z0, z1)``, in increasing order, covering the whole image exactly once.
+    """
+    device = torch.device(device)
+    acc_device = torch.device(accumulate) if accumulate is not None else device
+    windows = layout.windows()
+    roi, padded, pad = layout.roi, layout.padded, layout.pad
+    weight = importance_map(roi, mode, acc_device).to(dtype)
+    depth = roi[-1]
+    acc = torch.zeros((n_out, *padded[:-1], depth), dtype=dtype, device=acc_device)
+    norm = torch.zeros((*padded[:-1], depth), dtype=dtype, device=acc_device)
+    lo = 0  # padded last-axis index of acc[..., 0]
+    emitted = 0  # padded last-axis index up to which output has been yielded
+    inner = tuple(slice(b, b + s) for (b, _), s in zip(pad[:-1], layout.shape[:-1]))
+    z_pad, z_size = pad[-1][0], layout.shape[-1]
+
+    def emit(upto: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        nonlocal emitted
+        # padded range [emitted, upto) intersected with the unpadded image [z_pad, z_pad + z_size)
+        start, stop = max(emitted, z_pad), min(upto, z_pad + z_size)
+        if stop > start:
+            a, b = start - lo, stop - lo
+            values = acc[(slice(None), *inner, slice(a, b))] / norm[(*inner, slice(a, b))]
+            yield start - z_pad, stop - z_pad, values
+        emitted = max(emitted, upto)
+
+    def shift(to: int) -> None:
+        nonlocal lo
+        delta = to - lo
+        if delta <= 0:
+            return
+        keep = depth - delta
+        if keep > 0:
+            acc[..., :keep] = acc[..., delta:].clone()
+            norm[..., :keep] = norm[..., delta:].clone()
+        acc[..., max(keep, 0):] = 0
+        norm[..., max(keep, 0):] = 0
+        lo = to
+
+    done, total = 0, len(windows)
+    index = 0
+    while index < total:
+        start = windows[index][-1].start
+        group_end = index
+        while group_end < total and windows[group_end][-1].start == start:
+            group_end += 1
+        yield from emit(start)  # nothing at or after `start` can still change before it
+        shift(start)
+        for b in range(index, group_end, sw_batch_size):
+            batch_slices = windows[b : min(b + sw_batch_size, group_end)]
+            batch = torch.stack([source(s) for s in batch_slices]).to(device)
+            out = network(batch).to(acc_device, dtype)
+            for s, values in zip(batch_slices, out):
+                region = (*s[:-1], slice(s[-1].start - lo, s[-1].stop - lo))
+                acc[(slice(None), *region)] += values * weight
+                norm[region] += weight
+            done += len(batch_slices)
+            if on_window is not None:
+                on_window(done, total)
+        index = group_end
+    yield from emit(padded[-1])
