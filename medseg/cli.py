@@ -177,23 +177,48 @@ def train(
 
 @app.command()
 def predict(
-    input: Path = typer.Option(..., "--input", "-i", help="A NIfTI file or a folder of them."),
+    input: Path = typer.Option(..., "--input", "-i", help="An image file, a DICOM series folder, or a folder of cases (image files and DICOM series)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (must not lie inside the input folder)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model folder written by `medseg train`."),
+    model: List[Path] = typer.Option(..., "--model", "-m", help="Model folder from `medseg train`; repeat for an ensemble (probabilities averaged)."),
+    output_type: str = typer.Option("nifti", "--output-type", "-t", help="nifti, or dicom-seg for DICOM inputs."),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
+    fast: bool = typer.Option(False, "--fast", help="Lower overlap (inference.fast_overlap) and no TTA."),
+    overlap: Optional[float] = typer.Option(None, "--overlap", min=0.0, max=0.95, help="Sliding-window overlap."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    resume: bool = typer.Option(False, "--resume", help="Skip cases whose outputs are complete (recorded hash matches)."),
+    shard: str = typer.Option("0/1", "--shard", help="i/n: predict every n-th case starting at i (split a folder across workers)."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write float16 class probabilities (.npz)."),
+    stats: bool = typer.Option(False, "--stats", help="Volume in mL per label per case (stats.csv and manifest)."),
+    preview: bool = typer.Option(False, "--preview", help="PNG overlay of three orthogonal slices per case (previews/)."),
+    allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted DICOM series instead of refusing them."),
 ) -> None:
-    """Segment one file or a folder; writes <case>.nii.gz on the input grid and manifest.json."""
+    """Segment a file, a DICOM series or a folder of cases; writes labels on each input's grid, manifest.json and
+    provenance.json. Exit code 1 when any case failed."""
     from medseg.errors import require_exists
+    from medseg.inference.discovery import parse_shard
     from medseg.inference.predictor import Predictor
-    from medseg.inference.runner import predict_folder
+    from medseg.inference.runner import RunOptions, predict_folder
 
     require_exists(input, "input")
-    predictor = Predictor.from_model_dir(model, device, backend)
-    results = predict_folder(predictor, input, out, overwrite=overwrite)
-    failed = [r for r in results if r.status != "ok"]
-    typer.echo(f"{len(results) - len(failed)} of {len(results)} case(s) written to {out}")
+    options = RunOptions(
+        overwrite=overwrite, resume=resume, shard=parse_shard(shard), output_type=output_type,
+        save_probabilities=save_probabilities, stats=stats, preview=preview, allow_tilt=allow_tilt,
+        progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,
+    )
+    predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta, fast=fast,
+                                         overlap=overlap)
+    results = predict_folder(predictor, input, out, options=options)
+    failed = [r for r in results if r.status == "failed"]
+    skipped = [r for r in results if r.status == "skipped"]
+    resumed = sum(r.resumed for r in results)
+    typer.echo(
+        f"{len(results) - len(failed) - len(skipped)} of {len(results)} case(s) written to {out}"
+        + (f" ({resumed} already complete)" if resumed else "")
+    )
+    for r in skipped:
+        typer.echo(f"skipped: {r.case_id}: {r.error}", err=True)
     for r in failed:
         typer.echo(f"failed: {r.case_id}: {r.error}", err=True)
     if failed:

@@ -1,5 +1,9 @@
 """PHI canary: patient name, ID and birth date planted in DICOM inputs must reach no output file name or
-content, log line, error message or tracked (MLflow) value."""
+content, log line, error message or tracked (MLflow) value: convert, validate, train (with MLflow) and predict
+(manifest, provenance, stats, previews, probabilities) are all run over canary-carrying series.
+
+DICOM-SEG outputs are the one deliberate exception: a derived DICOM object repeats its source's patient module
+so that a PACS files it with the right patient (tested in tests/io/test_dicom.py, not here)."""
 
 from __future__ import annotations
 
@@ -76,6 +80,11 @@ def test_no_canary_in_outputs_logs_errors_or_tracking(tmp_path: Path, caplog):
         texts.append(result.output)
         if result.exception and not isinstance(result.exception, SystemExit):
             texts.append(repr(result.exception))
+    result = runner.invoke(app, ["predict", "-i", str(inputs), "-o", str(outputs / "pred"), "-m", str(outputs / "run" / "model"),
+                                 "-d", "cpu", "--stats", "--preview", "--save-probabilities"])
+    texts.append(result.output)
+    assert "4 of 5 case(s) written" in result.output, result.output  # the 4 series; the gapped one fails
+    assert (outputs / "pred" / "provenance.json").is_file() and len(list((outputs / "pred" / "previews").glob("*.png"))) == 4
     assert "DICOM_SLICE_GAP" in texts[1]
     assert (outputs / "run" / "mlflow.db").is_file(), texts[3]
     assert len(list((outputs / "converted").glob("*.nii.gz"))) == 4

@@ -1,8 +1,16 @@
-"""Folder inference: many inputs -> one label file each + ``manifest.json``.
+"""Folder inference: many inputs -> one label file each, ``manifest.json`` and ``provenance.json``.
 
-One failing case never stops the others: it is recorded in the manifest with its error code, and the run
-ends non-zero. Outputs are written atomically, never inside the input tree, and existing outputs are only
-replaced with ``overwrite=True``.
+* Per-case isolation: a failing case is recorded with its error code and the others go on; the run exits
+  non-zero when any case failed.
+* Crash safety: outputs are written atomically and the manifest is rewritten after every case, so a killed
+  run leaves only complete files, each with its SHA-256 in the manifest. ``resume`` skips a case only when
+  every recorded output still hashes to its recorded value; anything else (missing, truncated, changed) is
+  predicted again.
+* Never writes inside the input tree; replaces existing outputs only with ``overwrite`` (or when resuming
+  cases this output folder already owns).
+* ``shard=(i, n)`` takes every n-th case (sorted by ID) so n workers can split one folder; each writes
+  ``manifest.shard-i-of-n.json``.
+* Reading the next case and writing the previous one run in background threads, overlapped with prediction.
 """
 
 from __future__ import annotations
@@ -11,18 +19,39 @@ import json
 import logging
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
-from medseg.errors import InputError, MedsegError, OutputError, require_exists
-from medseg.fsutil import sha256_file
-from medseg.inference.predictor import Predictor
-from medseg.io.image2d import is_image2d
+from medseg.errors import InputError, MedsegError, OutputError
+from medseg.fsutil import atomic_write, sha256_file, versions
+from medseg.inference.discovery import CaseInput, discover, shard
+from medseg.inference.outputs import (
+    OUTPUT_TYPES, hashes, label_path, label_volumes_ml, write_labels, write_preview, write_probabilities,
+)
+from medseg.inference.predictor import Prediction, Predictor
 from medseg.io.readers import case_id as case_id_of
-from medseg.io.readers import files_by_id, read_volume, write_labels
+from medseg.io.readers import read_channels, read_volume
+from medseg.io.volume import Volume
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+
+
+@dataclass
+class RunOptions:
+    """How a folder run behaves (the ``medseg predict`` flags)."""
+
+    overwrite: bool = False
+    resume: bool = False
+    shard: tuple[int, int] = (0, 1)
+    output_type: str = "nifti"
+    save_probabilities: bool = False
+    stats: bool = False
+    preview: bool = False
+    progress: bool = True
+    allow_tilt: bool = False
 
 
 @dataclass
@@ -37,21 +66,17 @@ class CaseResult:
     error_code: str | None = None
     error: str | None = None
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    volumes_ml: dict[str, float] | None = None
+    series_instance_uid: str | None = None
+    resumed: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
-def find_inputs(path: Path) -> list[Path]:
-    """A file, or the NIfTI files and 2D pictures directly inside a folder (sorted).
-
-    Raises:
-        InputError: ``PATH_NOT_FOUND``; ``NO_INPUTS`` when a folder holds no readable file.
-    """
-    require_exists(path, "input")
-    if path.is_file():
-        return [path]
-    files = list(files_by_id(path).values())
-    if not files:
-        raise InputError("NO_INPUTS", f"no .nii/.nii.gz/.png/.jpg/.tif files in {path}")
-    return files
+def manifest_name(options: RunOptions) -> str:
+    index, count = options.shard
+    return MANIFEST if count == 1 else f"manifest.shard-{index}-of-{count}.json"
 
 
 def check_output_location(inputs_root: Path, out_dir: Path) -> None:
@@ -68,62 +93,216 @@ def check_output_location(inputs_root: Path, out_dir: Path) -> None:
         )
 
 
-def predict_folder(predictor: Predictor, inputs: Path, out_dir: Path, overwrite: bool = False) -> list[CaseResult]:
-    """Predicts a NIfTI file or every NIfTI file in a folder (see :func:`predict_files`).
+def predict_folder(predictor: Predictor, inputs: Path, out_dir: Path, overwrite: bool = False,
+                   options: RunOptions | None = None) -> list[CaseResult]:
+    """Predicts a file, a DICOM series folder or a folder of cases (see :mod:`medseg.inference.discovery`).
 
     Raises:
-        InputError: ``PATH_NOT_FOUND`` / ``NO_INPUTS``.
+        InputError: ``PATH_NOT_FOUND`` / ``NO_INPUTS`` / ``SHARD_INVALID``.
         OutputError: ``OUTPUT_INSIDE_INPUT``.
     """
-    files = find_inputs(inputs)
-    check_output_location(inputs, out_dir)
-    return predict_files(predictor, files, out_dir, overwrite)
+    options = options or RunOptions(overwrite=overwrite)
+    if options.output_type not in OUTPUT_TYPES:
+        raise InputError("OUTPUT_TYPE_INVALID", f"unknown output type {options.output_type!r}", f"use one of {OUTPUT_TYPES}")
+    found = discover(inputs)
+    check_output_location(Path(inputs), out_dir)
+    cases = shard(found.cases, *options.shard)
+    return run_cases(predictor, cases, out_dir, options, ignored=found.ignored)
 
 
-def predict_files(predictor: Predictor, files: list[Path], out_dir: Path, overwrite: bool = False) -> list[CaseResult]:
-    """Predicts each file; writes ``out_dir/<case_id>.nii.gz`` (``.png`` for 2D pictures) and ``manifest.json``.
+def predict_files(predictor: Predictor, files: list[Path | tuple[Path, ...]], out_dir: Path, overwrite: bool = False,
+                  options: RunOptions | None = None) -> list[CaseResult]:
+    """Predicts the given images (a path, or a tuple of channel files per case); see :func:`run_cases`."""
+    cases = [CaseInput(case_id_of(f if isinstance(f, Path) else f[0]), f) for f in files]
+    return run_cases(predictor, cases, out_dir, options or RunOptions(overwrite=overwrite))
 
-    Args:
-        predictor: A loaded :class:`Predictor`.
-        files: NIfTI images or 2D pictures.
-        out_dir: Output folder (created).
-        overwrite: Replace existing outputs; otherwise such cases fail with ``OUTPUT_EXISTS``.
+
+def _previous(out_dir: Path, options: RunOptions) -> dict[str, dict]:
+    path = out_dir / manifest_name(options)
+    if not (options.resume and path.is_file()):
+        return {}
+    try:
+        return {c["case_id"]: c for c in json.loads(path.read_text())["cases"]}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        log.warning("%s is unreadable; predicting every case again", path.name)
+        return {}
+
+
+def _complete(entry: dict | None, out_dir: Path) -> bool:
+    """True when a previous run finished this case and every output still has its recorded hash."""
+    if not entry or entry.get("status") != "ok" or not entry.get("outputs"):
+        return False
+    for record in entry["outputs"].values():
+        path = out_dir / record["file"]
+        if not path.is_file() or sha256_file(path) != record["sha256"]:
+            return False
+    return True
+
+
+def _load(case: CaseInput, options: RunOptions) -> tuple[Volume, float]:
+    start = time.perf_counter()
+    if case.series is not None:
+        from medseg.io.dicom import load_series
+
+        volume = load_series(case.series, allow_tilt=options.allow_tilt)
+    elif isinstance(case.source, tuple):
+        volume = read_channels(case.source)
+    else:
+        volume = read_volume(case.source)
+    return volume, time.perf_counter() - start
+
+
+def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, options: RunOptions,
+              ignored: dict[str, int] | None = None) -> list[CaseResult]:
+    """Predicts ``cases`` into ``out_dir``; writes the manifest after each case and ``provenance.json``.
 
     Returns:
-        One :class:`CaseResult` per file, in order.
+        One :class:`CaseResult` per case, in order.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[CaseResult] = []
     from medseg.progress import progress_bar
 
-    with progress_bar() as progress:
-        task = progress.add_task("predicting", total=len(files))
-        for path in files:
-            case_id = case_id_of(path)
-            target = out_dir / (f"{case_id}.png" if is_image2d(path) else f"{case_id}.nii.gz")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    previous = _previous(out_dir, options)
+    results: list[CaseResult] = []
+    todo: list[tuple[CaseInput, CaseResult]] = []
+    for case in cases:
+        result = CaseResult(case.case_id, str(case.source if isinstance(case.source, Path) else case.source[0]), case.status,
+                            error_code=case.error_code, error=case.error)
+        results.append(result)
+        if case.status != "pending":
+            continue
+        if _complete(previous.get(case.case_id), out_dir):
+            results[-1] = CaseResult(**{**previous[case.case_id], "resumed": True})
+            continue
+        todo.append((case, result))
+
+    def save_manifest() -> None:
+        _write_manifest(out_dir, options, predictor, results, ignored or {})
+
+    pending_writes: list[Future] = []
+    with progress_bar(options.progress) as progress, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        case_task = progress.add_task("cases", total=len(todo))
+        window_task = progress.add_task("windows", total=1)
+
+        def on_window(done: int, total: int) -> None:
+            progress.update(window_task, completed=done, total=total)
+
+        next_read = reader.submit(_load, todo[0][0], options) if todo else None
+        for i, (case, result) in enumerate(todo):
+            read, next_read = next_read, (reader.submit(_load, todo[i + 1][0], options) if i + 1 < len(todo) else None)
             start = time.perf_counter()
-            result = CaseResult(case_id, str(path), "failed")
             try:
-                if target.exists() and not overwrite:
-                    raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it")
-                labels = predictor.predict(read_volume(path))
-                write_labels(labels, out_dir, case_id, path)
-                result.status, result.output, result.sha256 = "ok", target.name, sha256_file(target)
+                volume, read_s = read.result()
+                result.timings["read_s"] = round(read_s, 3)
+                if case.series is not None:
+                    result.series_instance_uid = volume.meta.get("series_instance_uid")
+                target = label_path(out_dir, case.case_id, case.source if isinstance(case.source, Path) else case.source[0],
+                                    case.is_dicom, options.output_type)
+                if target.exists() and not (options.overwrite or case.case_id in previous):
+                    raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it (or --resume)")
+                if options.output_type == "dicom-seg" and not case.is_dicom:
+                    result.notes.append("DICOM-SEG needs a DICOM input: wrote NIfTI")
+                t = time.perf_counter()
+                prediction = predictor.predict_case(volume, probabilities=options.save_probabilities, on_window=on_window)
+                result.timings["predict_s"] = round(time.perf_counter() - t, 3)
+                if "postprocess" in prediction.stats:
+                    result.notes.append(f"post-processing: {prediction.stats['postprocess']}")
+                if options.stats:
+                    result.volumes_ml = label_volumes_ml(prediction.labels, predictor.labels)
+                pending_writes.append(writer.submit(_write_case, predictor, volume, prediction, target, result, options, start))
             except MedsegError as exc:
-                result.error_code, result.error = exc.code, exc.one_line()
+                result.status, result.error_code, result.error = "failed", exc.code, exc.one_line()
             except Exception as exc:  # noqa: BLE001 - per-case isolation: record and carry on
-                result.error_code, result.error = "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"
-                log.debug("case %s failed:\n%s", case_id, traceback.format_exc())
-            result.seconds = round(time.perf_counter() - start, 3)
-            if result.status != "ok":
-                log.error("case %s failed: %s", case_id, result.error)
-            results.append(result)
-            progress.update(task, advance=1)
+                result.status, result.error_code, result.error = "failed", "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"
+                log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
+            if result.status == "failed":
+                result.seconds = round(time.perf_counter() - start, 3)
+                log.error("case %s failed: %s", case.case_id, result.error)
+            for done in [f for f in pending_writes if f.done()]:
+                pending_writes.remove(done)
+                done.result()
+            save_manifest()
+            progress.update(case_task, advance=1)
+        for future in pending_writes:
+            future.result()
+    save_manifest()
+    _write_provenance(out_dir, predictor, results, options, started)
+    return results
+
+
+def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, target: Path, result: CaseResult,
+                options: RunOptions, start: float) -> None:
+    """Writes one case's outputs (background thread); failures are recorded in ``result``."""
+    try:
+        t = time.perf_counter()
+        name = predictor.members[0].model_dir.name
+        write_labels(prediction.labels, target, volume, predictor.labels, name)
+        written = {"labels": target}
+        if prediction.probabilities is not None:
+            written["probabilities"] = target.parent / "probabilities" / f"{result.case_id}.npz"
+            write_probabilities(prediction.probabilities, written["probabilities"], predictor.labels)
+        if options.preview:
+            written["preview"] = target.parent / "previews" / f"{result.case_id}.png"
+            write_preview(volume, prediction.labels, written["preview"], predictor.labels)
+        result.outputs = hashes(written, target.parent)
+        result.output, result.sha256 = target.name, result.outputs["labels"]["sha256"]
+        result.timings["write_s"] = round(time.perf_counter() - t, 3)
+        result.status = "ok"
+    except MedsegError as exc:
+        result.status, result.error_code, result.error = "failed", exc.code, exc.one_line()
+    except Exception as exc:  # noqa: BLE001
+        result.status, result.error_code, result.error = "failed", "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"
+    result.seconds = round(time.perf_counter() - start, 3)
+    if result.status == "failed":
+        log.error("case %s failed while writing: %s", result.case_id, result.error)
+
+
+def _write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, results: list[CaseResult],
+                    ignored: dict[str, int]) -> None:
     manifest = {
-        "model": predictor.info.get("dataset"),
+        "model": [str(m.model_dir) for m in predictor.members],
+        "shard": list(options.shard),
         "n_ok": sum(r.status == "ok" for r in results),
         "n_failed": sum(r.status == "failed" for r in results),
+        "n_skipped": sum(r.status == "skipped" for r in results),
+        "n_pending": sum(r.status == "pending" for r in results),
+        "ignored_files": ignored,
         "cases": [asdict(r) for r in results],
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return results
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write(out_dir / manifest_name(options), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    if options.stats:
+        rows = ["case_id," + ",".join(f"{name}_ml" for k, name in sorted(predictor.labels.items()) if k)]
+        for r in results:
+            if r.volumes_ml is not None and r.status == "ok":
+                rows.append(r.case_id + "," + ",".join(str(v) for v in r.volumes_ml.values()))
+        stats_name = "stats.csv" if options.shard[1] == 1 else f"stats.shard-{options.shard[0]}-of-{options.shard[1]}.csv"
+        atomic_write(out_dir / stats_name, lambda tmp: tmp.write_text("\n".join(rows) + "\n", encoding="utf-8"))
+
+
+def _write_provenance(out_dir: Path, predictor: Predictor, results: list[CaseResult], options: RunOptions,
+                      started: str) -> None:
+    provenance = {
+        "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "models": [
+            {"dir": str(m.model_dir), "weights_sha256": m.info.get("weights_sha256"),
+             "config_hash": m.info.get("config_hash"), "format": m.info.get("format", "pytorch")}
+            for m in predictor.members
+        ],
+        "settings": {
+            "device": str(predictor.device), "tta": predictor.tta, "overlap": predictor.overlap,
+            "sw_batch_size": predictor.sw_batch_size, "blend": predictor.cfg.inference.blend,
+            "postprocess": predictor.cfg.inference.postprocess.model_dump(), **{
+                k: v for k, v in asdict(options).items() if k not in ("progress",)},
+        },
+        "cases": [
+            {"case_id": r.case_id, "status": r.status, "series_instance_uid": r.series_instance_uid, "timings": r.timings}
+            for r in results
+        ],
+    }
+    name = "provenance.json" if options.shard[1] == 1 else f"provenance.shard-{options.shard[0]}-of-{options.shard[1]}.json"
+    text = json.dumps(provenance, indent=2, default=str) + "\n"
+    atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))

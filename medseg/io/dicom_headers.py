@@ -229,8 +229,12 @@ def scan_dicom(root: str | Path, workers: int = 4) -> DicomScan:
     """
     root = Path(root)
     require_exists(root, "DICOM input")
-    paths = [root] if root.is_file() else _walk(root)
-    scan = DicomScan(root)
+    return scan_paths(root, [root] if root.is_file() else _walk(root), workers)
+
+
+def scan_paths(root: Path, paths: list[Path], workers: int = 4) -> DicomScan:
+    """Like :func:`scan_dicom` over the given files (``root`` is recorded for messages)."""
+    scan = DicomScan(Path(root))
 
     def header(path: Path) -> DicomFile | Skipped:
         try:

@@ -174,7 +174,10 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None 
     header["scl_slope"], header["scl_inter"] = np.nan, np.nan  # stored values are the values
 
     def write(tmp: Path) -> None:
-        with _gzip_module().open(tmp, "wb", compresslevel=GZIP_LEVEL) as fh:
+        module = _gzip_module()  # mtime 0: the same volume gives the same bytes (hashes in manifests agree)
+        opener = module.IGzipFile if hasattr(module, "IGzipFile") else module.GzipFile
+        # no file name in the gzip header either (the temporary name would differ on every write)
+        with open(tmp, "wb") as raw, opener(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw, mtime=0) as fh:
             fh.write(header.binaryblock + b"\x00" * 4)
             for k in range(data.shape[-1]):  # Fortran order, one last-axis slab at a time (no full copy)
                 fh.write(np.ascontiguousarray(data[..., k].T).tobytes())

@@ -52,26 +52,6 @@ def read_volume(path: str | Path, **dicom_options: Any) -> Volume:
     raise InputError("FORMAT_UNSUPPORTED", f"cannot read {path.name}: expected {FORMATS}")
 
 
-def write_labels(volume: Volume, folder: Path, case: str, like: Path) -> Path:
-    """Writes a label map beside the format of its input ``like``: NIfTI (uint8) or, for 2D pictures, PNG.
-
-    The write is atomic (temporary file renamed into place).
-    """
-    import numpy as np
-
-    from medseg.io.nifti import write_nifti
-
-    if is_nifti(like) or len(volume.spatial_shape) == 3:
-        return write_nifti(volume, folder / f"{case}.nii.gz", np.uint8)
-    from PIL import Image
-
-    from medseg.fsutil import atomic_write
-
-    target = folder / f"{case}.png"
-    image = Image.fromarray(np.ascontiguousarray(volume.array[0], dtype=np.uint8))
-    return atomic_write(target, lambda tmp: image.save(tmp, format="PNG"))
-
-
 def files_by_id(folder: Path) -> dict[str, Path]:
     """Supported files directly inside ``folder``, keyed by case ID (sorted)."""
     return {case_id(p): p for p in sorted(Path(folder).iterdir()) if p.is_file() and is_supported(p)}

@@ -92,3 +92,10 @@ def test_missing_file(tmp_path: Path):
 def test_write_leaves_no_partial_files(tmp_path: Path, make_volume):
     write_nifti(make_volume(), tmp_path / "a.nii.gz")
     assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]
+
+
+def test_gz_writes_are_byte_identical_for_the_same_volume(tmp_path: Path, make_volume):
+    volume = make_volume()
+    a = write_nifti(volume, tmp_path / "a.nii.gz").read_bytes()
+    b = write_nifti(volume, tmp_path / "b.nii.gz").read_bytes()
+    assert a == b and a[:2] == b"\x1f\x8b"

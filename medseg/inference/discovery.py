@@ -1,0 +1,110 @@
+"""What to predict: a file, a DICOM series folder, or a folder of cases (image files and DICOM series mixed).
+
+Image files directly inside the folder are one case each (case ID = file name without its ending). Every
+other file below the folder is scanned as DICOM: each image series is one case named
+``series_<index>_<UID hash>`` (never from patient tags or folder names, which PACS exports often build from
+patient names). Non-image DICOM objects (RTSTRUCT, SR, SEG ...) and localizers are reported as skipped;
+DICOM files that cannot be used (no transfer syntax, unreadable header) as failed; non-DICOM clutter
+(README, .DS_Store) is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from medseg.errors import InputError, require_exists
+from medseg.io.dicom_headers import DicomSeries, is_dicom_file, scan_paths
+from medseg.io.readers import case_id as file_case_id
+from medseg.io.readers import is_supported
+
+NOT_CASES = ("DICOM_NOT_DICOM",)  # counted, not listed
+SKIPPED = ("DICOM_NOT_IMAGE", "DICOM_NO_GEOMETRY")  # listed as skipped (RELIABILITY.md 3, 6)
+
+
+@dataclass
+class CaseInput:
+    """One case to predict, or one input reported without prediction (``status`` skipped/failed)."""
+
+    case_id: str
+    source: Path | tuple[Path, ...]  # file, channel files, or the first file of a DICOM series
+    series: DicomSeries | None = None
+    status: str = "pending"  # pending | skipped | failed
+    error_code: str | None = None
+    error: str | None = None
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.series is not None
+
+
+@dataclass
+class Discovery:
+    """The cases found under an input, plus counts of ignored files by reason."""
+
+    cases: list[CaseInput]
+    ignored: dict[str, int]
+
+
+def discover(path: str | Path) -> Discovery:
+    """Finds the cases of ``path`` (file or folder), sorted by case ID.
+
+    Raises:
+        InputError: ``PATH_NOT_FOUND``; ``NO_INPUTS`` when nothing at all could be a case.
+    """
+    path = Path(path)
+    require_exists(path, "input")
+    if path.is_file() and is_supported(path):
+        return Discovery([CaseInput(file_case_id(path), path)], {})
+    if path.is_file():
+        if not is_dicom_file(path):
+            raise InputError("NO_INPUTS", f"{path.name} is neither a supported image file nor DICOM")
+        files, images = [path], []
+    else:
+        images = sorted(p for p in path.iterdir() if p.is_file() and is_supported(p))
+        files = [p for p in sorted(path.rglob("*")) if p.is_file() and not (p.parent == path and is_supported(p))]
+    cases = [CaseInput(file_case_id(p), p) for p in images]
+    ignored: dict[str, int] = {}
+    if files:
+        scan = scan_paths(path, files)
+        for series in scan.series:
+            cases.append(CaseInput(series.name, series.files[0].path, series))
+        for skipped in scan.skipped:
+            if skipped.code in NOT_CASES:
+                ignored[skipped.code] = ignored.get(skipped.code, 0) + 1
+                continue
+            status = "skipped" if skipped.code in SKIPPED else "failed"
+            name = f"file_{skipped.path.name}" if skipped.path.name else "file"
+            cases.append(CaseInput(name, skipped.path, None, status, skipped.code, f"{skipped.code}: {skipped.reason}"))
+    if not cases:
+        raise InputError(
+            "NO_INPUTS", f"no image files or DICOM series in {path}",
+            "expected .nii/.nii.gz/.nrrd/.mha/.png/.jpg/.tif files or DICOM series",
+        )
+    cases.sort(key=lambda c: c.case_id)
+    return Discovery(cases, ignored)
+
+
+def shard(cases: list[CaseInput], index: int, count: int) -> list[CaseInput]:
+    """Every ``count``-th case starting at ``index`` (cases sorted by ID, so all workers agree).
+
+    Raises:
+        InputError: ``SHARD_INVALID`` unless ``0 <= index < count``.
+    """
+    if count < 1 or not 0 <= index < count:
+        raise InputError("SHARD_INVALID", f"shard {index}/{count} is invalid", "use --shard i/n with 0 <= i < n")
+    return cases[index::count]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> ``(2, 8)``.
+
+    Raises:
+        InputError: ``SHARD_INVALID``.
+    """
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise InputError("SHARD_INVALID", f"--shard expects i/n (e.g. 0/4), got {text!r}") from None
+    shard([], index, count)
+    return index, count

@@ -1,0 +1,108 @@
+"""What the folder runner writes for one case: the label map (NIfTI, PNG for 2D pictures, or DICOM-SEG),
+optional float16 probabilities, a three-plane preview and label volumes. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medseg.fsutil import atomic_write, sha256_file
+from medseg.io.image2d import is_image2d
+from medseg.io.nifti import write_nifti
+from medseg.io.volume import Volume
+
+OUTPUT_TYPES = ("nifti", "dicom-seg")
+
+
+def label_path(out_dir: Path, case_id: str, source: Path, dicom: bool, output_type: str) -> Path:
+    """Where a case's label map goes: ``<case>.dcm`` (DICOM-SEG for DICOM inputs when asked), ``<case>.png``
+    for 2D pictures, else ``<case>.nii.gz``."""
+    if dicom and output_type == "dicom-seg":
+        return out_dir / f"{case_id}.dcm"
+    if not dicom and isinstance(source, Path) and is_image2d(source):
+        return out_dir / f"{case_id}.png"
+    return out_dir / f"{case_id}.nii.gz"
+
+
+def write_labels(labels: Volume, target: Path, source_volume: Volume, label_names: dict[int, str], model_name: str) -> None:
+    """Writes the label map to ``target`` in the format its ending names."""
+    if target.suffix == ".dcm":
+        from medseg.io.dicom_seg import write_dicom_seg
+
+        import medseg
+
+        write_dicom_seg(labels, source_volume, target, label_names, algorithm=model_name, algorithm_version=medseg.__version__)
+    elif target.suffix == ".png":
+        from PIL import Image
+
+        image = Image.fromarray(np.ascontiguousarray(labels.array[0], dtype=np.uint8))
+        atomic_write(target, lambda tmp: image.save(tmp, format="PNG"))
+    else:
+        dtype = np.uint8 if labels.array.dtype == np.uint8 else np.uint16
+        write_nifti(labels, target, dtype)
+
+
+def write_probabilities(probabilities: Volume, target: Path, label_names: dict[int, str]) -> None:
+    """float16 class probabilities ``(K, *spatial)`` on the input grid, compressed ``.npz`` with the affine."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(
+                fh, probabilities=probabilities.array.astype(np.float16, copy=False), affine=probabilities.affine,
+                labels=np.array([label_names[k] for k in sorted(label_names)]),
+            )
+
+    atomic_write(target, write)
+
+
+def label_volumes_ml(labels: Volume, label_names: dict[int, str]) -> dict[str, float]:
+    """Volume in millilitres of every foreground label (area in cm^2 x 1 cm for 2D pictures)."""
+    counts = np.bincount(labels.array.ravel(), minlength=max(label_names) + 1)
+    voxel_ml = labels.voxel_volume_ml if len(labels.spatial_shape) == 3 else float(abs(np.linalg.det(labels.affine[:2, :2]))) / 100.0
+    return {name: round(float(counts[k]) * voxel_ml, 4) for k, name in sorted(label_names.items()) if k > 0}
+
+
+def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict[int, str]) -> None:
+    """PNG with the three orthogonal planes through the labelled region's centre (one plane for 2D), labels
+    overlaid in colour. Planes are shown in voxel order, scaled by spacing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = np.asarray(image.array[0], dtype=np.float32)
+    lab = labels.array[0]
+    lo, hi = np.percentile(data, [1, 99]) if data.size else (0, 1)
+    fg = np.argwhere(lab > 0)
+    centre = fg.mean(axis=0).round().astype(int) if len(fg) else np.array(lab.shape) // 2
+    spacing = image.spacing
+    if lab.ndim == 2:
+        planes = [(data, lab, spacing[1] / spacing[0], "plane")]
+    else:
+        planes = [
+            (data[:, :, centre[2]], lab[:, :, centre[2]], spacing[1] / spacing[0], f"axis 3 = {centre[2]}"),
+            (data[:, centre[1], :], lab[:, centre[1], :], spacing[2] / spacing[0], f"axis 2 = {centre[1]}"),
+            (data[centre[0], :, :], lab[centre[0], :, :], spacing[2] / spacing[1], f"axis 1 = {centre[0]}"),
+        ]
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(planes), figsize=(4 * len(planes), 4), squeeze=False)
+    for ax, (img, seg, aspect, title) in zip(axes[0], planes):
+        ax.imshow(img.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect)
+        overlay = np.zeros((*seg.T.shape, 4))
+        for k in sorted(label_names):
+            if k > 0:
+                overlay[seg.T == k] = (*colours((k - 1) % 10)[:3], 0.45)
+        ax.imshow(overlay, origin="lower", aspect=aspect)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    names = ", ".join(f"{k}={v}" for k, v in sorted(label_names.items()) if k)
+    fig.suptitle(f"labels: {names}", fontsize=9)
+    fig.tight_layout()
+    atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    plt.close(fig)
+
+
+def hashes(paths: dict[str, Path], root: Path) -> dict[str, dict[str, str]]:
+    """``{kind: {"file": path relative to root, "sha256": hex}}`` of written outputs."""
+    return {kind: {"file": p.relative_to(root).as_posix(), "sha256": sha256_file(p)} for kind, p in paths.items()}

@@ -1,0 +1,130 @@
+"""Folder runs over mixed NIfTI + DICOM inputs: isolation, resume, shards, DICOM-SEG, extras, provenance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_helpers import rotated_affine, series
+from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
+
+from medseg.cli import app
+from medseg.fsutil import sha256_file
+from medseg.inference.predictor import Predictor
+from medseg.inference.runner import RunOptions, predict_folder
+from medseg.io.dicom import read_dicom
+from medseg.io.nifti import read_nifti
+
+
+@pytest.fixture(scope="module")
+def predictor(smoke_model: Path) -> Predictor:
+    return Predictor.from_model_dir(smoke_model, "cpu")
+
+
+@pytest.fixture
+def mixed(tmp_path: Path, tiny_dataset: Path) -> Path:
+    """good.nii.gz, broken.nii.gz (truncated), a good oblique DICOM series, an RT structure set, a README."""
+    root = tmp_path / "in"
+    root.mkdir()
+    shutil.copy(tiny_dataset / "imagesTs" / "ct_003.nii.gz", root / "good.nii.gz")
+    (root / "broken.nii.gz").write_bytes((tiny_dataset / "imagesTs" / "ct_003.nii.gz").read_bytes()[:700])
+    series(root / "patient_dir" / "ct", shape=(30, 28, 9), affine=rotated_affine(spacing=(1.6, 1.4, 3.5)))
+    shutil.copy(get_testdata_file("test-SR.dcm"), root / "patient_dir" / "report.dcm")
+    (root / "README.txt").write_text("export notes")
+    return root
+
+
+def test_mixed_folder_finishes_good_cases_and_reports_the_others(predictor, mixed: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    results = predict_folder(predictor, mixed, out)
+    status = {r.case_id: (r.status, r.error_code) for r in results}
+    dicom_case = next(k for k in status if k.startswith("series_"))
+    assert status == {
+        "broken": ("failed", "NIFTI_CORRUPT"),
+        "good": ("ok", None),
+        dicom_case: ("ok", None),
+        "file_report.dcm": ("skipped", "DICOM_NOT_IMAGE"),
+    }
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["n_ok"], manifest["n_failed"], manifest["n_skipped"]) == (2, 1, 1)
+    assert manifest["ignored_files"] == {"DICOM_NOT_DICOM": 1}
+    # predictions reloaded have the input's exact geometry, for the DICOM series too
+    source = read_dicom(mixed / "patient_dir" / "ct")
+    pred = read_nifti(out / f"{dicom_case}.nii.gz")
+    assert pred.spatial_shape == source.spatial_shape and np.abs(pred.affine - source.affine).max() < 1e-4
+    entry = next(c for c in manifest["cases"] if c["case_id"] == dicom_case)
+    assert entry["series_instance_uid"] == source.meta["series_instance_uid"]
+    assert set(entry["timings"]) == {"read_s", "predict_s", "write_s"}
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["models"][0]["weights_sha256"] and provenance["settings"]["tta"] is False
+    assert any(c["series_instance_uid"] == source.meta["series_instance_uid"] for c in provenance["cases"])
+
+
+def test_cli_exit_code_and_one_line_per_problem(smoke_model: Path, mixed: Path, tmp_path: Path):
+    result = CliRunner().invoke(app, ["predict", "-i", str(mixed), "-o", str(tmp_path / "o"), "-m", str(smoke_model), "-d", "cpu"])
+    assert result.exit_code == 1
+    assert "2 of 4 case(s) written" in result.output
+    assert "failed: broken: NIFTI_CORRUPT" in result.output and "skipped: file_report.dcm: DICOM_NOT_IMAGE" in result.output
+
+
+def test_resume_skips_complete_cases_and_redoes_a_truncated_output(predictor, tiny_dataset: Path, tmp_path: Path):
+    inputs = tmp_path / "in"
+    shutil.copytree(tiny_dataset / "imagesTr", inputs)
+    out = tmp_path / "out"
+    first = predict_folder(predictor, inputs, out)
+    assert all(r.status == "ok" for r in first)
+    truncated = out / f"{first[0].case_id}.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[:100])  # what a killed non-atomic writer would leave
+    (out / f"{first[1].case_id}.nii.gz").unlink()
+    untouched = out / f"{first[2].case_id}.nii.gz"
+    mtime = untouched.stat().st_mtime_ns
+    again = predict_folder(predictor, inputs, out, options=RunOptions(resume=True))
+    assert [r.resumed for r in again] == [False, False, True]
+    assert all(r.status == "ok" for r in again)
+    assert sha256_file(truncated) == first[0].sha256 and untouched.stat().st_mtime_ns == mtime
+    # without --resume or --overwrite existing outputs are refused
+    refused = predict_folder(predictor, inputs, out)
+    assert {r.error_code for r in refused} == {"OUTPUT_EXISTS"}
+
+
+def test_shards_split_the_cases(predictor, tiny_dataset: Path, tmp_path: Path):
+    inputs = tmp_path / "in"
+    shutil.copytree(tiny_dataset / "imagesTr", inputs)
+    ids = []
+    for i in range(2):
+        results = predict_folder(predictor, inputs, tmp_path / "out", options=RunOptions(shard=(i, 2)))
+        ids.append([r.case_id for r in results])
+        assert (tmp_path / "out" / f"manifest.shard-{i}-of-2.json").is_file()
+    assert ids == [["ct_000", "ct_002"], ["ct_001"]]
+
+
+def test_dicom_seg_output_stats_preview_and_probabilities(predictor, tmp_path: Path):
+    import highdicom as hd
+
+    series(tmp_path / "in" / "ct", shape=(30, 28, 9), affine=np.diag([3.0, 3.0, 6.0, 1.0]))
+    out = tmp_path / "out"
+    options = RunOptions(output_type="dicom-seg", stats=True, preview=True, save_probabilities=True)
+    [result] = predict_folder(predictor, tmp_path / "in", out, options=options)
+    assert result.status == "ok" and result.output.endswith(".dcm")
+    seg = hd.seg.segread(out / result.output)
+    assert seg.SegmentationType == "BINARY" and {s.SegmentLabel for s in seg.SegmentSequence} == {"organ", "lesion"}
+    probs = np.load(out / "probabilities" / f"{result.case_id}.npz")
+    assert probs["probabilities"].dtype == np.float16 and probs["probabilities"].shape == (3, 30, 28, 9)
+    assert np.allclose(probs["probabilities"].astype(np.float32).sum(0), 1, atol=5e-3)
+    labels = probs["probabilities"].astype(np.float32).argmax(0)
+    voxel_ml = 3.0 * 3.0 * 6.0 / 1000
+    assert result.volumes_ml["organ"] == pytest.approx(float((labels == 1).sum()) * voxel_ml, rel=0.02, abs=voxel_ml * 3)
+    assert (out / "previews" / f"{result.case_id}.png").stat().st_size > 1000
+    csv = (out / "stats.csv").read_text().splitlines()
+    assert csv[0] == "case_id,organ_ml,lesion_ml" and csv[1].startswith(result.case_id)
+    assert set(result.outputs) == {"labels", "probabilities", "preview"}
+
+
+def test_dicom_seg_for_nifti_inputs_writes_nifti_with_a_note(predictor, tiny_dataset: Path, tmp_path: Path):
+    options = RunOptions(output_type="dicom-seg")
+    [result] = predict_folder(predictor, tiny_dataset / "imagesTs" / "ct_003.nii.gz", tmp_path / "o", options=options)
+    assert result.status == "ok" and result.output == "ct_003.nii.gz" and "DICOM-SEG needs a DICOM input" in result.notes[0]
