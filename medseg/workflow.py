@@ -66,7 +66,9 @@ def evaluate_model(
     labels = {k: v for k, v in dataset.labels.items() if k != 0}
     log.info("predicting %d %s case(s)", len(cases), name)
     predictor = Predictor.from_model_dir(fit_result.model_dir, cfg.train.device)
-    results = predict_files(predictor, [c.image for c in cases], out / "predictions", overwrite=True)
+    results = predict_files(
+        predictor, [c.images if len(c.images) > 1 else c.image for c in cases], out / "predictions", overwrite=True
+    )
     ok = [c for c, r in zip(cases, results) if r.status == "ok"]
     if not ok:
         raise InputError(

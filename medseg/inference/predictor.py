@@ -15,12 +15,14 @@ plus the network. No float map per class of the whole volume ever exists (``--sa
 float16 map on request). See ``benchmarks/inference.py`` for measured peaks.
 
 Averaging: TTA (mirroring over every subset of spatial axes) and ensembles average softmax probabilities,
-window by window, before Gaussian blending.
+window by window, before Gaussian blending. A single model without TTA blends logits (as MONAI and nnU-Net do);
+its probabilities are the softmax of the blended logits.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,13 +31,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
 from medseg.config import Config
 from medseg.errors import InputError, ModelError
 from medseg.inference.backends import Backend, load_backend
 from medseg.inference.grid import axis_map, map_back, to_ras
 from medseg.inference.postprocess import postprocess
-from medseg.inference.sliding_window import WindowLayout, sliding_window
+from medseg.inference.sliding_window import WindowLayout, argmax_labels, sliding_window
 from medseg.io.volume import Volume
 from medseg.models.folder import load_model_dir
 from medseg.plan.planner import Plan
@@ -110,6 +113,8 @@ class Predictor:
         self.spatial_dims = int(first.info["spatial_dims"])
         self.streaming = all(not m.cfg.data.clahe.enabled and all(s in POINTWISE for s in m.schemes) for m in members)
         self._normalize = [normalization(m.cfg.data.intensity, m.plan.normalization, m.plan.intensity) for m in members]
+        spec = [(m.cfg.data.intensity.model_dump_json(), m.schemes, json.dumps(m.plan.intensity, sort_keys=True)) for m in members]
+        self._shared_normalisation = all(x == spec[0] for x in spec)
         self._preprocess = build_infer_transforms(first.cfg, first.plan)
 
     # ------------------------------------------------------------------------------------------- loading
@@ -222,34 +227,57 @@ class Predictor:
         shape = layout.shape
         labels = np.empty(shape, dtype=self._label_dtype())
         probs = np.empty((n_out, *shape), np.float16) if probabilities else None
-        dtype = torch.float16 if target.type == "cuda" else torch.float32  # probabilities are bounded: safe in fp16
-        fill = 0.0 if normalised else float("nan")  # raw windows mark padding; the network wrapper zeroes it
-        source = _window_source(image, layout, fill)
+        logits = self._blends_logits
+        # probabilities are bounded, so a float16 accumulator is safe on the GPU; logits stay float32
+        dtype = torch.float16 if target.type == "cuda" and not logits else torch.float32
+        if normalised:
+            source = _window_source(image, layout, 0.0)
+        elif self._shared_normalisation:  # every member normalises alike: do it once per window, pad with 0
+            source = _window_source(image, layout, 0.0, self._normalise_window)
+        else:  # raw windows mark padding with NaN; each member normalises and zeroes it (see _network)
+            source = _window_source(image, layout, float("nan"))
         for z0, z1, values in sliding_window(source, layout, network, n_out, sw_batch_size=self.sw_batch_size,
                                               mode=self.cfg.inference.blend, device=self.device, accumulate=target,
                                               dtype=dtype, on_window=on_window):
-            labels[..., z0:z1] = values.argmax(0).to("cpu", torch.int32).numpy()
+            labels[..., z0:z1] = argmax_labels(values, torch.int32 if labels.dtype == np.uint16 else torch.uint8).cpu().numpy()
             if probs is not None:
-                probs[..., z0:z1] = values.to("cpu", torch.float16).numpy()
+                slab = torch.softmax(values.float(), dim=0) if logits else values
+                probs[..., z0:z1] = slab.to("cpu", torch.float16).numpy()
         return labels, probs
+
+    @property
+    def _blends_logits(self) -> bool:
+        """One model without TTA blends logits (as MONAI and nnU-Net do); averaging needs probabilities."""
+        return len(self.members) == 1 and not self.tta
+
+    def _normalise_window(self, raw: torch.Tensor) -> torch.Tensor:
+        out = torch.as_tensor(self._normalize[0]({IMAGE: raw})[IMAGE])
+        return out.as_tensor() if isinstance(out, MetaTensor) else out  # plain tensors: no metadata overhead
 
     def _network(self, normalised: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         dims = self.spatial_dims
         flips = [()] + ([c for r in range(1, dims + 1) for c in itertools.combinations(range(2, 2 + dims), r)] if self.tta else [])
         use_amp = self.device.type == "cuda" and self.cfg.inference.amp
+        per_member = not normalised and not self._shared_normalisation
+        logits = self._blends_logits
 
         def run(batch: torch.Tensor) -> torch.Tensor:
             total = None
             for member, normalize in zip(self.members, self._normalize):
                 x = batch
-                if not normalised:  # raw windows: this member's normalisation, padding (NaN) becomes 0
-                    x = torch.where(torch.isnan(batch), 0.0, normalize({IMAGE: batch.transpose(0, 1)})[IMAGE].transpose(0, 1))
+                if per_member:  # raw windows: this member's normalisation, padding (NaN) becomes 0
+                    scaled = torch.as_tensor(normalize({IMAGE: batch.transpose(0, 1)})[IMAGE]).transpose(0, 1)
+                    if isinstance(scaled, MetaTensor):
+                        scaled = scaled.as_tensor()
+                    x = torch.where(torch.isnan(batch), 0.0, scaled)
                 x = x.to(self.device)
                 for axes in flips:
                     inp = torch.flip(x, axes) if axes else x
                     with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                        out = member.backend(inp)
-                    out = torch.softmax(out.float(), dim=1)
+                        out = member.backend(inp).float()
+                    if logits:
+                        return out
+                    out = torch.softmax(out, dim=1)
                     out = torch.flip(out, axes) if axes else out
                     total = out if total is None else total + out
             return total / (len(self.members) * len(flips))
@@ -275,13 +303,14 @@ def with_cpu_fallback(attempt: Callable[[torch.device], object], device: torch.d
         return attempt(torch.device("cpu")), torch.device("cpu")
 
 
-def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill: float):
-    """Cuts windows (slices of the padded image) from the unpadded image, padding with ``fill``."""
+def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill: float,
+                   transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """Cuts windows (slices of the padded image) from the unpadded image, applies ``transform`` (normalisation)
+    to the part inside the image, and pads with ``fill``."""
     pad = layout.pad
     channels = image.shape[0]
 
     def source(slices: Sequence[slice]) -> torch.Tensor:
-        window = torch.full((channels, *layout.roi), fill, dtype=torch.float32)
         real, target = [], []
         for s, (before, _), size in zip(slices, pad, layout.shape):
             lo, hi = max(s.start - before, 0), min(s.stop - before, size)
@@ -290,6 +319,11 @@ def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill:
         part = image[(slice(None), *real)]
         if isinstance(part, np.ndarray):
             part = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
+        if transform is not None:
+            part = transform(part)
+        if tuple(part.shape[1:]) == tuple(layout.roi):  # inside the image: a view (the batch stack copies it)
+            return part.to(torch.float32)
+        window = torch.full((channels, *layout.roi), fill, dtype=torch.float32, device=part.device)
         window[(slice(None), *target)] = part.to(torch.float32)
         return window
 

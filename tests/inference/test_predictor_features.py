@@ -31,7 +31,7 @@ def test_sliding_window_matches_monai(shape, roi, overlap):
     padded = torch.nn.functional.pad(x, [p for pair in reversed(layout.pad) for p in pair])[0]
     with torch.no_grad():
         ref = sliding_window_inference(x, roi, 3, net, overlap=overlap, mode="gaussian")[0]
-        parts = list(sliding_window(lambda s: padded[(slice(None), *s)], layout, net, 3, sw_batch_size=3))
+        parts = [(z0, z1, v.clone()) for z0, z1, v in sliding_window(lambda s: padded[(slice(None), *s)], layout, net, 3, sw_batch_size=3)]
     assert [p[0] for p in parts] == sorted(p[0] for p in parts) and parts[-1][1] == shape[-1]
     ours = torch.cat([v for _, _, v in parts], dim=-1)
     assert ours.shape == ref.shape and (ours - ref).abs().max().item() <= 1e-5

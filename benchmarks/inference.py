@@ -1,0 +1,230 @@
+"""Inference speed and memory against MONAI, all on the same weights, volumes and settings in one run.
+
+    .venv/bin/python benchmarks/inference.py [--skip-memory] [--cases 4]
+
+(a) Sliding window alone: medseg's ``sliding_window`` (slab-wise accumulator) vs
+    ``monai.inferers.sliding_window_inference`` on one 1 x 192 x 192 x 96 input, Gaussian blending, overlap 0.5,
+    sw_batch_size 2: throughput ratio (MONAI time / medseg time; target >= 1.0) and max |logit difference|
+    (target <= 1e-4).
+(b) Folder throughput in cases/min (load -> predict -> post-process -> write .nii.gz): ``medseg`` folder runner
+    vs a minimal MONAI pipeline (LoadImage + ScaleIntensityRange + sliding_window_inference + argmax +
+    SaveImage), over ``--cases`` CT-like int16 volumes of 256 x 256 x 96. Target ratio >= 1.5.
+(c) Peak RSS (``ru_maxrss`` of a fresh process) predicting one 512 x 512 x 600 CT-like int16 volume with a
+    3-class model: medseg vs the same minimal MONAI pipeline. Targets: <= 0.5 x MONAI and <= 2.5 GB.
+
+The model is a medseg model folder with a seeded random-initialised 3D UNet (channels 8-16-32-64, 3 classes,
+patch 96 x 96 x 64) at the volumes' own spacing, CT window normalisation: the network's speed, not its
+accuracy, is what is measured. On a CUDA machine (a) and (b) also run on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import save  # noqa: E402
+
+SPACING = (0.8, 0.8, 1.5)
+PATCH = (96, 96, 64)
+WINDOW = (-160.0, 240.0)
+
+
+def make_model_dir(folder: Path, overlap: float = 0.5) -> Path:
+    """A medseg model folder with seeded random weights (no training)."""
+    from medseg.config import load_config
+    from medseg.models.folder import save_model_dir
+    from medseg.models.registry import build_model
+    from medseg.plan.planner import Plan
+
+    cfg = load_config("smoke", [
+        f"data.spacing={list(SPACING)}", f"data.patch_size={list(PATCH)}", "model.channels=[8, 16, 32, 64]",
+        "model.strides=[2, 2, 2]", "model.num_res_units=1", f"inference.overlap={overlap}", "inference.sw_batch_size=2",
+        f"data.intensity.window={list(WINDOW)}",
+    ])
+    plan = Plan(dims=3, spacing=list(SPACING), patch_size=list(PATCH), batch_size=2, channels=[8, 16, 32, 64],
+                strides=[2, 2, 2], normalization=["window"], intensity=[{}], anisotropic=False,
+                fingerprint_hash="benchmark")
+    torch.manual_seed(0)
+    net = build_model(cfg.model, 3, 1, 3)
+    info = {"labels": {0: "background", 1: "organ", 2: "lesion"}, "spatial_dims": 3, "in_channels": 1}
+    return save_model_dir(folder, net, cfg, plan, info)
+
+
+def ct_volume(shape: tuple[int, int, int], seed: int):
+    """int16 CT-like volume at SPACING: body ellipse, an organ, noise."""
+    from medseg.io.volume import Volume
+
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    body = (x / 0.85) ** 2 + (y / 0.65) ** 2 < 1
+    organ = ((x - 0.3) / 0.25) ** 2 + ((y + 0.1) / 0.2) ** 2 < 1
+    plane = np.where(body, 40, -1000) + organ * 60
+    array = np.empty((1, *shape), np.int16)
+    for k in range(shape[2]):
+        array[0, :, :, k] = plane + rng.normal(0, 12, plane.shape) * body
+    return Volume(array, np.diag([*SPACING, 1.0]))
+
+
+# ------------------------------------------------------------------------------------------------ (a)
+
+
+def bench_window(model_dir: Path, device: str, repeats: int = 10) -> dict:
+    from monai.inferers import sliding_window_inference
+
+    from medseg.inference.predictor import _window_source
+    from medseg.inference.sliding_window import WindowLayout, sliding_window
+    from medseg.models.folder import load_model_dir
+
+    net, _, _, _ = load_model_dir(model_dir, device)
+    dev = torch.device(device)
+    shape = (192, 192, 96)
+    x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
+    layout = WindowLayout(shape, PATCH, 0.5)
+
+    def monai() -> torch.Tensor:
+        return sliding_window_inference(x, PATCH, 2, net, overlap=0.5, mode="gaussian")[0]
+
+    def ours() -> torch.Tensor:
+        source = _window_source(x[0], layout, 0.0)
+        out = torch.empty((3, *shape), device=dev)  # the full logits, as MONAI returns them
+        for z0, z1, values in sliding_window(source, layout, net, 3, sw_batch_size=2, device=dev):
+            out[..., z0:z1] = values
+        return out
+
+    with torch.inference_mode():
+        ref, got = monai(), ours()  # warm-up, and the outputs to compare
+        diff = float((ref - got).abs().max())
+        t_monai, t_ours = [], []
+        for i in range(repeats):  # interleaved, alternating who goes first: drift in machine load hits both
+            for fn, times in ([(monai, t_monai), (ours, t_ours)] if i % 2 == 0 else [(ours, t_ours), (monai, t_monai)]):
+                start = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+    m, o = float(np.median(t_monai)), float(np.median(t_ours))
+    return {"device": device, "shape": list(shape), "windows": len(layout.windows()), "repeats": repeats,
+            "monai_s": m, "medseg_s": o, "monai_s_all": [round(t, 3) for t in t_monai],
+            "medseg_s_all": [round(t, 3) for t in t_ours],
+            "throughput_ratio": m / o, "max_abs_logit_diff": diff, "target_ratio_min": 1.0, "target_diff_max": 1e-4}
+
+
+# ------------------------------------------------------------------------------------------------ (b), (c)
+
+
+def run_medseg(model_dir: Path, inputs: Path, out: Path, device: str) -> None:
+    from medseg.inference.predictor import Predictor
+    from medseg.inference.runner import RunOptions, predict_folder
+
+    predictor = Predictor.from_model_dir(model_dir, device)
+    results = predict_folder(predictor, inputs, out, options=RunOptions(progress=False, overwrite=True))
+    assert all(r.status == "ok" for r in results), [r.error for r in results]
+
+
+def run_monai(model_dir: Path, inputs: Path, out: Path, device: str) -> None:
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import LoadImage, SaveImage, ScaleIntensityRange
+
+    from medseg.models.folder import load_model_dir
+
+    net, _, _, _ = load_model_dir(model_dir, device)
+    load = LoadImage(image_only=True, ensure_channel_first=True)
+    scale = ScaleIntensityRange(a_min=WINDOW[0], a_max=WINDOW[1], b_min=0.0, b_max=1.0, clip=True)
+    saver = SaveImage(output_dir=str(out), output_postfix="seg", separate_folder=False, output_dtype=np.uint8,
+                      resample=False, print_log=False)
+    with torch.inference_mode():
+        for path in sorted(inputs.glob("*.nii.gz")):
+            image = scale(load(path))
+            logits = sliding_window_inference(image[None].to(device), PATCH, 2, net, overlap=0.5, mode="gaussian")
+            labels = logits.argmax(1).to(torch.uint8).cpu()
+            del logits
+            saver(labels, meta_data=image.meta)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One pipeline in this (fresh) process; prints its time (after imports: throughput over a folder does not
+    pay start-up per case) and peak RSS as JSON."""
+    import monai.inferers  # noqa: F401
+    import monai.transforms  # noqa: F401
+
+    import medseg.inference.runner  # noqa: F401
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    (run_medseg if args.child == "medseg" else run_monai)(Path(args.model), Path(args.inputs), Path(args.out), args.device)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "rss_before_work_mb": baseline / 1024}))
+
+
+def in_child(which: str, model_dir: Path, inputs: Path, out: Path, device: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", which, "--model", str(model_dir), "--inputs", str(inputs),
+           "--out", str(out), "--device", device]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_folder(model_dir: Path, tmp: Path, cases: int, device: str) -> dict:
+    from medseg.io.nifti import write_nifti
+
+    inputs = tmp / "folder_in"
+    for i in range(cases):
+        write_nifti(ct_volume((256, 256, 96), seed=i), inputs / f"case_{i:03d}.nii.gz")
+    in_child("medseg", model_dir, inputs, tmp / "warm", device)  # warm the page cache and torch kernels
+    med = in_child("medseg", model_dir, inputs, tmp / "out_medseg", device)
+    mon = in_child("monai", model_dir, inputs, tmp / "out_monai", device)
+    rate = {k: cases / (v["seconds"] / 60) for k, v in (("medseg", med), ("monai", mon))}
+    return {"device": device, "cases": cases, "shape": [256, 256, 96], "medseg_cases_per_min": rate["medseg"],
+            "monai_cases_per_min": rate["monai"], "ratio": rate["medseg"] / rate["monai"], "target_ratio_min": 1.5}
+
+
+def bench_memory(model_dir: Path, tmp: Path) -> dict:
+    from medseg.io.nifti import write_nifti
+
+    inputs = tmp / "big_in"
+    write_nifti(ct_volume((512, 512, 600), seed=0), inputs / "big.nii.gz")
+    med = in_child("medseg", model_dir, inputs, tmp / "big_medseg", "cpu")
+    mon = in_child("monai", model_dir, inputs, tmp / "big_monai", "cpu")
+    return {"shape": [512, 512, 600], "classes": 3, "medseg": med, "monai": mon,
+            "ratio": med["peak_rss_mb"] / mon["peak_rss_mb"], "target_ratio_max": 0.5, "target_medseg_gb_max": 2.5}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=4)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--child", choices=["medseg", "monai"])
+    parser.add_argument("--model")
+    parser.add_argument("--inputs")
+    parser.add_argument("--out")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    result: dict = {"settings": {"patch": list(PATCH), "overlap": 0.5, "sw_batch_size": 2, "spacing": list(SPACING)}}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = make_model_dir(tmp / "model")
+        result["a_sliding_window"] = [bench_window(model_dir, d) for d in devices]
+        result["b_folder"] = [bench_folder(model_dir, tmp, args.cases, d) for d in devices]
+        if not args.skip_memory:
+            result["c_memory"] = bench_memory(model_dir, tmp)
+    if not torch.cuda.is_available():
+        result["gpu"] = "no CUDA GPU on this machine"
+    save("inference" if not torch.cuda.is_available() else "inference_gpu", result)
+
+
+if __name__ == "__main__":
+    main()
