@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import: files get the usual permissions, not mkstemp's 0600
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any], suffix: str = "") -> Path:
     """Calls ``write(tmp_path)``, fsyncs the file and renames it over ``path``.
 
@@ -25,6 +29,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any], suffix: str = "") -> 
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from medseg.errors import ConfigError, DatasetError, InputError
 from medseg.inference.predictor import Predictor
 from medseg.inference.runner import predict_files
 from medseg.io.dataset import Case, load_dataset
+from medseg.io.readers import files_by_id
 from medseg.metrics.evaluate import evaluate_folders
 from medseg.reporting.report import write_report
 from medseg.tracking import MlflowTracker, NullTracker, Tracker, resolve_tracking_uri
@@ -227,12 +228,11 @@ def _pool_folds(cfg: Config, root: Path, folds: list[dict]) -> EvaluationResult:
     pooled = root / "cv" / "predictions"
     pooled.mkdir(parents=True, exist_ok=True)
     for fold in folds:
-        for path in (Path(fold["run_dir"]) / "validation" / "predictions").iterdir():
-            if path.name != "manifest.json":
-                shutil.copy2(path, pooled / path.name)
+        for path in files_by_id(Path(fold["run_dir"]) / "validation" / "predictions").values():
+            shutil.copy2(path, pooled / path.name)  # label files only (not manifest.json, provenance.json)
     labels = {k: v for k, v in dataset.labels.items() if k != 0}
     first = dataset.training[0]
-    ids = sorted({p.name.split(".")[0] for p in pooled.iterdir()})
+    ids = sorted(files_by_id(pooled))
     summary = evaluate_folders(
         pooled, first.label.parent, root / "cv" / "evaluation", settings=cfg.evaluation, labels=labels,
         images_dir=first.image.parent, context={"Dataset": f"{dataset.name} (cross-validation, {len(folds)} folds)"},

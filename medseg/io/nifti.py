@@ -19,7 +19,8 @@ from medseg.fsutil import atomic_write
 from medseg.io.volume import Volume, is_orthogonal
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-GZIP_LEVEL = 1  # fastest level; labels and CT compress well at it (see benchmarks/io.py)
+TORCH_COPYABLE = tuple(np.dtype(t) for t in ("bool", "uint8", "int8", "int16", "int32", "int64", "float32", "float64"))
+GZIP_LEVEL = 2  # zlib-ng level 2: faster than zlib's level 1 at the same size (zlib-ng's level 1 is 40 % larger)
 DEFAULT_MAX_BYTES = 16 * 1024**3  # largest voxel buffer a reader allocates (decompression bombs, corrupt headers)
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,27 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
-def _gzip_module():
-    """python-isal's igzip (ISA-L: about 3x faster than zlib at level 1, same format); the standard library's
-    gzip where ISA-L has no wheel."""
+def _gzip_reader():
+    """python-isal's igzip for decompression (ISA-L: about 1.5x faster than zlib); the standard library's gzip
+    where ISA-L has no wheel."""
     try:
         from isal import igzip
 
         return igzip
     except ImportError:  # pragma: no cover - platforms without an isal wheel
         return gzip
+
+
+def _gzip_writer(raw, level: int):
+    """A gzip stream over the open file ``raw``: zlib-ng (about 1.5x faster than zlib at the same size) or the
+    standard library's gzip. No file name and mtime 0 in the header, and a deterministic compressor: the same
+    volume always gives the same bytes (ISA-L's compressor is faster still but was seen to vary between runs)."""
+    try:
+        from zlib_ng import gzip_ng
+
+        return gzip_ng.GzipNGFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0)
+    except ImportError:  # pragma: no cover - platforms without a zlib-ng wheel
+        return gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0)
 
 
 def _read_gz_voxels(path: Path, img) -> np.ndarray:
@@ -56,7 +69,7 @@ def _read_gz_voxels(path: Path, img) -> np.ndarray:
     """
     proxy = img.dataobj
     shape = tuple(int(s) for s in img.shape)
-    with _gzip_module().open(path, "rb") as fh:
+    with _gzip_reader().open(path, "rb") as fh:
         if len(fh.read(int(proxy.offset))) != int(proxy.offset):
             raise EOFError("file ends inside the header")
         raw = np.empty(int(np.prod(shape)), dtype=proxy.dtype)
@@ -143,6 +156,24 @@ def read_nifti(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     return Volume(data, affine, meta)
 
 
+def _write_fortran(fh, data: np.ndarray, chunk: int = 16) -> None:
+    """Writes ``data`` in Fortran order (NIfTI's), a few last-axis slabs at a time: no copy for arrays that are
+    already Fortran-ordered (read from NIfTI), else a chunked transpose (torch's permute copy: about 1.8x faster
+    than numpy's for large int16 volumes)."""
+    import torch
+
+    if data.T.flags.c_contiguous:
+        fh.write(memoryview(data.T.reshape(-1)).cast("B"))
+        return
+    for k in range(0, data.shape[-1], chunk):
+        part = np.ascontiguousarray(data[..., k : k + chunk])
+        if part.dtype in TORCH_COPYABLE:
+            block = torch.from_numpy(part).permute(*range(part.ndim - 1, -1, -1)).contiguous().numpy()
+        else:
+            block = np.ascontiguousarray(part.T)
+        fh.write(memoryview(block.reshape(-1)).cast("B"))
+
+
 def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None = None) -> Path:
     """Writes a volume to NIfTI with its exact affine (sform and qform, code 1).
 
@@ -171,15 +202,11 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None 
         return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), suffix=".nii")
     header = img.header.copy()
     header["vox_offset"] = 352  # single-file layout: 348-byte header + 4-byte extension flag, then voxels
-    header["scl_slope"], header["scl_inter"] = np.nan, np.nan  # stored values are the values
+    header["scl_slope"], header["scl_inter"] = 1.0, 0.0  # stored values are the values (as nibabel writes them)
 
     def write(tmp: Path) -> None:
-        module = _gzip_module()  # mtime 0: the same volume gives the same bytes (hashes in manifests agree)
-        opener = module.IGzipFile if hasattr(module, "IGzipFile") else module.GzipFile
-        # no file name in the gzip header either (the temporary name would differ on every write)
-        with open(tmp, "wb") as raw, opener(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw, mtime=0) as fh:
+        with open(tmp, "wb") as raw, _gzip_writer(raw, GZIP_LEVEL) as fh:
             fh.write(header.binaryblock + b"\x00" * 4)
-            for k in range(data.shape[-1]):  # Fortran order, one last-axis slab at a time (no full copy)
-                fh.write(np.ascontiguousarray(data[..., k].T).tobytes())
+            _write_fortran(fh, data)
 
     return atomic_write(path, write, suffix=".nii.gz")

@@ -99,3 +99,22 @@ def test_gz_writes_are_byte_identical_for_the_same_volume(tmp_path: Path, make_v
     a = write_nifti(volume, tmp_path / "a.nii.gz").read_bytes()
     b = write_nifti(volume, tmp_path / "b.nii.gz").read_bytes()
     assert a == b and a[:2] == b"\x1f\x8b"
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path, make_volume):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = write_nifti(make_volume(), tmp_path / "a.nii.gz").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.float64])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_write_read_every_dtype_and_memory_order(tmp_path: Path, dtype, order):
+    rng = np.random.default_rng(0)
+    array = np.asarray(rng.integers(0, 200, (1, 7, 5, 40)), dtype=dtype, order=order)
+    volume = Volume(array, np.diag([0.5, 0.7, 1.3, 1.0]))
+    back = read_nifti(write_nifti(volume, tmp_path / "v.nii.gz"))
+    assert back.array.dtype == dtype and np.array_equal(back.array, array)
