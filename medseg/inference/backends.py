@@ -63,7 +63,7 @@ def load_backend(model_dir: Path, name: str, device: torch.device, net: torch.nn
             # oneDNN runs 3D convolutions about 1.3x faster in channels-last layout (same results to float
             # rounding; see benchmarks/inference.py)
             net = net.to(memory_format=torch.channels_last_3d)
-            return lambda x: final_output(net(x.to(device).contiguous(memory_format=torch.channels_last_3d))).contiguous()
+            return lambda x: final_output(net(x.to(device).contiguous(memory_format=torch.channels_last_3d)))
         return lambda x: final_output(net(x.to(device)))
     if fmt != "onnx":
         raise ModelError("BACKEND_NEEDS_EXPORT", f"backend {name} needs an ONNX model folder",
