@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save  # noqa: E402
+from _common import median_time, save  # noqa: E402
 
 from medseg.deploy.export import export_model  # noqa: E402
 from medseg.inference.predictor import Predictor  # noqa: E402
@@ -28,17 +26,6 @@ from medseg.io.nifti import read_nifti  # noqa: E402
 from medseg.metrics.overlap import dice  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _median_time(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main() -> None:
@@ -63,8 +50,8 @@ def main() -> None:
             cfg = predictor.cfg
             batch = torch.randn(cfg.inference.sw_batch_size, int(predictor.info["in_channels"]), *cfg.data.patch_size)
             with torch.no_grad():
-                patch_s = _median_time(lambda: predictor.backend(batch), repeats=10, warmup=2)
-                case_s = _median_time(lambda: predictor.predict(volume), repeats=3, warmup=1)
+                patch_s = median_time(lambda: predictor.backend(batch), repeats=10, warmup=2)
+                case_s = median_time(lambda: predictor.predict(volume), repeats=3, warmup=1)
                 labels = predictor.predict(volume).array
             reference = labels if reference is None else reference
             results[name] = {

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save  # noqa: E402
+from _common import median_time, save  # noqa: E402
 
 from medseg.io.dicom import read_dicom  # noqa: E402
 from medseg.io.dicom_write import write_dicom_series  # noqa: E402
@@ -48,16 +47,6 @@ def ct_like(size: int, slices: int, seed: int = 0) -> Volume:
     affine = np.diag([0.7, 0.7, 1.25, 1.0])
     affine[:3, 3] = [-180.0, -180.0, -300.0]
     return Volume(array, affine)
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main() -> None:
@@ -86,21 +75,24 @@ def main() -> None:
         assert np.array_equal(check.array, volume.array), "medseg read the series wrongly"
         ref = sitk.GetArrayFromImage(sitk.ReadImage(names))
         assert np.array_equal(ref.transpose(2, 1, 0), volume.array[0]), "SimpleITK read the series wrongly"
-        dicom = {"medseg_s": timed(medseg_dicom, args.repeats), "simpleitk_sorted_names_s": timed(sitk_dicom, args.repeats)}
+        dicom = {
+            "medseg_s": median_time(medseg_dicom, args.repeats),
+            "simpleitk_sorted_names_s": median_time(sitk_dicom, args.repeats),
+        }
         dicom["ratio"] = dicom["medseg_s"] / dicom["simpleitk_sorted_names_s"]
 
         nii = tmp_path / "ct.nii.gz"
         write_nifti(volume, nii)
         read_time = {
-            "medseg_s": timed(lambda: read_nifti(nii), args.repeats),
-            "simpleitk_s": timed(lambda: sitk.ReadImage(str(nii)), args.repeats),
+            "medseg_s": median_time(lambda: read_nifti(nii), args.repeats),
+            "simpleitk_s": median_time(lambda: sitk.ReadImage(str(nii)), args.repeats),
         }
         read_time["ratio"] = read_time["medseg_s"] / read_time["simpleitk_s"]
 
         image = sitk.ReadImage(str(nii))
         write_time = {
-            "medseg_s": timed(lambda: write_nifti(volume, tmp_path / "out.nii.gz"), args.repeats),
-            "simpleitk_gzip_level1_s": timed(
+            "medseg_s": median_time(lambda: write_nifti(volume, tmp_path / "out.nii.gz"), args.repeats),
+            "simpleitk_gzip_level1_s": median_time(
                 lambda: sitk.WriteImage(image, str(tmp_path / "sitk.nii.gz"), True, 1), args.repeats
             ),
         }

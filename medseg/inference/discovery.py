@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import InputError, require_exists
-from medseg.io.dicom_headers import DicomSeries, is_dicom_file, scan_paths
+from medseg.io.dicom_headers import DicomSeries, is_dicom_file, scan_paths, walk_files
 from medseg.io.readers import case_id as file_case_id
 from medseg.io.readers import is_supported
 
@@ -32,6 +32,11 @@ class CaseInput:
     status: str = "pending"  # pending | skipped | failed
     error_code: str | None = None
     error: str | None = None
+
+    @property
+    def path(self) -> Path:
+        """The (first) input file."""
+        return self.source if isinstance(self.source, Path) else self.source[0]
 
     @property
     def is_dicom(self) -> bool:
@@ -62,7 +67,7 @@ def discover(path: str | Path) -> Discovery:
         files, images = [path], []
     else:
         images = sorted(p for p in path.iterdir() if p.is_file() and is_supported(p))
-        files = [p for p in sorted(path.rglob("*")) if p.is_file() and not (p.parent == path and is_supported(p))]
+        files = [p for p in walk_files(path) if not (p.parent == path and is_supported(p))]
     cases = [CaseInput(file_case_id(p), p) for p in images]
     ignored: dict[str, int] = {}
     if files:

@@ -59,7 +59,7 @@ def write_probabilities(probabilities: Volume, target: Path, label_names: dict[i
 def label_volumes_ml(labels: Volume, label_names: dict[int, str]) -> dict[str, float]:
     """Volume in millilitres of every foreground label (area in cm^2 x 1 cm for 2D pictures)."""
     counts = np.bincount(labels.array.ravel(), minlength=max(label_names) + 1)
-    voxel_ml = labels.voxel_volume_ml if len(labels.spatial_shape) == 3 else float(abs(np.linalg.det(labels.affine[:2, :2]))) / 100.0
+    voxel_ml = labels.unit_volume_ml
     return {name: round(float(counts[k]) * voxel_ml, 4) for k, name in sorted(label_names.items()) if k > 0}
 
 

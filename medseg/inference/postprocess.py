@@ -39,9 +39,7 @@ def postprocess(labels: Volume, cfg: PostprocessConfig, names: dict[int, str]) -
     data = labels.array[0]
     counts = {"removed_components": 0, "removed_voxels": 0, "filled_voxels": 0}
     structure = ndimage.generate_binary_structure(data.ndim, data.ndim)
-    voxel_mm3 = float(abs(np.linalg.det(labels.affine[: data.ndim, : data.ndim]))) if data.ndim == 3 else float(
-        abs(np.linalg.det(labels.affine[:2, :2]))
-    )
+    voxel_mm3 = float(abs(np.linalg.det(labels.affine[: data.ndim, : data.ndim])))  # mm^2 per pixel in 2D
     largest = _ids(cfg.largest_component, names)
     per_label = {k: cfg.min_component_mm3_per_label[n] for k, n in _ids(cfg.min_component_mm3_per_label, names).items()}
     fill = _ids(cfg.fill_holes, names)

@@ -251,8 +251,7 @@ class Predictor:
         return len(self.members) == 1 and not self.tta
 
     def _normalise_window(self, raw: torch.Tensor) -> torch.Tensor:
-        out = torch.as_tensor(self._normalize[0]({IMAGE: raw})[IMAGE])
-        return out.as_tensor() if isinstance(out, MetaTensor) else out  # plain tensors: no metadata overhead
+        return _apply(self._normalize[0], raw)
 
     def _network(self, normalised: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         dims = self.spatial_dims
@@ -266,9 +265,7 @@ class Predictor:
             for member, normalize in zip(self.members, self._normalize):
                 x = batch
                 if per_member:  # raw windows: this member's normalisation, padding (NaN) becomes 0
-                    scaled = torch.as_tensor(normalize({IMAGE: batch.transpose(0, 1)})[IMAGE]).transpose(0, 1)
-                    if isinstance(scaled, MetaTensor):
-                        scaled = scaled.as_tensor()
+                    scaled = _apply(normalize, batch.transpose(0, 1)).transpose(0, 1)
                     x = torch.where(torch.isnan(batch), 0.0, scaled)
                 x = x.to(self.device)
                 for axes in flips:
@@ -283,6 +280,13 @@ class Predictor:
             return total / (len(self.members) * len(flips))
 
         return run
+
+
+def _apply(transform, image: torch.Tensor) -> torch.Tensor:
+    """A MONAI dictionary transform on one ``(C, ...)`` tensor, returned as a plain tensor: MetaTensors carry
+    metadata bookkeeping into every network operation (about 0.3 s per case measured)."""
+    out = transform({IMAGE: image})[IMAGE]
+    return out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
 
 
 def with_cpu_fallback(attempt: Callable[[torch.device], object], device: torch.device):

@@ -167,7 +167,7 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
     results: list[CaseResult] = []
     todo: list[tuple[CaseInput, CaseResult]] = []
     for case in cases:
-        result = CaseResult(case.case_id, str(case.source if isinstance(case.source, Path) else case.source[0]), case.status,
+        result = CaseResult(case.case_id, str(case.path), case.status,
                             error_code=case.error_code, error=case.error)
         results.append(result)
         if case.status != "pending":
@@ -197,7 +197,7 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
                 result.timings["read_s"] = round(read_s, 3)
                 if case.series is not None:
                     result.series_instance_uid = volume.meta.get("series_instance_uid")
-                target = label_path(out_dir, case.case_id, case.source if isinstance(case.source, Path) else case.source[0],
+                target = label_path(out_dir, case.case_id, case.path,
                                     case.is_dicom, options.output_type)
                 if target.exists() and not (options.overwrite or case.case_id in previous):
                     raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it (or --resume)")

@@ -109,7 +109,7 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
 
     scan = scan_dicom(inputs)
     if not scan.series:
-        summary = ", ".join(f"{k} x{v}" for k, v in scan.skipped_summary().items()) or "no files"
+        summary = scan.skipped_text()
         raise InputError("DICOM_NO_SERIES", f"no DICOM image series under {inputs} (skipped: {summary})")
     results = []
     for series in scan.series:

@@ -73,12 +73,16 @@ def load_series(
         check_decodable(f)  # preflight: refuse before reading any pixels
     ordered = [files[i] for i in geometry.order]
     array, slopes, intercepts = _read_stack(ordered, workers)
-    meta = _meta(series, first, n, slopes, intercepts)
+    return _finish(array, geometry, _meta(series, first, n, slopes, intercepts), ordered, what)
+
+
+def _finish(array: np.ndarray, geometry, meta: dict, files: list[DicomFile], what: str) -> Volume:
+    """Undoes gantry tilt when it was allowed (recorded in ``meta``) and builds the volume."""
     if geometry.shift_per_slice is not None:
         array = untilt(array, geometry.shift_per_slice)
         meta.update(gantry_tilt_degrees=round(geometry.tilt_degrees, 3), resampled="gantry tilt corrected (linear)")
         log.warning("%s: gantry tilt %.2f degrees corrected by resampling", what, geometry.tilt_degrees)
-    meta["dicom_files"] = [str(f.path) for f in ordered]
+    meta["dicom_files"] = [str(f.path) for f in files]
     return Volume(array, geometry.affine, meta)
 
 
@@ -193,12 +197,7 @@ def _load_multiframe(
     array = np.moveaxis(raw, (3, 2, 1, 0), (0, 1, 2, 3))  # (C, X=col, Y=row, Z)
     scaled = array.astype(np.float32) * s.astype(np.float32) + i.astype(np.float32)
     array = scaled if dtype.kind == "f" else scaled.round().astype(dtype)
-    meta = _meta(series, f, f.frames, s, i)
-    if geometry.shift_per_slice is not None:
-        array = untilt(array, geometry.shift_per_slice)
-        meta.update(gantry_tilt_degrees=round(geometry.tilt_degrees, 3), resampled="gantry tilt corrected (linear)")
-    meta["dicom_files"] = [str(f.path)]
-    return Volume(np.ascontiguousarray(array), geometry.affine, meta)
+    return _finish(np.ascontiguousarray(array), geometry, _meta(series, f, f.frames, s, i), [f], what)
 
 
 def read_dicom_image(path: str | Path) -> Volume:
@@ -211,7 +210,10 @@ def read_dicom_image(path: str | Path) -> Volume:
         InputError: the codes of :func:`read_header` and :func:`read_pixels`; ``DICOM_NO_GEOMETRY`` for
             multi-frame objects without per-frame positions.
     """
-    f = read_header(Path(path))
+    return _image(read_header(Path(path)))
+
+
+def _image(f: DicomFile) -> Volume:
     if f.frames > 1:
         return load_series(DicomSeries(0, f.series_uid, [f]))
     raw = read_pixels(f)[0]
@@ -248,12 +250,10 @@ def read_dicom(path: str | Path, **options: Any) -> Volume:
     path = Path(path)
     if path.is_file():
         f = read_header(path)
-        if f.frames == 1:
-            return read_dicom_image(path)
-        return load_series(DicomSeries(0, f.series_uid, [f]), **options)
+        return _image(f) if f.frames == 1 else load_series(DicomSeries(0, f.series_uid, [f]), **options)
     scan = scan_dicom(path)
     if not scan.series:
-        summary = ", ".join(f"{k} x{v}" for k, v in scan.skipped_summary().items()) or "no files"
+        summary = scan.skipped_text()
         broken = [s for s in scan.skipped if s.code not in ("DICOM_NOT_DICOM", "DICOM_NOT_IMAGE")]
         if broken:  # files that look like images but cannot be used: say why
             raise InputError(broken[0].code, f"no usable image series in {path.name}/: {broken[0].reason}",

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.io.volume import LPS_TO_RAS
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass

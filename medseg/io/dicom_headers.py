@@ -108,6 +108,10 @@ class DicomScan:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
+    def skipped_text(self) -> str:
+        """The skipped counts as one phrase, e.g. ``DICOM_NOT_DICOM x2, DICOM_NOT_IMAGE: RT Plan Storage x1``."""
+        return ", ".join(f"{k} x{v}" for k, v in self.skipped_summary().items()) or "no files"
+
 
 def is_dicom_file(path: Path) -> bool:
     """True when the file has the DICOM preamble (``DICM`` at byte 128). No guessing (no ``force=True``)."""
@@ -200,7 +204,8 @@ def read_header(path: Path) -> DicomFile:
     )
 
 
-def _walk(root: Path) -> list[Path]:
+def walk_files(root: Path) -> list[Path]:
+    """Every file below ``root``, in sorted order (folders and names sorted)."""
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -229,7 +234,7 @@ def scan_dicom(root: str | Path, workers: int = 4) -> DicomScan:
     """
     root = Path(root)
     require_exists(root, "DICOM input")
-    return scan_paths(root, [root] if root.is_file() else _walk(root), workers)
+    return scan_paths(root, [root] if root.is_file() else walk_files(root), workers)
 
 
 def scan_paths(root: Path, paths: list[Path], workers: int = 4) -> DicomScan:

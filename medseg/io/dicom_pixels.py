@@ -37,24 +37,22 @@ def check_decodable(f: DicomFile) -> None:
         )
 
 
-def _native_frame(f: DicomFile) -> np.ndarray:
-    size = f.path.stat().st_size
+def _read_native_into(f: DicomFile, out: np.ndarray) -> None:
+    """One ``readinto`` of a native file's stored values into the C-contiguous ``out`` (of the stored dtype),
+    with the truncation check and sign extension of the stored bits."""
     expected = f.expected_bytes
-    assert f.pixel_offset is not None
-    available = min(size - f.pixel_offset, f.pixel_length or 0)
-    if available < expected:
+    with open(f.path, "rb") as fh:
+        fh.seek(int(f.pixel_offset))  # type: ignore[arg-type]
+        got = fh.readinto(memoryview(out.reshape(-1)).cast("B"))
+    if got < expected or (f.pixel_length or 0) < expected:
         raise InputError(
-            "DICOM_TRUNCATED", f"{f.path.name}: pixel data has {available} bytes, expected {expected}",
+            "DICOM_TRUNCATED", f"{f.path.name}: pixel data has {min(got, f.pixel_length or 0)} bytes, expected {expected}",
             "the file was cut short; re-copy or re-export it",
         )
-    dtype = np.dtype(f"<{'i' if f.signed else 'u'}{f.bits_allocated // 8}")
-    data = np.fromfile(f.path, dtype=dtype, count=expected // dtype.itemsize, offset=f.pixel_offset)
     if f.signed and f.bits_stored < f.bits_allocated:
         shift = f.bits_allocated - f.bits_stored
-        data = (data << shift) >> shift  # sign-extend the stored bits
-    if f.samples == 1:
-        return data.reshape(f.frames, f.rows, f.columns)
-    return data.reshape(f.frames, f.rows, f.columns, f.samples)
+        np.left_shift(out, shift, out=out)
+        np.right_shift(out, shift, out=out)  # sign-extend the stored bits
 
 
 def _decoded(f: DicomFile) -> np.ndarray:
@@ -93,32 +91,22 @@ def read_frame_into(f: DicomFile, out: np.ndarray) -> None:
     if dtype is None or dtype != out.dtype or not out.flags.c_contiguous:
         out[...] = read_pixels(f)[0].reshape(out.shape)
         return
-    check_decodable(f)
-    expected = f.expected_bytes
-    with open(f.path, "rb") as fh:
-        fh.seek(int(f.pixel_offset))  # type: ignore[arg-type]
-        got = fh.readinto(memoryview(out).cast("B"))
-    if got < expected or (f.pixel_length or 0) < expected:
-        raise InputError(
-            "DICOM_TRUNCATED", f"{f.path.name}: pixel data has {min(got, f.pixel_length or 0)} bytes, expected {expected}",
-            "the file was cut short; re-copy or re-export it",
-        )
-    if f.signed and f.bits_stored < f.bits_allocated:
-        shift = f.bits_allocated - f.bits_stored
-        np.left_shift(out, shift, out=out)
-        np.right_shift(out, shift, out=out)  # sign-extend the stored bits
+    _read_native_into(f, out)  # native data: always decodable
 
 
 def read_pixels(f: DicomFile) -> np.ndarray:
     """Raw stored values of a file: ``(frames, rows, columns[, samples])``.
 
     Raises:
-        InputError: ``DICOM_TRUNCATED``, ``DICOM_DECODER_MISSING``, ``DICOM_PIXELS_CORRUPT``.
+        InputError: ``DICOM_TRUNCATED``, ``DICOM_DECODER_MISSING``, ``DICOM_DECODE_FAILED``.
     """
     check_decodable(f)
-    if native_dtype(f) is not None:
-        return _native_frame(f)
-    return _decoded(f)
+    dtype = native_dtype(f)
+    if dtype is None:
+        return _decoded(f)
+    out = np.empty((f.frames, f.rows, f.columns), dtype=dtype)
+    _read_native_into(f, out)
+    return out
 
 
 def rescale_dtype(slopes: np.ndarray, intercepts: np.ndarray, lo: float, hi: float) -> np.dtype:

@@ -27,7 +27,6 @@ def write_dicom_seg(
     algorithm: str = "medseg",
     algorithm_version: str = "",
     series_description: str = "medseg segmentation",
-    fractional: bool = False,
 ) -> Path:
     """Writes ``labels`` (``(1, X, Y, Z)`` integer map on ``source``'s grid) as a DICOM-SEG file.
 
@@ -40,7 +39,6 @@ def write_dicom_seg(
         algorithm: Algorithm name recorded in each segment.
         algorithm_version: Its version.
         series_description: SeriesDescription of the new series.
-        fractional: Reserved for probability maps; only BINARY is written for label maps.
 
     Returns:
         The written path.
@@ -67,7 +65,8 @@ def write_dicom_seg(
     if not labels.same_grid(source):
         raise OutputError("DICOM_SEG_GRID_MISMATCH", "the label map is not on the source series' grid")
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    multi_frame = len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1
+    if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1:
+        raise OutputError("DICOM_SEG_NO_SOURCE", "DICOM-SEG for multi-frame sources is not supported yet")
     data = labels.array[0]
     values = [v for v in sorted(label_names) if v > 0]
     if data.max() > max(values, default=0):
@@ -77,8 +76,6 @@ def write_dicom_seg(
     for number, value in enumerate(values, start=1):
         remap[value] = number
     frames = np.ascontiguousarray(remap[data].transpose(2, 1, 0))  # (Z, rows=Y, columns=X)
-    if multi_frame:
-        raise OutputError("DICOM_SEG_NO_SOURCE", "DICOM-SEG for multi-frame sources is not supported yet")
     family = codes.cid7162.ArtificialIntelligence
     identification = hd.AlgorithmIdentificationSequence(name=algorithm, family=family, version=algorithm_version or "0")
     descriptions = [

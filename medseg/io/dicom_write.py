@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.dicom_geometry import LPS_TO_RAS
-from medseg.io.volume import Volume
+from medseg.io.volume import LPS_TO_RAS, Volume
 
 SOP_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
 

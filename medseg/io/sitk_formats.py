@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.volume import Volume, is_orthogonal
+from medseg.io.volume import LPS_TO_RAS, Volume, is_orthogonal
 
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def is_sitk_format(path: Path) -> bool:

@@ -10,6 +10,10 @@ import numpy as np
 from medseg.errors import InputError
 
 
+# DICOM and ITK describe positions in LPS (x to the patient's left, y posterior); Volume affines are RAS+.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
 def is_orthogonal(affine: np.ndarray, ndim: int = 3, tolerance: float = 1e-3) -> bool:
     """True when the first ``ndim`` axes of ``affine`` are non-degenerate and mutually orthogonal (no shear)."""
     axes = np.asarray(affine, dtype=np.float64)[:ndim, :ndim]
@@ -59,8 +63,16 @@ class Volume:
 
     @property
     def voxel_volume_ml(self) -> float:
-        """Volume of one voxel in millilitres (3D only; 2D images give the pixel area in cm^2 x 1 cm)."""
+        """Volume of one voxel in millilitres (3D; see :attr:`unit_volume_ml` for 2D pictures)."""
         return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    @property
+    def unit_volume_ml(self) -> float:
+        """What one element measures: a voxel's volume in mL (3D), or a pixel's area in cm^2 (2D; read as mL of a
+        1 cm thick slab). The unit of label volumes in reports and ``--stats``."""
+        if len(self.spatial_shape) == 3:
+            return self.voxel_volume_ml
+        return float(abs(np.linalg.det(self.affine[:2, :2]))) / 100.0
 
     def with_array(self, array: np.ndarray, **meta: Any) -> "Volume":
         """Returns a new volume on the same grid with different voxel data (e.g. a label map)."""

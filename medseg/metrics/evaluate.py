@@ -110,7 +110,7 @@ def _evaluate_case(task: _CaseTask) -> tuple[list[dict], dict]:
             "predict on the reference images' grid",
         )
     is_3d = len(ref.spatial_shape) == 3
-    unit_size = ref.voxel_volume_ml if is_3d else float(abs(np.linalg.det(ref.affine[:2, :2]))) / 100.0
+    unit_size = ref.unit_volume_ml
     ref_arr, pred_arr = ref.array[0], pred.array[0]
     rows = []
     for value, name in task.labels.items():
