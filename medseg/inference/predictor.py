@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -309,26 +310,48 @@ def with_cpu_fallback(attempt: Callable[[torch.device], object], device: torch.d
 
 def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill: float,
                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
-    """Cuts windows (slices of the padded image) from the unpadded image, applies ``transform`` (normalisation)
-    to the part inside the image, and pads with ``fill``."""
-    pad = layout.pad
-    channels = image.shape[0]
+    """Cuts windows (slices of the padded image) from the unpadded image through *slabs*: for each window range
+    along the last axis, the image's whole cross-section over that range is converted to float32 once,
+    ``transform`` (normalisation) is applied to the part inside the image, and the rest is padded with ``fill``;
+    windows are views into the slab. Windows arrive in order of their last-axis start, so two slabs are kept:
+    each voxel is converted and normalised about once per window start along the last axis, not once per
+    window (about 4x fewer with overlap 0.5 in 3D), and the window copies read whole contiguous rows."""
+    pad, shape = layout.pad, layout.shape
+    inner = tuple(slice(before, before + size) for (before, _), size in zip(pad[:-1], shape[:-1]))
+    slabs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def slab(span: slice) -> torch.Tensor:
+        key = (span.start, span.stop)
+        if key not in slabs:
+            before = pad[-1][0]
+            lo, hi = max(span.start - before, 0), min(span.stop - before, shape[-1])
+            part = _as_float32(image[..., lo:hi])
+            if transform is not None:
+                part = transform(part).to(torch.float32)
+            depth = span.stop - span.start
+            if tuple(part.shape[1:]) != (*layout.padded[:-1], depth):
+                full = torch.full((image.shape[0], *layout.padded[:-1], depth), fill, dtype=torch.float32, device=part.device)
+                full[(slice(None), *inner, slice(lo + before - span.start, hi + before - span.start))] = part
+                part = full
+            if len(slabs) == 2:
+                del slabs[next(iter(slabs))]
+            slabs[key] = part
+        return slabs[key]
 
     def source(slices: Sequence[slice]) -> torch.Tensor:
-        real, target = [], []
-        for s, (before, _), size in zip(slices, pad, layout.shape):
-            lo, hi = max(s.start - before, 0), min(s.stop - before, size)
-            real.append(slice(lo, hi))
-            target.append(slice(lo + before - s.start, hi + before - s.start))
-        part = image[(slice(None), *real)]
-        if isinstance(part, np.ndarray):
-            part = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
-        if transform is not None:
-            part = transform(part)
-        if tuple(part.shape[1:]) == tuple(layout.roi):  # inside the image: a view (the batch stack copies it)
-            return part.to(torch.float32)
-        window = torch.full((channels, *layout.roi), fill, dtype=torch.float32, device=part.device)
-        window[(slice(None), *target)] = part.to(torch.float32)
-        return window
+        return slab(slices[-1])[(slice(None), *slices[:-1])]
 
     return source
+
+
+def _as_float32(part: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A C-contiguous float32 tensor of ``part`` (numpy views with reversed axes included), in one pass."""
+    if isinstance(part, torch.Tensor):
+        return part.to(torch.float32).contiguous()
+    flipped = tuple(i for i, step in enumerate(part.strides) if step < 0)
+    if flipped:  # torch has no negative strides: convert the unflipped view, flip the copy
+        part = np.flip(part, flipped)
+    with warnings.catch_warnings():  # a read-only array is only read here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        out = torch.from_numpy(part).to(torch.float32, memory_format=torch.contiguous_format)
+    return out.flip(flipped) if flipped else out

@@ -139,10 +139,9 @@ def sliding_window(
         yield from emit(batch_slices[0][-1].start)  # nothing below this start can change any more
         batch = torch.stack([source(s) for s in batch_slices]).to(device)
         out = network(batch).to(acc_device, dtype)
-        out = out * weight if out.requires_grad else out.mul_(weight)  # the batch's outputs are ours to scale
         for s, values in zip(batch_slices, out):
-            for r, part in ring(s[-1].start, s[-1].stop):
-                acc[(slice(None), *s[:-1], r)] += values[..., part]
+            for r, part in ring(s[-1].start, s[-1].stop):  # weighting and accumulation in one pass
+                acc[(slice(None), *s[:-1], r)].addcmul_(values[..., part], weight[..., part])
                 norm[(*s[:-1], r)] += weight[..., part]
         done += len(batch_slices)
         if on_window is not None:
