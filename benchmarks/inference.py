@@ -1,6 +1,6 @@
 """Inference speed and memory against MONAI, all on the same weights, volumes and settings in one run.
 
-    .venv/bin/python benchmarks/inference.py [--skip-memory] [--cases 4]
+    .venv/bin/python benchmarks/inference.py [--parts abc] [--skip-memory] [--cases 4] [--rounds 5]
 
 (a) Sliding window alone: medseg's ``sliding_window`` (slab-wise accumulator) with the network as medseg's
     predictor runs it vs ``monai.inferers.sliding_window_inference`` with the plain network, on one
@@ -9,8 +9,9 @@
     the plain network ("algorithm only"), which separates the stitching from the network's CPU layout.
 (b) Folder throughput in cases/min (load -> predict -> post-process -> write .nii.gz): ``medseg`` folder runner
     vs a minimal MONAI pipeline (LoadImage + ScaleIntensityRange + sliding_window_inference + argmax +
-    SaveImage), over ``--cases`` CT-like int16 volumes of 256 x 256 x 96. Target ratio >= 1.5.
-(c) Peak RSS (``ru_maxrss`` of a fresh process) predicting one 512 x 512 x 600 CT-like int16 volume with a
+    SaveImage), over ``--cases`` CT-like int16 volumes of 256 x 256 x 96, in ``--rounds`` back-to-back pairs
+    of fresh processes: median ratio over the pairs, every pair reported. Target ratio >= 1.5.
+(c) Peak RSS (``VmHWM`` of a fresh process) predicting one 512 x 512 x 600 CT-like int16 volume with a
     3-class model: medseg vs the same minimal MONAI pipeline. Targets: <= 0.5 x MONAI and <= 2.5 GB.
 
 The model is a medseg model folder with a seeded random-initialised 3D UNet (channels 8-16-32-64, 3 classes,
@@ -166,6 +167,17 @@ def run_monai(model_dir: Path, inputs: Path, out: Path, device: str) -> None:
             saver(labels, meta_data=image.meta)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size: ``VmHWM`` (reset at exec, so the parent's memory is not counted),
+    else ``ru_maxrss``."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def child(args: argparse.Namespace) -> None:
     """One pipeline in this (fresh) process; prints its time (after imports: throughput over a folder does not
     pay start-up per case) and peak RSS as JSON."""
@@ -174,12 +186,11 @@ def child(args: argparse.Namespace) -> None:
 
     import medseg.inference.runner  # noqa: F401
 
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = peak_rss_mb()
     start = time.perf_counter()
     (run_medseg if args.child == "medseg" else run_monai)(Path(args.model), Path(args.inputs), Path(args.out), args.device)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "rss_before_work_mb": baseline / 1024}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_work_mb": baseline}))
 
 
 def in_child(which: str, model_dir: Path, inputs: Path, out: Path, device: str) -> dict:
@@ -189,18 +200,25 @@ def in_child(which: str, model_dir: Path, inputs: Path, out: Path, device: str) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_folder(model_dir: Path, tmp: Path, cases: int, device: str) -> dict:
+def bench_folder(model_dir: Path, tmp: Path, cases: int, device: str, rounds: int = 5) -> dict:
+    """``rounds`` back-to-back pairs of runs (who goes first alternates); the ratio is the median over pairs."""
     from medseg.io.nifti import write_nifti
 
     inputs = tmp / "folder_in"
     for i in range(cases):
         write_nifti(ct_volume((256, 256, 96), seed=i), inputs / f"case_{i:03d}.nii.gz")
     in_child("medseg", model_dir, inputs, tmp / "warm", device)  # warm the page cache and torch kernels
-    med = in_child("medseg", model_dir, inputs, tmp / "out_medseg", device)
-    mon = in_child("monai", model_dir, inputs, tmp / "out_monai", device)
-    rate = {k: cases / (v["seconds"] / 60) for k, v in (("medseg", med), ("monai", mon))}
-    return {"device": device, "cases": cases, "shape": [256, 256, 96], "medseg_cases_per_min": rate["medseg"],
-            "monai_cases_per_min": rate["monai"], "ratio": rate["medseg"] / rate["monai"], "target_ratio_min": 1.5}
+    rates: dict[str, list[float]] = {"medseg": [], "monai": []}
+    for r in range(rounds):
+        for which in (("medseg", "monai") if r % 2 == 0 else ("monai", "medseg")):
+            seconds = in_child(which, model_dir, inputs, tmp / f"out_{which}", device)["seconds"]
+            rates[which].append(cases / (seconds / 60))
+    paired = [a / b for a, b in zip(rates["medseg"], rates["monai"])]
+    return {"device": device, "cases": cases, "shape": [256, 256, 96], "rounds": rounds,
+            "medseg_cases_per_min": float(np.median(rates["medseg"])), "monai_cases_per_min": float(np.median(rates["monai"])),
+            "medseg_cases_per_min_all": [round(v, 2) for v in rates["medseg"]],
+            "monai_cases_per_min_all": [round(v, 2) for v in rates["monai"]],
+            "ratio": float(np.median(paired)), "ratio_all": [round(v, 3) for v in paired], "target_ratio_min": 1.5}
 
 
 def bench_memory(model_dir: Path, tmp: Path) -> dict:
@@ -217,6 +235,7 @@ def bench_memory(model_dir: Path, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5, help="(b): pairs of medseg/MONAI folder runs")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--parts", default="abc", help="which of a, b, c to run; the others are kept from the last results")
     parser.add_argument("--child", choices=["medseg", "monai"])
@@ -240,7 +259,7 @@ def main() -> None:
         if "a" in args.parts:
             result["a_sliding_window"] = [bench_window(model_dir, d) for d in devices]
         if "b" in args.parts:
-            result["b_folder"] = [bench_folder(model_dir, tmp, args.cases, d) for d in devices]
+            result["b_folder"] = [bench_folder(model_dir, tmp, args.cases, d, args.rounds) for d in devices]
         if "c" in args.parts and not args.skip_memory:
             result["c_memory"] = bench_memory(model_dir, tmp)
     if not torch.cuda.is_available():

@@ -65,9 +65,24 @@ def axis_map(model_affine: np.ndarray, input_affine: np.ndarray, model_shape: tu
 
 
 def map_back(values: np.ndarray, mapping: list[tuple[int, np.ndarray]]) -> np.ndarray:
-    """Nearest-neighbour values ``(..., *model_spatial)`` on the input grid ``(..., *input_spatial)``."""
+    """Nearest-neighbour values ``(..., *model_spatial)`` on the input grid ``(..., *input_spatial)``.
+
+    When the model grid is the input's reoriented without resampling (every index array runs over a whole model
+    axis, forwards or backwards), the result is a view of ``values`` (no copy)."""
     lead = values.ndim - len(mapping)
     order = list(range(lead)) + [lead + a for a, _ in mapping]
     permuted = values.transpose(order)
+    steps = [_whole_axis_step(idx, permuted.shape[lead + b]) for b, (_, idx) in enumerate(mapping)]
+    if all(step is not None for step in steps):
+        return permuted[(Ellipsis, *[slice(None, None, step) for step in steps])]
     index = np.ix_(*[idx for _, idx in mapping])
     return permuted[(Ellipsis, *index)]
+
+
+def _whole_axis_step(index: np.ndarray, size: int) -> int | None:
+    """1 if ``index`` is ``0, 1, ..., size - 1``, -1 if it is that reversed, else None."""
+    if len(index) != size:
+        return None
+    if np.array_equal(index, np.arange(size)):
+        return 1
+    return -1 if np.array_equal(index, np.arange(size - 1, -1, -1)) else None

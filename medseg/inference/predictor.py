@@ -1,18 +1,21 @@
 """Prediction of one volume with one model or an ensemble, returned on the input's exact grid.
 
-Memory model (3D CT-like input of N voxels, K classes, window depth ``d`` along the last axis):
+Memory model (3D CT-like input of N voxels, K classes, C channels, window ``w`` deep along the last axis, and
+``d = w + step`` the accumulator depth):
 
 * the input as stored (e.g. int16: 2N bytes), reoriented to RAS as a numpy view (no copy);
 * when the model spacing equals the input spacing and normalisation is voxel-wise (CT clip + z-score, window,
-  RGB scaling; no CLAHE), nothing else of the image's size: windows are cut from the stored array and
-  normalised batch by batch. Otherwise one float32 copy on the model grid (MONAI preprocessing, as in training);
+  RGB scaling; no CLAHE), nothing else of the image's size: windows are cut from two float32 slabs of
+  ``C x X x Y x w`` (the image's cross-section over one window depth, normalised). Otherwise one float32 copy
+  on the model grid (MONAI preprocessing, as in training);
 * the sliding-window accumulator: ``(K + 1) x X x Y x d`` values (float32; float16 for probabilities on CUDA);
 * the label map on the model grid (1 byte per voxel) and on the input grid (1 byte per voxel, mapped back by
   nearest neighbour through per-axis index arrays).
 
-So a 512 x 512 x 600 int16 CT with 3 classes and 128-deep windows needs about 315 MB + 2 x 157 MB + 537 MB,
-plus the network. No float map per class of the whole volume ever exists (``--save-probabilities`` adds one
-float16 map on request). See ``benchmarks/inference.py`` for measured peaks.
+So a 512 x 512 x 600 int16 CT with 3 classes and 96 x 96 x 64 windows at overlap 0.5 (d = 96) needs about
+315 MB + 134 MB + 403 MB + 2 x 157 MB, plus the network and the process. No float map per class of the whole
+volume ever exists (``--save-probabilities`` adds one float16 map on request). See ``benchmarks/inference.py``
+for measured peaks.
 
 Averaging: TTA (mirroring over every subset of spatial axes) and ensembles average softmax probabilities,
 window by window, before Gaussian blending. A single model without TTA blends logits (as MONAI and nnU-Net do);
@@ -233,7 +236,7 @@ class Predictor:
         dtype = torch.float16 if target.type == "cuda" and not logits else torch.float32
         if normalised:
             source = _window_source(image, layout, 0.0)
-        elif self._shared_normalisation:  # every member normalises alike: do it once per window, pad with 0
+        elif self._shared_normalisation:  # every member normalises alike: do it once per slab, pad with 0
             source = _window_source(image, layout, 0.0, self._normalise_window)
         else:  # raw windows mark padding with NaN; each member normalises and zeroes it (see _network)
             source = _window_source(image, layout, float("nan"))

@@ -87,3 +87,26 @@ def test_channels_last_network_matches_the_original(name):
     plain = [m for m in net.modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
     assert len(wrapped) == len(plain) > 0
     assert (got - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("mapping_kind", ["identity", "flipped_and_permuted", "resampled"])
+def test_map_back_is_a_view_exactly_when_nothing_is_resampled(mapping_kind):
+    from medseg.inference.grid import map_back
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, (3, 6, 5, 4)).astype(np.uint8)  # (K, model X, Y, Z)
+    if mapping_kind == "identity":
+        mapping = [(0, np.arange(6)), (1, np.arange(5)), (2, np.arange(4))]
+    elif mapping_kind == "flipped_and_permuted":
+        mapping = [(2, np.arange(3, -1, -1)), (0, np.arange(6)), (1, np.arange(4, -1, -1))]
+    else:
+        mapping = [(0, np.array([0, 0, 1, 2, 3, 4, 5, 5])), (1, np.arange(5)), (2, np.arange(4))]
+    got = map_back(labels, mapping)
+    expected = np.empty((3, *[len(idx) for _, idx in mapping]), np.uint8)  # element by element, the definition
+    for out_index in np.ndindex(*expected.shape[1:]):
+        model_index = [0, 0, 0]
+        for (axis, idx), i in zip(mapping, out_index):
+            model_index[axis] = idx[i]
+        expected[(slice(None), *out_index)] = labels[(slice(None), *model_index)]
+    assert np.array_equal(got, expected)
+    assert np.shares_memory(got, labels) == (mapping_kind != "resampled")
