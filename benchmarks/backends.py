@@ -50,7 +50,7 @@ def main() -> None:
             cfg = predictor.cfg
             batch = torch.randn(cfg.inference.sw_batch_size, int(predictor.info["in_channels"]), *cfg.data.patch_size)
             with torch.no_grad():
-                patch_s = median_time(lambda: predictor.backend(batch), repeats=10, warmup=2)
+                patch_s = median_time(lambda: predictor.members[0].backend(batch), repeats=10, warmup=2)
                 case_s = median_time(lambda: predictor.predict(volume), repeats=3, warmup=1)
                 labels = predictor.predict(volume).array
             reference = labels if reference is None else reference
