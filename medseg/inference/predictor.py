@@ -9,11 +9,11 @@ Memory model (3D CT-like input of N voxels, K classes, C channels, window ``w`` 
   ``C x X x Y x w`` (the image's cross-section over one window depth, normalised). Otherwise one float32 copy
   on the model grid (MONAI preprocessing, as in training);
 * the sliding-window accumulator: ``(K + 1) x X x Y x d`` values (float32; float16 for probabilities on CUDA);
-* the label map on the model grid (1 byte per voxel) and on the input grid (1 byte per voxel, mapped back by
-  nearest neighbour through per-axis index arrays).
+* the label map on the model grid (1 byte per voxel); on the input grid a view of it when the model grid is the
+  input reoriented, else another byte per voxel (mapped back by nearest neighbour through per-axis index arrays).
 
-So a 512 x 512 x 600 int16 CT with 3 classes and 96 x 96 x 64 windows at overlap 0.5 (d = 96) needs about
-315 MB + 134 MB + 403 MB + 2 x 157 MB, plus the network and the process. No float map per class of the whole
+So a 512 x 512 x 600 int16 CT at the model's spacing, with 3 classes and 96 x 96 x 64 windows at overlap 0.5
+(d = 96), needs about 315 MB + 134 MB + 403 MB + 157 MB, plus the network and the process. No float map per class of the whole
 volume ever exists (``--save-probabilities`` adds one float16 map on request). See ``benchmarks/inference.py``
 for measured peaks.
 
@@ -237,7 +237,7 @@ class Predictor:
         if normalised:
             source = _window_source(image, layout, 0.0)
         elif self._shared_normalisation:  # every member normalises alike: do it once per slab, pad with 0
-            source = _window_source(image, layout, 0.0, self._normalise_window)
+            source = _window_source(image, layout, 0.0, self._normalise_slab)
         else:  # raw windows mark padding with NaN; each member normalises and zeroes it (see _network)
             source = _window_source(image, layout, float("nan"))
         for z0, z1, values in sliding_window(source, layout, network, n_out, sw_batch_size=self.sw_batch_size,
@@ -254,7 +254,7 @@ class Predictor:
         """One model without TTA blends logits (as MONAI and nnU-Net do); averaging needs probabilities."""
         return len(self.members) == 1 and not self.tta
 
-    def _normalise_window(self, raw: torch.Tensor) -> torch.Tensor:
+    def _normalise_slab(self, raw: torch.Tensor) -> torch.Tensor:
         return _apply(self._normalize[0], raw)
 
     def _network(self, normalised: bool) -> Callable[[torch.Tensor], torch.Tensor]:
