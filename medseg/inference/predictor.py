@@ -43,6 +43,7 @@ from medseg.inference.backends import Backend, load_backend
 from medseg.inference.grid import axis_map, map_back, to_ras
 from medseg.inference.postprocess import postprocess
 from medseg.inference.sliding_window import WindowLayout, argmax_labels, sliding_window
+from medseg.io.nifti import TORCH_COPYABLE
 from medseg.io.volume import Volume
 from medseg.models.folder import load_model_dir
 from medseg.plan.planner import Plan
@@ -316,9 +317,10 @@ def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill:
     """Cuts windows (slices of the padded image) from the unpadded image through *slabs*: for each window range
     along the last axis, the image's whole cross-section over that range is converted to float32 once,
     ``transform`` (normalisation) is applied to the part inside the image, and the rest is padded with ``fill``;
-    windows are views into the slab. Windows arrive in order of their last-axis start, so two slabs are kept:
-    each voxel is converted and normalised about once per window start along the last axis, not once per
-    window (about 4x fewer with overlap 0.5 in 3D), and the window copies read whole contiguous rows."""
+    windows are views into the slab (or into a float32 tensor image itself). Windows arrive in order of their
+    last-axis start, so two slabs are kept: each voxel is converted and normalised about once per window start
+    along the last axis, not once per window (about 4x fewer with overlap 0.5 in 3D), and the window copies read
+    whole contiguous rows."""
     pad, shape = layout.pad, layout.shape
     inner = tuple(slice(before, before + size) for (before, _), size in zip(pad[:-1], shape[:-1]))
     slabs: dict[tuple[int, int], torch.Tensor] = {}
@@ -348,9 +350,13 @@ def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill:
 
 
 def _as_float32(part: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A C-contiguous float32 tensor of ``part`` (numpy views with reversed axes included), in one pass."""
+    """``part`` as a float32 tensor: tensors as they are (no copy when already float32: windows are then views
+    of the image), numpy arrays as a C-contiguous copy in one pass (views with reversed axes included; dtypes
+    torch cannot take, e.g. big-endian, through numpy)."""
     if isinstance(part, torch.Tensor):
-        return part.to(torch.float32).contiguous()
+        return part.to(torch.float32)
+    if part.dtype not in TORCH_COPYABLE:
+        return torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
     flipped = tuple(i for i, step in enumerate(part.strides) if step < 0)
     if flipped:  # torch has no negative strides: convert the unflipped view, flip the copy
         part = np.flip(part, flipped)

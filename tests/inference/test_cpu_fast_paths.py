@@ -21,6 +21,7 @@ from medseg.inference.sliding_window import WindowLayout
     ((10, 12, 40), (16, 16, 16), lambda a: a),                       # padded on two axes
     ((30, 26, 12), (16, 16, 16), lambda a: a[:, :, :, ::-1]),        # padded on the slab axis: one slab
     ((33, 21), (16, 16), lambda a: a[:, :, ::-1]),                   # 2D
+    ((30, 26, 40), (16, 16, 16), lambda a: a.astype(">i2")),          # big-endian: through numpy
 ])
 def test_slab_windows_equal_windows_of_the_normalised_padded_image(shape, roi, view):
     rng = np.random.default_rng(0)
