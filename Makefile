@@ -1,21 +1,37 @@
-# Two commands do all set-up: `make demo` and `make test`.
-# TORCH_SPEC picks the torch build; the default is the CPU build used on CI machines.
-# GPU users: `make demo TORCH_SPEC=torch` (or install a CUDA build into .venv first, see README).
+# Two commands do all set-up: `make demo` and `make test`. Both install the exact tested versions of every
+# dependency from requirements/lock.txt (pip constraints) into .venv, then run.
+#
+# TORCH_SPEC picks the torch build. The default is the CPU build used on CI machines (where a local wheel or
+# TORCH_INDEX provides it); GPU users: `make demo TORCH_INDEX=https://download.pytorch.org/whl/cu128`, or install a
+# CUDA torch into .venv first (see README). Everything else stays on the lock either way.
+#
+# make lock          re-resolve the newest releases within pyproject.toml's ranges and rewrite the lock
+# make test-latest   the suite against the newest releases, in a scratch venv (not CI's path); prints what moved
 PYTHON ?= python3
 VENV ?= .venv
+LOCK ?= requirements/lock.txt
 TORCH_SPEC ?= torch==2.13.0
-BIN := $(VENV)/bin
+TORCH_INDEX ?=
+LATEST_VENV ?= .venv-latest
+LATEST_TORCH_SPEC ?= torch
 PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
+PIP = $(1)/bin/python -m pip install -q
 
-.PHONY: demo test install clean
+.PHONY: demo test install lock test-latest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+# pip, setuptools and wheel first (the lock's pip knows --build-constraint), then torch, then medseg; the build
+# environments of medseg and of any sdist get the locked setuptools too. The check fails when the environment
+# holds a package the lock does not (a dependency added without `make lock`).
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK)
+	$(call PIP,$(VENV)) -c $(LOCK) pip setuptools wheel
+	$(call PIP,$(VENV)) -c $(LOCK) $(TORCH_FLAGS) "$(TORCH_SPEC)"
+	$(call PIP,$(VENV)) -c $(LOCK) --build-constraint $(LOCK) -e ".[test]"
+	$(BIN)/python tools/lock.py check $(LOCK)
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +41,27 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A scratch venv with the newest releases pyproject.toml allows (what `pip install medseg` gives a user today).
+$(LATEST_VENV)/.installed: pyproject.toml
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(call PIP,$(LATEST_VENV)) --upgrade pip setuptools wheel
+	$(call PIP,$(LATEST_VENV)) $(TORCH_FLAGS) "$(LATEST_TORCH_SPEC)"
+	$(call PIP,$(LATEST_VENV)) --upgrade --upgrade-strategy eager -e ".[test]"
+	touch $@
+
+lock:
+	rm -rf $(LATEST_VENV)
+	$(MAKE) $(LATEST_VENV)/.installed LATEST_TORCH_SPEC="$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python tools/lock.py freeze -o $(LOCK)
+	rm -rf $(LATEST_VENV)
+
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(MAKE) $(LATEST_VENV)/.installed
+	$(LATEST_VENV)/bin/python tools/lock.py diff $(LOCK)
+	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf demo_output .pytest_cache

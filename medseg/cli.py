@@ -58,7 +58,7 @@ def _stderr_console():
 def sample_data(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (ct3d/ and derm2d/ are written inside)."),
     cases: int = typer.Option(16, "--cases", "-n", min=2, help="Cases per dataset (a quarter go to the test split)."),
-    seed: int = typer.Option(0, "--seed", "-s", help="Seed; the same seed gives byte-identical files."),
+    seed: int = typer.Option(0, "--seed", "-s", help="Seed; the same seed gives the same voxels and pixels (and, with the locked encoders, the same bytes)."),
 ) -> None:
     """Write the deterministic synthetic datasets (3D CT-like and 2D dermoscopy-like) in MSD layout."""
     from medseg.sample_data import write_sample_data

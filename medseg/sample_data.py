@@ -1,7 +1,8 @@
 """Deterministic synthetic sample data in the Medical Segmentation Decathlon layout.
 
 Two datasets, each case drawn from its own seeded generator ``default_rng([seed, kind, index])`` so that the
-same seed always gives identical bytes:
+same seed always gives identical voxels, pixels and geometry (and, with the same PNG and gzip encoder versions,
+identical bytes: the install lock pins them):
 
 * ``ct3d``: CT-like volumes (int16 HU). A body in air (-1000 HU) with a subcutaneous fat ring, soft tissue,
   a spine, one lobulated textured organ and 0-3 hypodense lesions of 3-20 mm inside it; scanner blur and
@@ -11,7 +12,8 @@ same seed always gives identical bytes:
 * ``derm2d``: dermoscopy-like RGB photos (PNG): skin texture, an irregular pigmented lesion with a soft
   border, hairs drawn over it, vignetting. Binary masks (0 background, 1 lesion).
 
-Regenerate the committed copy with ``medseg sample-data -o sample_data``.
+Regenerate the committed copy with ``medseg sample-data -o sample_data``; :func:`compare_sample_data` checks a
+copy against another by decoded content (what a new Pillow or zlib-ng cannot change), not by file bytes.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def write_sample_data(out: str | Path, cases: int = 16, seed: int = 0, kinds: tu
     Args:
         out: Output folder; ``out/ct3d`` and ``out/derm2d`` are created.
         cases: Cases per dataset; a quarter (at least one) go to the test split.
-        seed: Base seed; the same seed gives byte-identical files.
+        seed: Base seed; the same seed gives the same content (and, with the same encoders, the same bytes).
         kinds: Which datasets to write.
 
     Returns:
@@ -228,3 +230,77 @@ def _write_checksums(out: Path) -> None:
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in ("SHA256SUMS", "README.md"))
     lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(out).as_posix()}" for p in files]
     (out / "SHA256SUMS").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+#: Largest affine difference (mm) two copies of a volume may have: the geometry contract's round-trip tolerance.
+AFFINE_TOLERANCE_MM = 1e-4
+_CHECKSUMS = ("SHA256SUMS", "README.md")
+
+
+def _nifti_content(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    header = img.header
+    geometry = {
+        "sform": header.get_sform(), "qform": header.get_qform(),
+        "codes": np.array([int(header["sform_code"]), int(header["qform_code"])]),
+        "units": np.array(header.get_xyzt_units(), dtype=object),
+    }
+    return np.asanyarray(img.dataobj), geometry
+
+
+def _file_difference(expected: Path, actual: Path) -> str | None:
+    """How two files differ in content, or None: NIfTI by dtype, voxels and geometry, pictures by mode and
+    pixels, JSON by value, anything else by bytes."""
+    name = expected.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        (a, ga), (b, gb) = _nifti_content(expected), _nifti_content(actual)
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return f"voxels {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+        if not np.array_equal(a, b):
+            return f"{int(np.count_nonzero(a != b))} voxels differ"
+        for key in ("sform", "qform"):
+            if not np.allclose(ga[key], gb[key], rtol=0, atol=AFFINE_TOLERANCE_MM):
+                return f"{key} differs by {float(np.abs(ga[key] - gb[key]).max()):.3g} mm"
+        if not (np.array_equal(ga["codes"], gb["codes"]) and np.array_equal(ga["units"], gb["units"])):
+            return "sform/qform codes or units differ"
+        return None
+    if name.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+        with Image.open(expected) as ia, Image.open(actual) as ib:
+            if ia.mode != ib.mode or ia.size != ib.size:
+                return f"picture {ia.mode}{ia.size} != {ib.mode}{ib.size}"
+            pa, pb = np.asarray(ia), np.asarray(ib)
+        return None if np.array_equal(pa, pb) else f"{int(np.count_nonzero(pa != pb))} pixel values differ"
+    if name.endswith(".json"):
+        same = json.loads(expected.read_text(encoding="utf-8")) == json.loads(actual.read_text(encoding="utf-8"))
+        return None if same else "JSON content differs"
+    return None if expected.read_bytes() == actual.read_bytes() else "bytes differ"
+
+
+def compare_sample_data(expected: str | Path, actual: str | Path) -> list[str]:
+    """Compares two sample-data folders by content: the same files, the same voxels, pixels, geometry and labels.
+
+    File bytes are not compared: a PNG or gzip encoder of another version writes other bytes for the same
+    pixels. ``SHA256SUMS`` and ``README.md`` are skipped (``SHA256SUMS`` lists one copy's bytes).
+
+    Args:
+        expected: The reference folder (e.g. the committed ``sample_data``).
+        actual: The folder to check (e.g. freshly regenerated).
+
+    Returns:
+        One line per difference (``relative/path: what differs``); empty when the content is the same.
+    """
+    expected, actual = Path(expected), Path(actual)
+
+    def listing(root: Path) -> set[str]:
+        return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name not in _CHECKSUMS}
+
+    want, have = listing(expected), listing(actual)
+    problems = [f"{name}: missing" for name in sorted(want - have)]
+    problems += [f"{name}: not expected" for name in sorted(have - want)]
+    for name in sorted(want & have):
+        difference = _file_difference(expected / name, actual / name)
+        if difference:
+            problems.append(f"{name}: {difference}")
+    return problems

@@ -18,5 +18,5 @@ def test_every_subpackage_is_listed():
 
 def test_package_data_is_declared():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert "templates/*.j2" in data["medseg.reporting"] and "*.yaml" in data["medseg.presets"]
+    assert "*.j2" in data["medseg.reporting.templates"] and "*.yaml" in data["medseg.presets"]
     assert (ROOT / "medseg" / "py.typed").is_file() and "py.typed" in data["medseg"]

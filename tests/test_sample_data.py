@@ -1,12 +1,14 @@
 import hashlib
+import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from PIL import Image
 
 from medseg.io.dataset import load_dataset
 from medseg.io.nifti import read_nifti
-from medseg.sample_data import make_ct_case, write_sample_data
+from medseg.sample_data import compare_sample_data, make_ct_case, write_sample_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,13 +32,78 @@ def test_different_seed_gives_different_images(tmp_path: Path):
     assert a["ct3d/imagesTr/ct_000.nii.gz"] != b["ct3d/imagesTr/ct_000.nii.gz"]
 
 
-def test_committed_sample_data_regenerates_bit_for_bit(tmp_path: Path):
-    committed = REPO / "sample_data"
+def test_committed_sample_data_regenerates_with_the_same_content(tmp_path: Path):
     write_sample_data(tmp_path, cases=16, seed=0)  # the documented regeneration command's defaults
-    assert (tmp_path / "SHA256SUMS").read_text() == (committed / "SHA256SUMS").read_text()
-    regenerated = _digests(tmp_path)
-    listed = [line.split("  ", 1)[1] for line in (committed / "SHA256SUMS").read_text().splitlines()]
-    assert listed and all(_digests(committed)[name] == regenerated[name] for name in listed)
+    assert compare_sample_data(REPO / "sample_data", tmp_path) == []
+
+
+def test_committed_files_match_their_checksums():
+    committed = REPO / "sample_data"
+    listed = dict(reversed(line.split("  ", 1)) for line in (committed / "SHA256SUMS").read_text().splitlines())
+    on_disk = {k: v for k, v in _digests(committed).items() if k not in ("SHA256SUMS", "README.md")}
+    assert listed == on_disk
+
+
+def _reencode_nifti(path: Path, change=None) -> None:
+    """Rewrites a .nii.gz with the standard library's gzip at another level (other bytes), optionally changed."""
+    import gzip
+
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj).copy()
+    affine = img.affine.copy()
+    if change:
+        change(data, affine)
+    out = nib.Nifti1Image(data, affine, img.header)
+    out.set_sform(affine, code=1)
+    out.set_qform(affine, code=1)
+    out.header["vox_offset"] = 352
+    raw = out.header.binaryblock + b"\x00" * 4 + data.tobytes(order="F")
+    path.write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
+
+
+def _reencode_png(path: Path, change=None) -> None:
+    pixels = np.asarray(Image.open(path)).copy()
+    if change:
+        change(pixels)
+    Image.fromarray(pixels).save(path, optimize=True, compress_level=9)
+
+
+def test_content_check_ignores_encoder_bytes_but_catches_one_changed_voxel(tmp_path: Path):
+    committed = REPO / "sample_data"
+    copy = tmp_path / "copy"
+    shutil.copytree(committed, copy)
+    ct, derm = "ct3d/labelsTr/ct_003.nii.gz", "derm2d/imagesTr/derm_002.png"
+    before = {name: (copy / name).read_bytes() for name in (ct, derm)}
+    _reencode_nifti(copy / ct)
+    _reencode_png(copy / derm)
+    assert all((copy / name).read_bytes() != before[name] for name in (ct, derm))  # other bytes ...
+    assert compare_sample_data(committed, copy) == []  # ... same content
+
+    def flip_voxel(data, affine):
+        data[5, 6, 2] = 2 if data[5, 6, 2] != 2 else 1
+
+    def flip_pixel(pixels):
+        pixels[10, 11, 1] ^= 1
+
+    _reencode_nifti(copy / ct, flip_voxel)
+    _reencode_png(copy / derm, flip_pixel)
+    assert compare_sample_data(committed, copy) == [f"{ct}: 1 voxels differ", f"{derm}: 1 pixel values differ"]
+
+
+def test_content_check_catches_moved_geometry_and_missing_files(tmp_path: Path):
+    committed = REPO / "sample_data"
+    copy = tmp_path / "copy"
+    shutil.copytree(committed, copy)
+    name = "ct3d/imagesTs/ct_013.nii.gz"
+
+    def shift(data, affine):
+        affine[0, 3] += 0.01  # 10 micrometres: above the 1e-4 mm geometry tolerance
+
+    _reencode_nifti(copy / name, shift)
+    (copy / "derm2d/labelsTs/derm_015.png").unlink()
+    problems = compare_sample_data(committed, copy)
+    assert problems[0] == "derm2d/labelsTs/derm_015.png: missing"
+    assert len(problems) == 2 and problems[1].startswith(f"{name}: sform differs by 0.01 mm")
 
 
 def test_ct_cases_have_documented_properties(tiny_dataset: Path):

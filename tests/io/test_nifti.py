@@ -101,6 +101,24 @@ def test_gz_writes_are_byte_identical_for_the_same_volume(tmp_path: Path, make_v
     assert a == b and a[:2] == b"\x1f\x8b"
 
 
+def test_gz_layout_is_medsegs_own_whatever_the_compressor(tmp_path: Path, make_volume):
+    """The bytes medseg owns, checked without depending on the gzip encoder's version: a gzip member with no file
+    name and mtime 0, holding exactly the 348-byte header, a zero extension flag and the voxels in Fortran order."""
+    import io
+    import struct
+
+    volume = make_volume(shape=(6, 5, 4))
+    raw = write_nifti(volume, tmp_path / "a.nii.gz").read_bytes()
+    magic, method, flags, mtime = struct.unpack("<2sBBI", raw[:8])
+    assert (magic, method, mtime) == (b"\x1f\x8b", 8, 0) and not flags & 0x08  # deflate, no FNAME, no time
+    stream = gzip.decompress(raw)
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(stream[:348]))
+    assert int(header["sizeof_hdr"]) == 348 and float(header["vox_offset"]) == 352
+    assert stream[348:352] == b"\x00" * 4
+    assert stream[352:] == volume.array[0].tobytes(order="F")
+    assert np.allclose(header.get_sform(), volume.affine, atol=1e-6)
+
+
 def test_written_files_get_the_usual_permissions(tmp_path: Path, make_volume):
     import os
 
