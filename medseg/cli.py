@@ -27,6 +27,20 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override a config key, e.g. --set train.epochs=3 (repeatable)."
+THREADS_HELP = ("CPU threads for torch/OpenMP/BLAS: auto (this process's share of the CPUs, split with the other medseg "
+                "processes running here) or a number.")
+
+
+def _threads_option():
+    return typer.Option("auto", "--threads", envvar="MEDSEG_THREADS", help=THREADS_HELP)
+
+
+def _claim_threads(value: str) -> None:
+    """Takes this process's CPU share (see medseg.threads) before any heavy work starts."""
+    from medseg import threads
+
+    n = threads.claim(threads.parse_threads(value))
+    logging.getLogger(__name__).debug("using %d CPU thread(s)", n)
 
 
 def _version(value: bool) -> None:
@@ -139,12 +153,14 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint."),
     fold: Optional[str] = typer.Option(None, "--fold", help="Train one cross-validation fold: K or all."),
     folds: Optional[str] = typer.Option(None, "--folds", help="Train folds in sequence, e.g. 0-4; then pool them."),
+    threads: str = _threads_option(),
 ) -> None:
     """Train a model, then evaluate it on the validation cases; all tracked in MLflow. Works under torchrun."""
     from medseg.config import load_config
     from medseg.training.folds import parse_folds
     from medseg.workflow import cross_validate, open_run_tracker, resume_config, train_and_validate
 
+    _claim_threads(threads)
     if resume and out is None:
         raise MedsegError("CONFIG_MISSING_KEY", "--resume needs -o RUN, the run folder to continue")
     if config is None and not resume:
@@ -193,6 +209,7 @@ def predict(
     stats: bool = typer.Option(False, "--stats", help="Volume in mL per label per case (stats.csv and manifest)."),
     preview: bool = typer.Option(False, "--preview", help="PNG overlay of three orthogonal slices per case (previews/)."),
     allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted DICOM series instead of refusing them."),
+    threads: str = _threads_option(),
 ) -> None:
     """Segment a file, a DICOM series or a folder of cases; writes labels on each input's grid, manifest.json and
     provenance.json. Exit code 1 when any case failed."""
@@ -202,6 +219,7 @@ def predict(
     from medseg.inference.runner import RunOptions, predict_folder
 
     require_exists(input, "input")
+    _claim_threads(threads)
     options = RunOptions(
         overwrite=overwrite, resume=resume, shard=parse_shard(shard), output_type=output_type,
         save_probabilities=save_probabilities, stats=stats, preview=preview, allow_tilt=allow_tilt,
@@ -281,6 +299,7 @@ def evaluate(
     ),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Config whose 'evaluation' section to use."),
     set_: List[str] = typer.Option([], "--set", help="e.g. --set evaluation.nsd_tolerance_mm=1 (repeatable)."),
+    threads: str = _threads_option(),
 ) -> None:
     """Per-case metrics (metrics.csv) and their summary with confidence intervals (summary.json)."""
     import json
@@ -289,6 +308,7 @@ def evaluate(
     from medseg.io.dataset import load_dataset
     from medseg.metrics.evaluate import evaluate_folders
 
+    _claim_threads(threads)
     settings = load_config(config, set_).evaluation
     labels, context = None, {}
     if model is not None:
@@ -347,12 +367,14 @@ def demo(
     config: str = typer.Option("demo", "--config", "-c", help="Preset name or YAML path."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     cases: int = typer.Option(16, "--cases", "-n", min=4, help="Synthetic 3D cases to generate."),
+    threads: str = _threads_option(),
 ) -> None:
     """Sample data -> train -> predict the test cases -> evaluate -> report, tracked in MLflow."""
     from medseg.config import load_config
     from medseg.sample_data import write_sample_data
     from medseg.workflow import train_predict_evaluate
 
+    _claim_threads(threads)
     start = time.perf_counter()
     logging.getLogger(__name__).info("writing synthetic sample data to %s", out / "data")
     roots = write_sample_data(out / "data", cases=cases, seed=0, kinds=("ct3d",))

@@ -166,7 +166,7 @@ class EvaluationConfig(_Strict):
     flag_worst_fraction: float = Field(ge=0, lt=1)
     flag_volume_error_pct: float = Field(gt=0)
     small_subgroup: int = Field(ge=1)
-    workers: int = Field(ge=0, description="parallel processes over cases; 0 = one per CPU core")
+    workers: int = Field(ge=0, description="parallel processes over cases; 0 = one per thread of this process's CPU share")
 
 
 class TrackingConfig(_Strict):

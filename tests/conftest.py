@@ -11,6 +11,15 @@ from medseg.config import load_config
 from medseg.io.volume import Volume
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The test run takes its CPU share like any medseg process (a demo or training beside it gets the rest)."""
+    import os
+
+    from medseg import threads
+
+    threads.claim(threads.parse_threads(os.environ.get("MEDSEG_THREADS", "auto")))
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-case synthetic CT dataset (3 training, 1 test) in MSD layout."""

@@ -82,7 +82,8 @@ def load_backend(model_dir: Path, name: str, device: torch.device, net: torch.nn
     _need("openvino", "openvino", "openvino")
     import openvino as ov
 
-    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    settings = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    compiled = ov.Core().compile_model(path, "CPU", settings)
     return lambda x: torch.from_numpy(np.asarray(compiled(np.ascontiguousarray(x.cpu().numpy(), np.float32))[0]))
 
 

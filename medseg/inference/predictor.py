@@ -39,6 +39,7 @@ from monai.data import MetaTensor
 
 from medseg.config import Config
 from medseg.errors import InputError, ModelError
+from medseg import threads
 from medseg.inference.backends import Backend, load_backend
 from medseg.inference.grid import axis_map, map_back, to_ras
 from medseg.inference.postprocess import postprocess
@@ -134,7 +135,8 @@ class Predictor:
         members = []
         for d in dirs:
             model, cfg, plan, info = load_model_dir(d, dev)
-            members.append(Member(load_backend(Path(d), backend, dev, model, info), cfg, plan, info, Path(d)))
+            members.append(Member(load_backend(Path(d), backend, dev, model, info, threads.current()), cfg, plan, info,
+                                  Path(d)))
         if fast:
             tta, overlap = False, members[0].cfg.inference.fast_overlap if overlap is None else overlap
         return cls(members, dev, tta=tta, overlap=overlap)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from medseg import threads
 from medseg.errors import InputError, MedsegError, OutputError
 from medseg.fsutil import atomic_write, sha256_file, versions
 from medseg.inference.discovery import CaseInput, discover, shard
@@ -190,6 +191,7 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
 
         next_read = reader.submit(_load, todo[0][0], options) if todo else None
         for i, (case, result) in enumerate(todo):
+            threads.refresh()  # take the current CPU share (other medseg processes start and end)
             read, next_read = next_read, (reader.submit(_load, todo[i + 1][0], options) if i + 1 < len(todo) else None)
             start = time.perf_counter()
             try:

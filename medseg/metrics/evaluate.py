@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg import threads
 from medseg.config import EvaluationConfig, load_config
 from medseg.errors import InputError, require_exists
 from medseg.io.readers import files_by_id, read_volume
@@ -215,9 +215,9 @@ def evaluate_folders(
         found = np.unique(read_volume(next(iter(refs.values()))).array)
         labels = {int(v): str(int(v)) for v in found if v != 0}
     tasks = [_CaseTask(case, preds[case], path, labels, settings) for case, path in sorted(refs.items())]
-    workers = min(settings.workers or os.cpu_count() or 1, len(tasks))
+    workers = threads.workers(settings.workers, len(tasks))
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=threads.limit_worker) as pool:
             results = list(pool.map(_evaluate_case, tasks))
     else:
         results = [_evaluate_case(t) for t in tasks]

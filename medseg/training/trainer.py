@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import DataLoader
+from monai.data.utils import worker_init_fn as monai_worker_init
 from monai.utils import set_determinism
 from torch import nn
 
+from medseg import threads
 from medseg.config import Config, config_hash, config_to_dict, flatten, save_config
 from medseg.errors import ConfigError, TrainingError
 from medseg.fsutil import git_commit, versions
@@ -125,6 +127,12 @@ def _step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg: Config, devi
     return loss.detach()
 
 
+def _init_worker(worker_id: int) -> None:
+    """DataLoader workers: one thread each (they share the process's CPUs), then MONAI's transform seeding."""
+    threads.limit_worker()
+    monai_worker_init(worker_id)
+
+
 def fit(
     cfg: Config,
     run_dir: str | Path,
@@ -184,7 +192,8 @@ def fit(
     sampler_gen = torch.Generator().manual_seed(cfg.seed + rank.rank)
     n_samples = cfg.train.iterations_per_epoch * cfg.train.batch_size
     sampler = torch.utils.data.RandomSampler(train_ds, replacement=True, num_samples=n_samples, generator=sampler_gen)
-    loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers)
+    loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+                        worker_init_fn=_init_worker)
 
     in_channels = int(val_ds[0][IMAGE].shape[0])
     spatial_dims = len(cfg.data.spacing)
@@ -243,6 +252,7 @@ def fit(
         task = progress.add_task("training", total=cfg.train.epochs, completed=start_epoch - 1)
         iterations = progress.add_task("iterations", total=cfg.train.iterations_per_epoch)
         for epoch in range(start_epoch, cfg.train.epochs + 1):
+            threads.refresh()  # another medseg process may have started or ended: take the current CPU share
             model.train()
             start, losses = time.perf_counter(), []
             progress.update(iterations, completed=0, description=f"epoch {epoch} iterations")

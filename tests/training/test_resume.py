@@ -18,6 +18,11 @@ ARGS = ["-c", "smoke", "--set", "train.iterations_per_epoch=15", "--set", "train
         "--set", "augment.rotate_prob=0.5", "--set", "augment.noise_prob=0.5"]
 
 
+#: Bit-identical resume needs the same thread count in both runs (CPU reductions split work by thread), so it is
+#: fixed here rather than left to the CPU share, which changes with whatever else runs on the machine.
+FIXED_THREADS = {**os.environ, "MEDSEG_THREADS": "2"}
+
+
 def _medseg(*args: str) -> list[str]:
     return [sys.executable, "-m", "medseg", "-q", *args]
 
@@ -28,11 +33,13 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkill_then_resume_gives_identical_weights(tiny_dataset: Path, tmp_path: Path):
     data = ["--set", f"data.dataset={tiny_dataset}", "--set", "train.epochs=4"]
-    straight = subprocess.run(_medseg("train", *ARGS, *data, "-o", str(tmp_path / "straight")), capture_output=True, text=True, timeout=300)
+    straight = subprocess.run(_medseg("train", *ARGS, *data, "-o", str(tmp_path / "straight")), capture_output=True, text=True, timeout=300,
+                              env=FIXED_THREADS)
     assert straight.returncode == 0, straight.stderr
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_medseg("train", *ARGS, *data, "-o", str(killed_dir)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_medseg("train", *ARGS, *data, "-o", str(killed_dir)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=FIXED_THREADS)
     progress = killed_dir / "checkpoints" / "last.json"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -48,7 +55,8 @@ def test_sigkill_then_resume_gives_identical_weights(tiny_dataset: Path, tmp_pat
     killed_at = json.loads(progress.read_text())["epoch"]
     assert 2 <= killed_at < 4 and not (killed_dir / "model_last").exists()
 
-    resumed = subprocess.run(_medseg("train", "--resume", "-o", str(killed_dir)), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_medseg("train", "--resume", "-o", str(killed_dir)), capture_output=True, text=True, timeout=300,
+                             env=FIXED_THREADS)
     assert resumed.returncode == 0, resumed.stderr
     a, b = _weights(tmp_path / "straight"), _weights(killed_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
