@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
+    Affine,
     Compose,
     MapTransform,
     Orientationd,
     Rand2DElasticd,
     Rand3DElasticd,
     RandAdjustContrastd,
-    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
@@ -30,6 +30,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSimulateLowResolutiond,
+    RandomizableTransform,
     Spacingd,
     SpatialPadd,
 )
@@ -89,10 +90,52 @@ def build_preprocess_transforms(cfg: Config, plan: Plan) -> Compose:
     return Compose([LoadVolumed(keys=keys), *_preprocess(cfg, plan, keys)])
 
 
+class RandRotateZoomd(RandomizableTransform, MapTransform):
+    """In-plane rotation and isotropic zoom, each with its own probability, applied as one resampling.
+
+    Rotation (probability ``rotate_prob``) is uniform in ``[-rotate_rad, rotate_rad]`` about the last axis in 3D;
+    zoom (probability ``scale_prob``) is one factor for every axis, uniform in ``1 +- scale_range``. The two are
+    drawn independently; when either is drawn, image and label are resampled once through the combined affine
+    (MONAI ``Affine``: ``modes`` per key, e.g. bilinear for the image, nearest for the label).
+    """
+
+    def __init__(self, keys, rotate_prob: float, rotate_rad: float, scale_prob: float, scale_range: float, dims: int,
+                 modes: tuple[str, ...], padding_mode: str = "border") -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.rotate_prob, self.rotate_rad = rotate_prob, rotate_rad
+        self.scale_prob, self.scale_range = scale_prob, scale_range
+        self.dims, self.modes, self.padding_mode = dims, modes, padding_mode
+        self.angle, self.factor = 0.0, 1.0
+
+    def randomize(self, data: Any = None) -> None:
+        rotate = self.R.rand() < self.rotate_prob
+        zoom = self.R.rand() < self.scale_prob
+        self.angle = float(self.R.uniform(-self.rotate_rad, self.rotate_rad)) if rotate else 0.0
+        self.factor = float(self.R.uniform(1 - self.scale_range, 1 + self.scale_range)) if zoom else 1.0
+        self._do_transform = rotate or zoom
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        affine = Affine(
+            rotate_params=(self.angle,) if self.dims == 2 else (0.0, 0.0, self.angle),
+            scale_params=(self.factor,) * self.dims,
+            padding_mode=self.padding_mode,
+            image_only=True,
+        )
+        for key, mode in zip(self.key_iterator(d), self.modes):
+            d[key] = affine(d[key], mode=mode)
+        return d
+
+
 def build_augment_transforms(cfg: Config) -> Compose:
     """Random part, applied to preprocessed cases every time they are drawn: pad, crop, augment.
 
-    Spatial: flips per axis; in-plane rotation and isotropic zoom (``RandAffined``); elastic deformation
+    Spatial: flips per axis; in-plane rotation and isotropic zoom, each with its own probability
+    (:class:`RandRotateZoomd`, one resampling); elastic deformation
     (3D: ``Rand3DElasticd`` with ``elastic_sigma``/``elastic_magnitude``; 2D: ``Rand2DElasticd`` with control
     points every 3 x sigma voxels moved by magnitude / 50 of that spacing). Intensity: scale, shift, gamma,
     Gaussian noise, Gaussian blur, low-resolution simulation, per-channel colour scaling.
@@ -109,16 +152,7 @@ def build_augment_transforms(cfg: Config) -> Compose:
     steps += [RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(dims)]
     angle = math.radians(aug.rotate_deg)
     if aug.rotate_prob or aug.scale_prob:
-        steps.append(
-            RandAffined(
-                keys=keys,
-                prob=max(aug.rotate_prob, aug.scale_prob),
-                rotate_range=(angle,) if dims == 2 else (0.0, 0.0, angle),
-                scale_range=(aug.scale_range,) * dims,
-                mode=spatial_modes,
-                padding_mode="border",
-            )
-        )
+        steps.append(RandRotateZoomd(keys, aug.rotate_prob, angle, aug.scale_prob, aug.scale_range, dims, spatial_modes))
     if aug.elastic_prob:
         if dims == 3:
             steps.append(Rand3DElasticd(keys=keys, sigma_range=aug.elastic_sigma, magnitude_range=aug.elastic_magnitude,

@@ -51,3 +51,36 @@ def test_patch_size_comes_out():
     cfg = load_config(None, ["data.patch_size=[24, 24, 12]"])
     out = build_augment_transforms(cfg)(_case(3))[0]
     assert tuple(out[IMAGE].shape) == (1, 24, 24, 12) and tuple(out[LABEL].shape) == (1, 24, 24, 12)
+
+
+def _linear_parts(dims: int, rotate_prob: float, scale_prob: float, draws: int = 40) -> list[np.ndarray]:
+    """The voxel-to-world linear part of ``draws`` augmented crops (identity input: crops only translate)."""
+    patch = "[32, 32, 16]" if dims == 3 else "[48, 48]"
+    cfg = load_config(None, [f"data.patch_size={patch}", "augment.pos_neg_ratio=1", *ONLY_SPATIAL, "augment.flip_prob=0",
+                             "augment.elastic_prob=0", "augment.rotate_deg=30", "augment.scale_range=0.2",
+                             f"augment.rotate_prob={rotate_prob}", f"augment.scale_prob={scale_prob}"])
+    transform = build_augment_transforms(cfg)
+    transform.set_random_state(seed=1)
+    return [np.asarray(transform(_case(dims))[0][IMAGE].affine)[:dims, :dims] for _ in range(draws)]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_each_spatial_probability_controls_only_its_own_transform(dims: int):
+    off_diagonal = ~np.eye(dims, dtype=bool)
+
+    zoom_only = _linear_parts(dims, rotate_prob=0, scale_prob=1)
+    assert all(np.abs(m[off_diagonal]).max() < 1e-6 for m in zoom_only), "rotate_prob 0 must never rotate"
+    assert all(np.allclose(np.diag(m), m[0, 0]) for m in zoom_only), "zoom is isotropic"
+    assert all(abs(m[0, 0] - 1) > 1e-4 for m in zoom_only)  # scale_prob 1: every draw zooms
+
+    rotate_only = _linear_parts(dims, rotate_prob=1, scale_prob=0)
+    assert all(np.allclose(m.T @ m, np.eye(dims), atol=1e-6) for m in rotate_only), "scale_prob 0 must never zoom"
+    assert all(np.abs(m[off_diagonal]).max() > 1e-4 for m in rotate_only)  # rotate_prob 1: every draw rotates
+    if dims == 3:
+        assert all(np.allclose(m[2], [0, 0, 1]) and np.allclose(m[:, 2], [0, 0, 1]) for m in rotate_only)  # in-plane
+
+    both = _linear_parts(dims, rotate_prob=0.5, scale_prob=0.5, draws=200)
+    rotated = np.array([np.abs(m[off_diagonal]).max() > 1e-4 for m in both])
+    zoomed = np.array([abs(np.linalg.det(m) - 1) > 1e-4 for m in both])
+    assert 0.35 < rotated.mean() < 0.65 and 0.35 < zoomed.mean() < 0.65
+    assert 0.12 < (rotated & zoomed).mean() < 0.38  # drawn independently: about a quarter both
