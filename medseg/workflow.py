@@ -82,7 +82,7 @@ def evaluate_model(
         "MLflow run": f"{tracker.run_id} ({tracking_uri})",
         "Config hash": config_hash(cfg),
     }
-    window = cfg.data.intensity.window if cfg.data.intensity.scheme == "ct_window" else None
+    window = report_window(cfg)
     summary = evaluate_folders(
         out / "predictions", ok[0].label.parent, out / "evaluation", settings=cfg.evaluation, labels=labels,
         images_dir=ok[0].image.parent, context=context, window=window, cases=[c.id for c in ok],
@@ -91,6 +91,13 @@ def evaluate_model(
     tracker.log_metrics(summary_metrics(summary, name))
     tracker.log_artifact(out / "evaluation", name)
     return EvaluationResult(out / "predictions", out / "evaluation", report, summary, len(cases) - len(ok))
+
+
+def report_window(cfg: Config) -> tuple[float, float] | None:
+    """Display window of the report's images: the configured intensity window (``data.intensity.window``, e.g.
+    the CT window the model was trained with), else None (the report chooses one from the image)."""
+    window = cfg.data.intensity.window
+    return (float(window[0]), float(window[1])) if window is not None else None
 
 
 def train_and_validate(

@@ -33,6 +33,9 @@ def test_demo_writes_report_with_one_row_per_case(demo_run):
     assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', html)) == 4
     assert (out / "evaluation" / "report.pdf").read_bytes().startswith(b"%PDF")
     assert "not a medical device" in html
+    # the display window is the configured CT window (smoke preset: window scheme, [-160, 240] HU), not a guess
+    assert json.loads((out / "evaluation" / "evaluation.json").read_text())["window"] == [-160.0, 240.0]
+    assert "window [-160, 240]" in html
     assert not re.search(r'(src|href)="(https?:)?//', html)  # self-contained: no external resources
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
     assert summary["organ"]["dice"]["n"] == 1
