@@ -342,7 +342,7 @@ def _log_to_active_mlflow_run(eval_dir: Path, summary: dict) -> None:
     from medseg.tracking import MlflowTracker
     from medseg.workflow import summary_metrics
 
-    tracker = MlflowTracker(os.environ.get("MLFLOW_TRACKING_URI", ""), "", run_id=run_id)
+    tracker = MlflowTracker(os.environ.get("MLFLOW_TRACKING_URI", ""), "", run_id=run_id, reopen="attach")
     tracker.log_metrics(summary_metrics(summary, "eval"))
     tracker.log_artifact(eval_dir, "evaluation")
     typer.echo(f"logged to MLflow run {run_id}")

@@ -75,8 +75,13 @@ class MlflowTracker:
         experiment: Experiment name (created if missing; with an embedded store its artifacts go to
             ``artifact_dir``).
         run_name: Name of a new run; ignored when ``run_id`` is given.
-        run_id: Reopen an existing run (e.g. to attach evaluation results to a training run).
+        run_id: Reopen an existing run.
         artifact_dir: Artifact folder for a newly created experiment in an embedded store.
+        reopen: With ``run_id``: ``resume`` (training continues the run: it is marked RUNNING at the first
+            metric, parameter or artifact logged, and :meth:`close` sets its final status; a resume that logs
+            nothing, e.g. one refused as ``RESUME_NOTHING_TO_DO``, leaves status and end time as they were) or
+            ``attach`` (results are added to a run that ended, e.g. an evaluation: its status, end time and
+            params are never changed, and :meth:`close` leaves them).
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class MlflowTracker:
         run_name: str | None = None,
         run_id: str | None = None,
         artifact_dir: Path | None = None,
+        reopen: str = "resume",
     ) -> None:
         import logging
 
@@ -103,14 +109,25 @@ class MlflowTracker:
             else:
                 exp_id = exp.experiment_id
             run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            self._mode, self._running = "new", True
         else:
-            self.client.update_run(run_id, status="RUNNING")
+            if reopen not in ("resume", "attach"):
+                raise ValueError(f"reopen must be 'resume' or 'attach', not {reopen!r}")
+            self.client.get_run(run_id)  # fails now, not at the first log call, when the run does not exist
+            self._mode, self._running = reopen, False
         self.run_id: str | None = run_id
+
+    def _writing(self) -> None:
+        """A resumed run is RUNNING again from its first write on (an attached run keeps its status)."""
+        if not self._running and self._mode == "resume":
+            self.client.update_run(self.run_id, status="RUNNING")
+        self._running = True
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        self._writing()
         for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
@@ -123,9 +140,11 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if not math.isnan(float(v))]
         if items:
+            self._writing()
             self.client.log_batch(self.run_id, metrics=items)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._writing()
         if Path(path).is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
@@ -165,6 +184,7 @@ class MlflowTracker:
         mlflow.set_tracking_uri(self.uri)
         kwargs = dict(name="pytorch_model", signature=signature, input_example=example, pip_requirements=["torch", "monai"],
                       registered_model_name=cfg.registered_model)
+        self._writing()
         with mlflow.start_run(run_id=self.run_id):
             try:
                 info = mlflow.pytorch.log_model(net, export_model=True, **kwargs)
@@ -176,8 +196,11 @@ class MlflowTracker:
             self.client.set_registered_model_alias(cfg.registered_model, cfg.alias, str(info.registered_model_version))
 
     def close(self, status: str = "FINISHED") -> None:
-        """Stops system metrics (if started) and marks the run ``FINISHED`` or ``FAILED``."""
+        """Stops system metrics (if started) and marks the run ``FINISHED`` or ``FAILED`` -- unless it was
+        attached to, or resumed without anything logged (then its status and end time stay as they were)."""
         monitor = getattr(self, "_monitor", None)
         if monitor is not None:
             monitor.finish()
+        if self._mode == "attach" or not self._running:
+            return
         self.client.set_terminated(self.run_id, status=status)

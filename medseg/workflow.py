@@ -189,6 +189,11 @@ def cross_validate(cfg: Config, root: Path, folds: list[int | str], resume: bool
         run_dir = root / f"fold_{fold}"
         split = (everything, everything) if fold == "all" else (splits[int(fold)]["train"], splits[int(fold)]["val"])
         can_resume = resume and (run_dir / "checkpoints" / "last.pt").is_file()
+        done = _finished_fold(run_dir, fold) if can_resume else None
+        if done is not None:  # trained and validated before: its run stays as it ended
+            log.info("fold %s finished before; reusing its results", fold)
+            results.append(done)
+            continue
         fold_cfg = resume_config(run_dir, []) if can_resume else cfg
         tracker = open_run_tracker(fold_cfg, run_dir, f"fold_{fold}", can_resume, store_dir=root)
         tracker.set_tags({"medseg.fold": str(fold), "medseg.dataset": dataset.name})
@@ -212,6 +217,17 @@ def cross_validate(cfg: Config, root: Path, folds: list[int | str], resume: bool
     }
     (root / "cv_summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None))
     return CrossValidationResult(results, root / "cv_summary.json", pooled)
+
+
+def _finished_fold(run_dir: Path, fold: int | str) -> dict | None:
+    """The result of a fold that trained and validated to the end (its validation summary exists), else None."""
+    summary_path = run_dir / "validation" / "evaluation" / "summary.json"
+    info_path = run_dir / "model" / "model.json"
+    if not (summary_path.is_file() and info_path.is_file()):
+        return None
+    summary, info = json.loads(summary_path.read_text()), json.loads(info_path.read_text())
+    return {"fold": fold, "best_epoch": info.get("epoch"), "best_val_dice_mean": info.get("val_dice_mean"),
+            "val_dice": {name: m["dice"]["mean"] for name, m in summary.items()}, "run_dir": str(run_dir)}
 
 
 def _mean(values: list) -> float | None:

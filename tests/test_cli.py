@@ -150,6 +150,9 @@ def test_evaluate_logs_to_the_active_mlflow_run(tmp_path: Path, tiny_dataset: Pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("eval", artifact_location=(tmp_path / "art").as_uri())).info.run_id
+    client.log_param(run_id, "train.lr", "0.01")
+    client.set_terminated(run_id, "FINISHED")  # a training run that ended
+    before = client.get_run(run_id).info
     pred = tmp_path / "pred"
     assert run("predict", "-i", str(tiny_dataset / "imagesTs"), "-o", str(pred), "-m", str(smoke_model)).returncode == 0
     env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": uri}
@@ -159,3 +162,6 @@ def test_evaluate_logs_to_the_active_mlflow_run(tmp_path: Path, tiny_dataset: Pa
     metrics = client.get_run(run_id).data.metrics
     assert "eval_dice_organ" in metrics and "eval_hd95_organ" in metrics
     assert "metrics.csv" in {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}
+    after = client.get_run(run_id)  # attaching results leaves the run as it was: status, end time, params
+    assert after.info.status == "FINISHED" == before.status and after.info.end_time == before.end_time
+    assert after.data.params == {"train.lr": "0.01"}

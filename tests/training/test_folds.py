@@ -59,3 +59,12 @@ def test_cross_validation_from_the_cli(tiny_dataset: Path, tmp_path: Path):
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("medseg-smoke").experiment_id])
     assert sorted(r.data.tags["medseg.fold"] for r in runs) == ["0", "1", "2"]
+    ended = {r.info.run_id: (r.info.status, r.info.end_time) for r in runs}
+    assert {status for status, _ in ended.values()} == {"FINISHED"}
+
+    # --resume after every fold finished: the folds are reused, their MLflow runs stay as they ended
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "cv_summary.json").read_text())["folds"] == summary["folds"]
+    runs = client.search_runs([client.get_experiment_by_name("medseg-smoke").experiment_id])
+    assert {r.info.run_id: (r.info.status, r.info.end_time) for r in runs} == ended

@@ -68,17 +68,23 @@ def test_resume_can_extend_epochs_and_refuses_other_changes(tiny_dataset: Path, 
     run = tmp_path / "run"
     base = _medseg("train", "-c", "smoke", "--set", f"data.dataset={tiny_dataset}", "-o", str(run))
     assert subprocess.run(base, capture_output=True, timeout=300).returncode == 0
+    record = json.loads((run / "run.json").read_text())
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(record["tracking_uri"])
+    finished = client.get_run(record["mlflow_run_id"]).info
+    assert finished.status == "FINISHED"
     again = subprocess.run(_medseg("train", "--resume", "-o", str(run)), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "RESUME_NOTHING_TO_DO" in again.stderr
+    refused = client.get_run(record["mlflow_run_id"]).info  # a refused resume does not mark the run FAILED
+    assert refused.status == "FINISHED" and refused.end_time == finished.end_time
     changed = subprocess.run(_medseg("train", "--resume", "-o", str(run), "--set", "train.lr=0.1"), capture_output=True, text=True, timeout=300)
     assert changed.returncode == 2 and "RESUME_CONFIG_CHANGED" in changed.stderr
     extended = subprocess.run(_medseg("train", "--resume", "-o", str(run), "--set", "train.epochs=3"), capture_output=True, text=True, timeout=300)
     assert extended.returncode == 0, extended.stderr
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2, 3]
-    record = json.loads((run / "run.json").read_text())
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(record["tracking_uri"]).get_metric_history(record["mlflow_run_id"], "train_loss")
+    assert client.get_run(record["mlflow_run_id"]).info.status == "FINISHED"  # the extended run ended again
+    history = client.get_metric_history(record["mlflow_run_id"], "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3]  # the same MLflow run continued
 
 
