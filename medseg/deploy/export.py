@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from medseg.errors import ModelError, OutputError
-from medseg.models.folder import CONFIG, INFO, PLAN, load_model_dir
+from medseg.fsutil import sha256_file
+from medseg.models.folder import CONFIG, INFO, NETWORK_HASH, PLAN, load_model_dir
 from medseg.training.components import final_output
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -108,7 +109,9 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     backend = load_backend(tmp, "auto", torch.device("cpu"), info={**info, "format": fmt})
     with torch.no_grad():
         diff = max(float((backend(x) - wrapped(x)).abs().max()) for x in inputs)
-    exported_info = {**info, "labels": {str(k): v for k, v in info["labels"].items()}, "format": fmt,
+    source = {k: v for k, v in info.items() if k != "weights_sha256"}
+    exported_info = {**source, "labels": {str(k): v for k, v in info["labels"].items()}, "format": fmt,
+                     NETWORK_HASH: sha256_file(target), "source_weights_sha256": info.get("weights_sha256"),
                      "quantization": quantize, "exported_from": str(model_dir.resolve()),
                      "parity": {"max_abs_logit_diff": diff, "inputs": [list(x.shape) for x in inputs]}}
     (tmp / INFO).write_text(json.dumps(exported_info, indent=2) + "\n", encoding="utf-8")

@@ -290,7 +290,7 @@ def _write_provenance(out_dir: Path, predictor: Predictor, results: list[CaseRes
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "models": [
-            {"dir": str(m.model_dir), "weights_sha256": m.info.get("weights_sha256"),
+            {"dir": str(m.model_dir), "weights_sha256": m.info.get("weights_sha256"), "network_sha256": m.info.get("network_sha256"),
              "config_hash": m.info.get("config_hash"), "format": m.info.get("format", "pytorch")}
             for m in predictor.members
         ],

@@ -64,6 +64,17 @@ def save_model_dir(path: Path, model: nn.Module, cfg: Config, plan: Plan, info: 
 
 
 EXPORTED_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+#: model.json key of an exported folder's network file hash (a PyTorch folder records ``weights_sha256``).
+NETWORK_HASH = "network_sha256"
+
+
+def _check_hash(file: Path, expected: str | None) -> None:
+    """Raises ``MODEL_CORRUPT`` when ``file``'s SHA-256 is not the recorded one (folders without one pass)."""
+    if expected and sha256_file(file) != expected:
+        raise ModelError(
+            "MODEL_CORRUPT", f"{file} is damaged or was replaced: its SHA-256 is not the one recorded in model.json",
+            "restore the model folder from its original copy (or the MLflow artifact)",
+        )
 
 
 def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module | None, Config, Plan, dict[str, Any]]:
@@ -75,7 +86,8 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tupl
 
     Raises:
         ModelError: ``MODEL_NOT_FOUND`` (no such folder), ``MODEL_DIR_INVALID`` (files missing or unreadable),
-            ``MODEL_WEIGHTS_MISMATCH`` (weights do not fit the configured network).
+            ``MODEL_CORRUPT`` (the network file or the plan is not the one recorded in model.json: its SHA-256
+            differs), ``MODEL_WEIGHTS_MISMATCH`` (weights do not fit the configured network).
     """
     path = Path(path)
     if not path.is_dir():
@@ -89,12 +101,16 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tupl
     missing += [network_file] if not (path / network_file).is_file() else []
     if missing:
         raise ModelError("MODEL_DIR_INVALID", f"{path} is not a model folder: missing {', '.join(missing)}")
+    _check_hash(path / network_file, info.get(NETWORK_HASH if network_file != WEIGHTS else "weights_sha256"))
     try:
         info["labels"] = {int(k): v for k, v in info["labels"].items()}
         plan = Plan.from_json((path / PLAN).read_text(encoding="utf-8"))
         state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True) if network_file == WEIGHTS else None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelError("MODEL_DIR_INVALID", f"cannot read model folder {path}: {exc}") from None
+    if info.get("plan_hash") and plan.hash() != info["plan_hash"]:
+        raise ModelError("MODEL_CORRUPT", f"{path / PLAN} is not the plan this model was trained with "
+                         "(its hash differs from model.json)", "restore the model folder from its original copy")
     cfg = load_config(path / CONFIG)
     if state is None:
         return None, cfg, plan, info

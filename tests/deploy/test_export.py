@@ -84,6 +84,14 @@ def test_int8_quantisation_runs_and_is_recorded(smoke_model: Path, tmp_path: Pat
     folder = export_model(smoke_model, "onnx", tmp_path / "int8", quantize="int8")
     info = json.loads((folder / "model.json").read_text())
     assert info["quantization"] == "int8" and info["parity"]["max_abs_logit_diff"] > 0
+    # the exported network file's own hash is recorded and checked on load (not the source weights' hash)
+    assert "weights_sha256" not in info and len(info["network_sha256"]) == 64 and info["source_weights_sha256"]
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[-100] ^= 0xFF
+    (folder / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelError) as err:
+        load_model_dir(folder)
+    assert err.value.code == "MODEL_CORRUPT" and "model.onnx" in err.value.message
 
 
 def test_clear_errors(smoke_model: Path, tmp_path: Path, monkeypatch):

@@ -73,3 +73,31 @@ def test_model_folder_is_self_describing(smoke_model: Path):
     assert info["labels"] == {"0": "background", "1": "organ", "2": "lesion"}
     assert {"torch", "monai", "medseg"} <= set(info["versions"]) and len(info["weights_sha256"]) == 64
     assert sorted(p.name for p in smoke_model.iterdir()) == ["config.yaml", "model.json", "plan.json", "weights.pt"]
+
+
+@pytest.mark.parametrize("damage", ["one_weight_changed", "truncated", "plan_edited"])
+def test_damaged_model_folder_is_refused(smoke_model: Path, tmp_path: Path, damage: str):
+    import json
+    import shutil
+
+    import torch
+
+    folder = tmp_path / "model"
+    shutil.copytree(smoke_model, folder)
+    if damage == "one_weight_changed":  # still a loadable state dict of the right shapes: only the hash tells
+        state = torch.load(folder / "weights.pt", weights_only=True)
+        first = next(k for k, v in state.items() if v.is_floating_point())
+        state[first].view(-1)[0] += 0.5
+        torch.save(state, folder / "weights.pt")
+    elif damage == "truncated":
+        data = (folder / "weights.pt").read_bytes()
+        (folder / "weights.pt").write_bytes(data[: len(data) // 2])
+    else:
+        plan = json.loads((folder / "plan.json").read_text())
+        plan["spacing"] = [s * 2 for s in plan["spacing"]]
+        (folder / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ModelError) as info:
+        load_model_dir(folder)
+    assert info.value.code == "MODEL_CORRUPT"
+    assert ("plan.json" if damage == "plan_edited" else "weights.pt") in info.value.message
+    load_model_dir(smoke_model)  # the original still loads
