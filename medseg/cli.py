@@ -194,7 +194,7 @@ def train(
 @app.command()
 def predict(
     input: Path = typer.Option(..., "--input", "-i", help="An image file, a DICOM series folder, or a folder of cases (image files and DICOM series)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (must not lie inside the input folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: not inside an input folder, nor the folder of an input file (a folder beside it is fine)."),
     model: List[Path] = typer.Option(..., "--model", "-m", help="Model folder from `medseg train`; repeat for an ensemble (probabilities averaged)."),
     output_type: str = typer.Option("nifti", "--output-type", "-t", help="nifti, or dicom-seg for DICOM inputs."),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),

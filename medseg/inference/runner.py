@@ -81,16 +81,26 @@ def manifest_name(options: RunOptions) -> str:
 
 
 def check_output_location(inputs_root: Path, out_dir: Path) -> None:
-    """Refuses an output folder inside the input tree.
+    """Refuses an output folder inside an input folder, or the folder of an input file itself.
+
+    A folder of cases (or a DICOM series folder) is read recursively, so no output may land anywhere in it. For one
+    input file, a folder beside it (``scan.nii.gz`` and ``pred/``) is fine; its own folder is not (the output,
+    named after the case, could replace the input).
 
     Raises:
         OutputError: ``OUTPUT_INSIDE_INPUT``.
     """
-    root = (inputs_root if inputs_root.is_dir() else inputs_root.parent).resolve()
     out = out_dir.resolve()
-    if out == root or root in out.parents:
+    if inputs_root.is_dir():
+        root = inputs_root.resolve()
+        if out == root or root in out.parents:
+            raise OutputError(
+                "OUTPUT_INSIDE_INPUT", f"output folder {out_dir} lies inside the input folder {root}", "choose another -o"
+            )
+    elif out == inputs_root.resolve().parent:
         raise OutputError(
-            "OUTPUT_INSIDE_INPUT", f"output folder {out_dir} lies inside the input folder {root}", "choose another -o"
+            "OUTPUT_INSIDE_INPUT", f"output folder {out_dir} is the folder of the input file {inputs_root.name}",
+            "choose another -o, e.g. a new folder beside the input",
         )
 
 

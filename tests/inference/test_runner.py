@@ -55,3 +55,14 @@ def test_manifest_hash_matches_output(predictor, tiny_dataset: Path, tmp_path: P
     result = predict_folder(predictor, tiny_dataset / "imagesTs", tmp_path)[0]
     assert result.sha256 == hashlib.sha256((tmp_path / "ct_003.nii.gz").read_bytes()).hexdigest()
     assert np.asarray(read_nifti(tmp_path / "ct_003.nii.gz").array).dtype == np.uint8
+
+
+def test_output_folder_beside_an_input_file(predictor, tiny_dataset: Path, tmp_path: Path):
+    scan = tmp_path / "scan.nii.gz"
+    shutil.copy(tiny_dataset / "imagesTs" / "ct_003.nii.gz", scan)
+    before = scan.read_bytes()
+    assert predict_folder(predictor, scan, tmp_path / "pred")[0].status == "ok"  # pred/ beside scan.nii.gz
+    assert read_nifti(tmp_path / "pred" / "scan.nii.gz").same_grid(read_nifti(scan))
+    with pytest.raises(OutputError) as info:  # the file's own folder: the output would replace the input
+        predict_folder(predictor, scan, tmp_path)
+    assert info.value.code == "OUTPUT_INSIDE_INPUT" and scan.read_bytes() == before
