@@ -16,7 +16,7 @@ from pathlib import Path
 from medseg.errors import InputError, require_exists
 from medseg.io.dicom_headers import DicomSeries, is_dicom_file, scan_paths, walk_files
 from medseg.io.readers import case_id as file_case_id
-from medseg.io.readers import is_supported
+from medseg.io.readers import is_supported, unique_ids
 
 NOT_CASES = ("DICOM_NOT_DICOM",)  # counted, not listed
 SKIPPED = ("DICOM_NOT_IMAGE", "DICOM_NO_GEOMETRY")  # listed as skipped (RELIABILITY.md 3, 6)
@@ -56,6 +56,7 @@ def discover(path: str | Path) -> Discovery:
 
     Raises:
         InputError: ``PATH_NOT_FOUND``; ``NO_INPUTS`` when nothing at all could be a case.
+        DatasetError: ``DATASET_DUPLICATE_ID`` when two image files have one case ID (``a.nii.gz``, ``a.nrrd``).
     """
     path = Path(path)
     require_exists(path, "input")
@@ -68,7 +69,7 @@ def discover(path: str | Path) -> Discovery:
     else:
         images = sorted(p for p in path.iterdir() if p.is_file() and is_supported(p))
         files = [p for p in walk_files(path) if not (p.parent == path and is_supported(p))]
-    cases = [CaseInput(file_case_id(p), p) for p in images]
+    cases = [CaseInput(cid, p) for cid, p in unique_ids(images, f"input folder {path.name}").items()]
     ignored: dict[str, int] = {}
     if files:
         scan = scan_paths(path, files)

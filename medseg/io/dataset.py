@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.errors import DatasetError, require_exists
-from medseg.io.nifti import strip_nifti_suffix
 from medseg.io.readers import case_id as file_case_id
+from medseg.io.readers import duplicate_id
 from medseg.io.readers import is_supported
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -69,11 +69,6 @@ class Dataset:
     declared_training: int | None = None
 
 
-def _case_id(path: Path) -> str:
-    stem = strip_nifti_suffix(path.name)
-    return stem.rsplit(".", 1)[0] if "." in stem else stem
-
-
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -95,7 +90,8 @@ def load_dataset(root: str | Path, strict: bool = True) -> Dataset:
     Raises:
         InputError: ``PATH_NOT_FOUND``.
         DatasetError: ``DATASET_JSON_MISSING`` (no recognisable layout), ``DATASET_JSON_INVALID``,
-            ``DATASET_FILES_MISSING`` (listing the case IDs).
+            ``DATASET_FILES_MISSING`` (listing the case IDs), ``DATASET_DUPLICATE_ID`` (two files, training or
+            test, with one case ID: naming both).
     """
     root = Path(root)
     require_exists(root, "dataset folder")
@@ -113,6 +109,7 @@ def load_dataset(root: str | Path, strict: bool = True) -> Dataset:
             "DATASET_JSON_MISSING", f"no dataset.json, dataset.csv or images/+labels/ folders in {root}",
             "see `medseg validate -h` for the supported layouts",
         )
+    _refuse_duplicate_ids(dataset, strict)
     if not dataset.labels and dataset.training:
         dataset = _with_inferred_labels(dataset)
     missing = sorted(
@@ -129,6 +126,23 @@ def load_dataset(root: str | Path, strict: bool = True) -> Dataset:
     return dataset
 
 
+def _refuse_duplicate_ids(dataset: Dataset, strict: bool) -> None:
+    """One case ID names one case of the dataset (training and test together)."""
+    listed = [p for p in dataset.problems if p[1] == "DATASET_DUPLICATE_ID"]  # CSV rows with a repeated case_id
+    if listed and strict:
+        raise DatasetError("DATASET_DUPLICATE_ID", f"case ID {listed[0][0]!r}: {listed[0][2]}",
+                           "give every row its own case_id")
+    seen: dict[str, Path] = {}
+    for case in [*dataset.training, *dataset.test]:
+        if case.id in seen:
+            error = duplicate_id(case.id, seen[case.id], case.image, f"dataset {dataset.name}")
+            if strict:
+                raise error
+            dataset.problems.append((case.id, error.code, error.message))
+        else:
+            seen[case.id] = case.image
+
+
 def _labels_from_msd(meta: dict, path: Path) -> dict[int, str]:
     try:
         return {int(k): str(v) for k, v in meta["labels"].items()}
@@ -140,14 +154,14 @@ def _load_msd(root: Path, meta: dict) -> Dataset:
     labels = _labels_from_msd(meta, root / "dataset.json")
     try:
         training = [
-            Case(_case_id(Path(e["image"])), (root / e["image"]).resolve(), (root / e["label"]).resolve())
+            Case(file_case_id(e["image"]), (root / e["image"]).resolve(), (root / e["label"]).resolve())
             for e in meta.get("training", [])
         ]
         test = []
         for entry in meta.get("test", []):
             image = (root / (entry["image"] if isinstance(entry, dict) else entry)).resolve()
             label = root / "labelsTs" / image.name
-            test.append(Case(_case_id(image), image, label.resolve() if label.is_file() else None))
+            test.append(Case(file_case_id(image), image, label.resolve() if label.is_file() else None))
     except (KeyError, TypeError) as exc:
         raise DatasetError("DATASET_JSON_INVALID", f"{root / 'dataset.json'}: bad training/test entry ({exc})") from None
     return Dataset(
@@ -216,11 +230,14 @@ def _labels_sidecar(folder: Path) -> dict[int, str]:
 
 def _load_paired(root: Path) -> Dataset:
     def entries(folder: Path) -> dict[str, Path]:
-        return {
-            (p.name if p.is_dir() else file_case_id(p)): p.resolve()
-            for p in sorted(folder.iterdir())
-            if p.is_dir() or is_supported(p) or p.suffix.lower() == ".dcm"
-        }
+        found: dict[str, Path] = {}
+        for p in sorted(folder.iterdir()):
+            if p.is_dir() or is_supported(p) or p.suffix.lower() == ".dcm":
+                cid = file_case_id(p)
+                if cid in found:
+                    raise duplicate_id(cid, found[cid], p, f"folder {folder.name}")
+                found[cid] = p.resolve()
+        return found
 
     images, labels = entries(root / "images"), entries(root / "labels")
     training = [Case(cid, path, labels.get(cid, root / "labels" / f"{cid}.missing")) for cid, path in images.items()]

@@ -5,19 +5,60 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import InputError
+from medseg.errors import DatasetError, InputError
 from medseg.io.dicom_headers import is_dicom_file
-from medseg.io.image2d import is_image2d, read_image2d
-from medseg.io.nifti import is_nifti, read_nifti, strip_nifti_suffix
-from medseg.io.sitk_formats import is_sitk_format, read_sitk
+from medseg.io.image2d import IMAGE_2D_SUFFIXES, is_image2d, read_image2d
+from medseg.io.nifti import NIFTI_SUFFIXES, is_nifti, read_nifti
+from medseg.io.sitk_formats import SITK_SUFFIXES, is_sitk_format, read_sitk
 from medseg.io.volume import Volume
 
 FORMATS = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, .png, .jpg, .tif, .bmp, DICOM files or a DICOM series folder"
+#: Endings a case ID drops (longest first, so ``.nii.gz`` goes whole); any other dot stays in the ID.
+IMAGE_SUFFIXES = tuple(sorted({*NIFTI_SUFFIXES, *SITK_SUFFIXES, *IMAGE_2D_SUFFIXES, ".dcm"}, key=len, reverse=True))
+#: nnU-Net's suffix of the first (single) channel file: ``case_0000.nii.gz`` is case ``case``.
+CHANNEL_0 = "_0000"
 
 
-def case_id(path: Path) -> str:
-    """Case ID of a file: its name without the format ending (``ct_001.nii.gz`` -> ``ct_001``)."""
-    return strip_nifti_suffix(path.name) if is_nifti(path) else (path.name if path.is_dir() else path.stem)
+def case_id(path: str | Path) -> str:
+    """The case ID of a file or folder, the one rule used everywhere (datasets, folders, evaluation, reports).
+
+    Drops a known image ending (case-insensitive: ``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``,
+    ``.png``, ``.jpg``, ``.jpeg``, ``.tif``, ``.tiff``, ``.bmp``, ``.dcm``) and then nnU-Net's ``_0000`` channel
+    suffix; nothing else. ``ct.001.nii.gz`` -> ``ct.001``, ``case_0000.nii.gz`` -> ``case``, ``series_a`` (a
+    DICOM folder) -> ``series_a``.
+    """
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name.endswith(CHANNEL_0) and len(name) > len(CHANNEL_0):
+        name = name[: -len(CHANNEL_0)]
+    return name
+
+
+def unique_ids(paths: "list[Path]", what: str) -> dict[str, Path]:
+    """``{case ID: path}`` for ``paths`` (sorted by path).
+
+    Raises:
+        DatasetError: ``DATASET_DUPLICATE_ID`` naming both files when two paths give one case ID.
+    """
+    found: dict[str, Path] = {}
+    for path in sorted(paths):
+        cid = case_id(path)
+        if cid in found:
+            raise duplicate_id(cid, found[cid], path, what)
+        found[cid] = path
+    return found
+
+
+def duplicate_id(cid: str, first: Path, second: Path, what: str) -> DatasetError:
+    """The ``DATASET_DUPLICATE_ID`` error for two files of one case ID."""
+    return DatasetError(
+        "DATASET_DUPLICATE_ID", f"{first.name} and {second.name} in {what} both have case ID {cid!r}",
+        "rename one of them: a case ID is the file name without its image ending (and nnU-Net's _0000)",
+    )
 
 
 def is_supported(path: Path) -> bool:
@@ -53,8 +94,13 @@ def read_volume(path: str | Path, **dicom_options: Any) -> Volume:
 
 
 def files_by_id(folder: Path) -> dict[str, Path]:
-    """Supported files directly inside ``folder``, keyed by case ID (sorted)."""
-    return {case_id(p): p for p in sorted(Path(folder).iterdir()) if p.is_file() and is_supported(p)}
+    """Supported files directly inside ``folder``, keyed by case ID (sorted).
+
+    Raises:
+        DatasetError: ``DATASET_DUPLICATE_ID`` when two files have one case ID.
+    """
+    folder = Path(folder)
+    return unique_ids([p for p in folder.iterdir() if p.is_file() and is_supported(p)], f"folder {folder.name}")
 
 
 def read_channels(paths: "list[Path] | tuple[Path, ...] | list[str]", **dicom_options: Any) -> Volume:
