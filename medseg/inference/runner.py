@@ -75,6 +75,28 @@ class CaseResult:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class WriteOutcome:
+    """What the writer thread measured for one case; the main thread merges it into the case's result (results
+    and the manifest built from them are only ever touched by the main thread)."""
+
+    status: str
+    seconds: float
+    error_code: str | None = None
+    error: str | None = None
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    write_s: float | None = None
+
+    def merge_into(self, result: CaseResult) -> None:
+        result.status, result.seconds = self.status, self.seconds
+        if self.status == "ok":
+            result.outputs = self.outputs
+            result.output, result.sha256 = Path(self.outputs["labels"]["file"]).name, self.outputs["labels"]["sha256"]
+            result.timings["write_s"] = self.write_s
+        else:
+            result.error_code, result.error = self.error_code, self.error
+
+
 def manifest_name(options: RunOptions) -> str:
     index, count = options.shard
     return MANIFEST if count == 1 else f"manifest.shard-{index}-of-{count}.json"
@@ -191,7 +213,13 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
     def save_manifest() -> None:
         _write_manifest(out_dir, options, predictor, results, ignored or {})
 
-    pending_writes: list[Future] = []
+    pending_writes: list[tuple[Future, CaseResult]] = []
+
+    def merge_writes(wait: bool) -> None:
+        for future, result in [w for w in pending_writes if wait or w[0].done()]:
+            pending_writes.remove((future, result))
+            future.result().merge_into(result)
+
     with progress_bar(options.progress) as progress, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         case_task = progress.add_task("cases", total=len(todo))
         window_task = progress.add_task("windows", total=1)
@@ -222,7 +250,8 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
                     result.notes.append(f"post-processing: {prediction.stats['postprocess']}")
                 if options.stats:
                     result.volumes_ml = label_volumes_ml(prediction.labels, predictor.labels)
-                pending_writes.append(writer.submit(_write_case, predictor, volume, prediction, target, result, options, start))
+                pending_writes.append((writer.submit(_write_case, predictor, volume, prediction, target, case.case_id,
+                                                     options, start), result))
             except MedsegError as exc:
                 result.status, result.error_code, result.error = "failed", exc.code, exc.one_line()
             except Exception as exc:  # noqa: BLE001 - per-case isolation: record and carry on
@@ -231,43 +260,38 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
             if result.status == "failed":
                 result.seconds = round(time.perf_counter() - start, 3)
                 log.error("case %s failed: %s", case.case_id, result.error)
-            for done in [f for f in pending_writes if f.done()]:
-                pending_writes.remove(done)
-                done.result()
+            merge_writes(wait=False)
             save_manifest()
             progress.update(case_task, advance=1)
-        for future in pending_writes:
-            future.result()
+        merge_writes(wait=True)
     save_manifest()
     _write_provenance(out_dir, predictor, results, options, started)
     return results
 
 
-def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, target: Path, result: CaseResult,
-                options: RunOptions, start: float) -> None:
-    """Writes one case's outputs (background thread); failures are recorded in ``result``."""
+def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, target: Path, case: str,
+                options: RunOptions, start: float) -> WriteOutcome:
+    """Writes one case's outputs (background thread) and returns what happened; it never touches a result."""
     try:
         t = time.perf_counter()
         name = predictor.members[0].model_dir.name
         write_labels(prediction.labels, target, volume, predictor.labels, name)
         written = {"labels": target}
         if prediction.probabilities is not None:
-            written["probabilities"] = target.parent / "probabilities" / f"{result.case_id}.npz"
+            written["probabilities"] = target.parent / "probabilities" / f"{case}.npz"
             write_probabilities(prediction.probabilities, written["probabilities"], predictor.labels)
         if options.preview:
-            written["preview"] = target.parent / "previews" / f"{result.case_id}.png"
+            written["preview"] = target.parent / "previews" / f"{case}.png"
             write_preview(volume, prediction.labels, written["preview"], predictor.labels)
-        result.outputs = hashes(written, target.parent)
-        result.output, result.sha256 = target.name, result.outputs["labels"]["sha256"]
-        result.timings["write_s"] = round(time.perf_counter() - t, 3)
-        result.status = "ok"
+        outputs = hashes(written, target.parent)
+        return WriteOutcome("ok", round(time.perf_counter() - start, 3), outputs=outputs,
+                            write_s=round(time.perf_counter() - t, 3))
     except MedsegError as exc:
-        result.status, result.error_code, result.error = "failed", exc.code, exc.one_line()
+        code, error = exc.code, exc.one_line()
     except Exception as exc:  # noqa: BLE001
-        result.status, result.error_code, result.error = "failed", "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"
-    result.seconds = round(time.perf_counter() - start, 3)
-    if result.status == "failed":
-        log.error("case %s failed while writing: %s", result.case_id, result.error)
+        code, error = "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"
+    log.error("case %s failed while writing: %s", case, error)
+    return WriteOutcome("failed", round(time.perf_counter() - start, 3), code, error)
 
 
 def _write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, results: list[CaseResult],

@@ -128,3 +128,34 @@ def test_dicom_seg_for_nifti_inputs_writes_nifti_with_a_note(predictor, tiny_dat
     options = RunOptions(output_type="dicom-seg")
     [result] = predict_folder(predictor, tiny_dataset / "imagesTs" / "ct_003.nii.gz", tmp_path / "o", options=options)
     assert result.status == "ok" and result.output == "ct_003.nii.gz" and "DICOM-SEG needs a DICOM input" in result.notes[0]
+
+
+def test_results_are_owned_by_the_main_thread(predictor, tmp_path: Path, monkeypatch, make_volume):
+    """Many tiny cases through the overlapped reader and writer: every result field is set by the main thread
+    (the writer returns what it measured), and every manifest row matches its output file."""
+    import threading
+
+    from medseg.inference import runner
+    from medseg.io.nifti import write_nifti
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(24):
+        write_nifti(make_volume(shape=(12, 10, 4), affine=np.diag([3.0, 3.0, 6.0, 1.0]), seed=i),
+                    inputs / f"c{i:02d}.nii.gz")
+    main, setters = threading.get_ident(), set()
+    plain = runner.CaseResult.__setattr__
+
+    def recording(self, name, value):
+        setters.add(threading.get_ident())
+        plain(self, name, value)
+
+    monkeypatch.setattr(runner.CaseResult, "__setattr__", recording)
+    results = predict_folder(predictor, inputs, tmp_path / "out", options=RunOptions(progress=False, preview=True))
+    assert setters == {main}
+    assert [r.status for r in results] == ["ok"] * 24
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["n_ok"] == 24 and manifest["n_pending"] == 0
+    for row in manifest["cases"]:
+        assert row["sha256"] == sha256_file(tmp_path / "out" / row["output"])
+        assert (tmp_path / "out" / row["outputs"]["preview"]["file"]).is_file() and row["timings"]["write_s"] >= 0
