@@ -71,6 +71,7 @@ class CaseResult:
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     volumes_ml: dict[str, float] | None = None
     series_instance_uid: str | None = None
+    slice_geometry: dict | None = None  # DICOM stacks: measured in-plane drift and step spread (tolerated)
     resumed: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -237,6 +238,7 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
                 result.timings["read_s"] = round(read_s, 3)
                 if case.series is not None:
                     result.series_instance_uid = volume.meta.get("series_instance_uid")
+                    result.slice_geometry = volume.meta.get("slice_geometry")
                 target = label_path(out_dir, case.case_id, case.path,
                                     case.is_dicom, options.output_type)
                 if target.exists() and not (options.overwrite or case.case_id in previous):

@@ -32,6 +32,7 @@ class Converted:
     error_code: str | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    slice_geometry: dict | None = None  # measured in-plane drift and step spread of a DICOM stack
 
 
 @dataclass
@@ -129,6 +130,13 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
             result.shape, result.spacing = volume.spatial_shape, tuple(round(s, 4) for s in volume.spacing)
             if "gantry_tilt_degrees" in volume.meta:
                 result.notes.append(f"gantry tilt {volume.meta['gantry_tilt_degrees']} degrees resampled")
+            result.slice_geometry = volume.meta.get("slice_geometry")
+            if result.slice_geometry and "gantry_tilt_degrees" not in volume.meta and (
+                result.slice_geometry["inplane_drift_px"] >= 0.01 or result.slice_geometry["step_spread_pct"] >= 0.1
+            ):
+                g = result.slice_geometry
+                result.notes.append(f"slice positions within tolerance: in-plane drift {g['inplane_drift_mm']} mm "
+                                    f"({g['inplane_drift_px']} pixel), step spread {g['step_spread_pct']} %")
         except MedsegError as exc:
             result.error_code, result.error = exc.code, exc.one_line()
             if exc.code in SKIP_CODES:

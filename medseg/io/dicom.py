@@ -82,6 +82,7 @@ def _finish(array: np.ndarray, geometry, meta: dict, files: list[DicomFile], wha
         array = untilt(array, geometry.shift_per_slice)
         meta.update(gantry_tilt_degrees=round(geometry.tilt_degrees, 3), resampled="gantry tilt corrected (linear)")
         log.warning("%s: gantry tilt %.2f degrees corrected by resampling", what, geometry.tilt_degrees)
+    meta["slice_geometry"] = geometry.record()
     meta["dicom_files"] = [str(f.path) for f in files]
     return Volume(array, geometry.affine, meta)
 

@@ -3,6 +3,23 @@
 Slice spacing comes from ImagePositionPatient only (never SpacingBetweenSlices or SliceThickness). Array axes
 are ``X`` = DICOM column index, ``Y`` = row index, ``Z`` = sorted slice index; the affine maps them to RAS+
 millimetres (DICOM's LPS with the first two axes negated), the convention of dcm2niix and ITK.
+
+Real scanners write positions as decimal strings rounded to a few digits, and their slice steps jitter, so the
+checks have tolerances that real series pass and real defects do not:
+
+* **in-plane drift** (each slice's offset from the line through the first slice along the normal): up to
+  ``DRIFT_TOLERANCE_PX`` (0.25) of the smaller pixel spacing is jitter, and the stack is treated as orthogonal
+  (every voxel then lies within a quarter pixel of its true position); more is a sheared stack (gantry tilt):
+  refused as ``DICOM_GANTRY_TILT`` unless resampling is allowed. A real 0.5 degree tilt over 100 mm is 0.87 mm.
+* **slice steps**: each step may differ from the median step by ``spacing_tolerance`` (5 %) of it, or by
+  ``STEP_TOLERANCE_MM`` (0.1 mm) where that is larger, but never by half a step: a missing slice (a step of two
+  medians) is always refused as ``DICOM_SLICE_GAP``.
+
+For comparison: dicom2nifti refuses a step whose vector differs from the first step by more than 5 % + 0.1 mm
+(``numpy.allclose(rtol=0.05, atol=0.1)``) and a stack whose first-to-last direction is off the normal by more
+than 0.05 in any direction cosine (about 3 degrees); dcm2niix warns when a step differs from the first by more
+than 0.2 mm and estimates tilt from the first-to-last slice vector. The measured drift and step spread are
+returned (:class:`StackGeometry`) and recorded in the volume's metadata (``slice_geometry``).
 """
 
 from __future__ import annotations
@@ -14,7 +31,8 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.io.volume import LPS_TO_RAS
 
-
+DRIFT_TOLERANCE_PX = 0.25
+STEP_TOLERANCE_MM = 0.1
 
 @dataclass
 class StackGeometry:
@@ -24,6 +42,16 @@ class StackGeometry:
     affine: np.ndarray  # RAS
     shift_per_slice: np.ndarray | None  # in-plane (columns, rows) pixel shifts to undo gantry tilt
     tilt_degrees: float
+    drift_mm: float = 0.0  # largest in-plane offset of a slice from the normal through the first slice
+    drift_px: float = 0.0  # the same in pixels (of the smaller pixel spacing)
+    step_spread: float = 0.0  # largest |step - median step| / median step
+    median_step_mm: float = 0.0
+
+    def record(self) -> dict:
+        """What the output metadata records about the stack's geometry (``slice_geometry``)."""
+        return {"inplane_drift_mm": round(self.drift_mm, 4), "inplane_drift_px": round(self.drift_px, 4),
+                "step_spread_pct": round(100 * self.step_spread, 3), "median_step_mm": round(self.median_step_mm, 4),
+                "gantry_tilt_degrees": round(self.tilt_degrees, 3)}
 
 
 def stack_geometry(
@@ -47,7 +75,8 @@ def stack_geometry(
         what: Name of the series for messages (index/hash, never patient tags).
         min_slices: Fewer slices are refused (localizers).
         orientation_tolerance: Largest allowed difference between slice direction cosines.
-        spacing_tolerance: Largest allowed deviation of a slice step from the median step, relative.
+        spacing_tolerance: Largest allowed deviation of a slice step from the median step, relative (with the
+            absolute floor ``STEP_TOLERANCE_MM``, itself capped at half the median step).
         allow_tilt: Resample a gantry-tilted (sheared) stack onto an orthogonal grid instead of refusing it.
         instance_numbers: For messages.
 
@@ -93,7 +122,8 @@ def stack_geometry(
             "the series may hold several echoes, phases or repeats; split it before conversion",
         )
     median = float(np.median(steps))
-    bad = np.flatnonzero(np.abs(steps - median) > spacing_tolerance * median)
+    allowed = max(spacing_tolerance * median, min(STEP_TOLERANCE_MM, 0.5 * median))
+    bad = np.flatnonzero(np.abs(steps - median) > allowed)
     if bad.size:
         k = int(bad[0])
         raise InputError(
@@ -106,14 +136,15 @@ def stack_geometry(
     spacing = extent / (n - 1)
     in_plane = positions - positions[0] - np.outer(distance - distance[0], normal)  # (N, 3) perpendicular offsets
     offset = float(np.linalg.norm(in_plane, axis=1).max())
+    drift_px = offset / min(pixel_spacing)
     tilt = float(np.degrees(np.arctan2(np.linalg.norm(in_plane[-1]), extent)))
     shifts = None
-    if offset > 1e-2:
+    if drift_px > DRIFT_TOLERANCE_PX:
         if not allow_tilt:
             raise InputError(
                 "DICOM_GANTRY_TILT",
                 f"{what}: slices are sheared (gantry tilt about {tilt:.2f} degrees; in-plane offset up to "
-                f"{offset:.2f} mm)",
+                f"{offset:.2f} mm = {drift_px:.2f} pixel, above the {DRIFT_TOLERANCE_PX} pixel tolerance)",
                 "pass --allow-tilt to resample onto an orthogonal grid (recorded in the output metadata)",
             )
         # in-plane offset of each slice in pixels along (columns, rows)
@@ -123,7 +154,9 @@ def stack_geometry(
     lps[:3, 1] = col * pixel_spacing[0]
     lps[:3, 2] = normal * spacing
     lps[:3, 3] = positions[0]
-    return StackGeometry([int(i) for i in order], LPS_TO_RAS @ lps, shifts, tilt if shifts is not None else 0.0)
+    spread = float(np.abs(steps - median).max() / median)
+    return StackGeometry([int(i) for i in order], LPS_TO_RAS @ lps, shifts, tilt if shifts is not None else 0.0,
+                         offset, drift_px, spread, median)
 
 
 def untilt(array: np.ndarray, shifts: np.ndarray) -> np.ndarray:
