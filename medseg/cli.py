@@ -158,7 +158,7 @@ def train(
     """Train a model, then evaluate it on the validation cases; all tracked in MLflow. Works under torchrun."""
     from medseg.config import load_config
     from medseg.training.folds import parse_folds
-    from medseg.workflow import cross_validate, open_run_tracker, resume_config, train_and_validate
+    from medseg.workflow import check_inputs, cross_validate, open_run_tracker, resume_config, train_and_validate
 
     _claim_threads(threads)
     if resume and out is None:
@@ -177,6 +177,8 @@ def train(
         typer.echo(f"summary: {result.summary_path}")
         return
     cfg = resume_config(run_dir, set_) if resume else load_config(config, set_)
+    if not resume:
+        check_inputs(cfg, run_dir)  # every training case checked before anything of the run is written
     tracker = open_run_tracker(cfg, run_dir, run_dir.name, resume)
     try:
         result, validation = train_and_validate(cfg, run_dir, tracker, resume=resume)

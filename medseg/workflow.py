@@ -7,6 +7,7 @@ one library call; this module wires them and records results in the training run
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,32 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     return load_config(run_dir / "config.yaml", overrides)
 
 
+def check_inputs(cfg: Config, run_dir: Path) -> None:
+    """Checks every training case as ``medseg validate`` does, in the pass that fingerprints the dataset, before
+    anything else of the run is written (tracking store, run.json, splits); the fingerprint is then saved as
+    ``RUN/fingerprint.json``, where training reads it instead of reading the cases again. A resumed run was checked
+    when it started. Only rank 0 of a ``torchrun`` job checks.
+
+    Raises:
+        DatasetError / InputError: the first failing check's code, naming every failing case.
+    """
+    import os
+
+    from medseg.plan.fingerprint import load_or_compute
+
+    if int(os.environ.get("RANK", "0")) != 0 or cfg.data.dataset is None:
+        return
+    dataset = load_dataset(cfg.data.dataset)
+    if (run_dir / "fingerprint.json").is_file():
+        load_or_compute(dataset, run_dir / "fingerprint.json")
+        return
+    from medseg.plan.fingerprint import compute_fingerprint
+
+    fingerprint = compute_fingerprint(dataset)  # raises before the run folder is created
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "fingerprint.json").write_text(fingerprint.to_json())
+
+
 def open_run_tracker(cfg: Config, run_dir: Path, run_name: str, resume: bool, store_dir: Path | None = None) -> Tracker:
     """The MLflow run of ``run_dir`` (reopened on resume via ``run.json``); a null tracker on non-zero ranks."""
     import os
@@ -182,6 +209,7 @@ def cross_validate(cfg: Config, root: Path, folds: list[int | str], resume: bool
     trains on every case and validates on the training cases. All folds log to one MLflow store.
     """
     dataset = load_dataset(cfg.data.dataset or "")
+    check_inputs(cfg, root)
     splits = load_or_make_splits(root / "splits.json", [c.id for c in dataset.training], cfg.data.folds, cfg.seed)
     everything = sorted(c.id for c in dataset.training)
     results = []
@@ -195,6 +223,9 @@ def cross_validate(cfg: Config, root: Path, folds: list[int | str], resume: bool
             results.append(done)
             continue
         fold_cfg = resume_config(run_dir, []) if can_resume else cfg
+        if (root / "fingerprint.json").is_file() and not (run_dir / "fingerprint.json").is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)  # the folds share the one checked fingerprint
+            shutil.copy2(root / "fingerprint.json", run_dir / "fingerprint.json")
         tracker = open_run_tracker(fold_cfg, run_dir, f"fold_{fold}", can_resume, store_dir=root)
         tracker.set_tags({"medseg.fold": str(fold), "medseg.dataset": dataset.name})
         try:
@@ -245,8 +276,6 @@ def _std(values: list) -> float | None:
 
 def _pool_folds(cfg: Config, root: Path, folds: list[dict]) -> EvaluationResult:
     """Evaluates every fold's validation predictions together, against the training labels."""
-    import shutil
-
     dataset = load_dataset(cfg.data.dataset or "")
     pooled = root / "cv" / "predictions"
     pooled.mkdir(parents=True, exist_ok=True)
@@ -290,6 +319,7 @@ def train_predict_evaluate(cfg: Config, out_dir: str | Path, show_progress: bool
     if not dataset.test or any(c.label is None for c in dataset.test):
         raise DatasetError("DATASET_NO_TEST_LABELS", f"{dataset.root} needs imagesTs/ with labels in labelsTs/")
     run_dir = out / "run"
+    check_inputs(cfg, run_dir)
     tracker = open_run_tracker(cfg, run_dir, f"{dataset.name}-{cfg.model.name}", resume=False)
     tracker.set_tags({"medseg.dataset": dataset.name, "medseg.config_hash": config_hash(cfg)})
     try:

@@ -107,7 +107,12 @@ def _expected_channels(dataset: Dataset) -> int | None:
     return len(dataset.modality) or None
 
 
-def _check_case(case: Case, dataset: Dataset, with_label: bool) -> list[Problem]:
+def check_case(case: Case, dataset: Dataset, with_label: bool) -> tuple[Volume | None, Volume | None, list[Problem]]:
+    """Reads one case and runs every per-case check on it (``medseg validate``, and training's fingerprint pass).
+
+    Returns:
+        ``(image, label, problems)``; image or label is None when it could not be read (or not asked for).
+    """
     problems: list[Problem] = []
 
     def add(exc: MedsegError) -> None:
@@ -117,27 +122,44 @@ def _check_case(case: Case, dataset: Dataset, with_label: bool) -> list[Problem]
         image = read_channels(case.images)
     except MedsegError as exc:
         add(exc)
-        return problems
+        return None, None, problems
     expected = _expected_channels(dataset)
     if expected is not None and image.array.shape[0] != expected:
         problems.append(Problem(case.id, "CHANNELS_MISMATCH",
                                 f"image has {image.array.shape[0]} channel(s), the dataset declares {expected}"))
     if not with_label or case.label is None:
-        return problems
+        return image, None, problems
     try:
         label = read_volume(case.label)
     except MedsegError as exc:
         add(exc)
-        return problems
+        return image, None, problems
     if label.array.shape[0] != 1:
         problems.append(Problem(case.id, "LABEL_CHANNELS", f"label map has {label.array.shape[0]} channels, expected 1"))
-        return problems
+        return image, label, problems
     for check in (lambda: check_pair(image, label, case.id), lambda: check_label_values(label, dataset.labels, case.id)):
         try:
             check()
         except MedsegError as exc:
             add(exc)
-    return problems
+    return image, label, problems
+
+
+def refuse(problems: list[Problem], what: str) -> None:
+    """Raises the first problem's code, naming every failing case (at most 20) and what failed.
+
+    Raises:
+        DatasetError: the first problem's code (e.g. ``LABEL_VALUES_UNEXPECTED``, ``IMAGE_LABEL_MISMATCH``).
+    """
+    if not problems:
+        return
+    cases = sorted({p.case_id for p in problems})
+    listed = "; ".join(f"{p.case_id}: {p.code}" for p in problems[:20]) + (" ..." if len(problems) > 20 else "")
+    first = problems[0]
+    raise DatasetError(
+        first.code, f"{len(cases)} {what} case(s) failed the dataset checks ({listed}); first: {first.message}",
+        "run `medseg validate DATASET` for the table of every problem, fix them, then train again",
+    )
 
 
 def validate_dataset(root: str | Path) -> ValidationReport:
@@ -160,8 +182,8 @@ def validate_dataset(root: str | Path) -> ValidationReport:
         report.problems.append(Problem("*", "DATASET_EMPTY", "no training cases found"))
     for case in dataset.training:
         if case.id not in missing:
-            report.problems.extend(_check_case(case, dataset, with_label=True))
+            report.problems.extend(check_case(case, dataset, with_label=True)[2])
     for case in dataset.test:
         if case.id not in missing:
-            report.problems.extend(_check_case(case, dataset, with_label=case.label is not None))
+            report.problems.extend(check_case(case, dataset, with_label=case.label is not None)[2])
     return report

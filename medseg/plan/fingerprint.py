@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg.io.dataset import Dataset
-from medseg.io.readers import read_channels, read_volume
+from medseg.io.validate import check_case, refuse
 
 
 class JsonRecord:
@@ -60,20 +60,30 @@ def _ras_order(affine: np.ndarray, dims: int) -> np.ndarray:
 
 
 def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: int = 0) -> Fingerprint:
-    """Measures the training cases of ``dataset``.
+    """Measures the training cases of ``dataset``, checking each one as ``medseg validate`` does in the same read
+    (files readable, no NaN/Inf, channel count, image and label on one grid, label values declared).
 
     Args:
         dataset: A discovered dataset.
         samples_per_case: Foreground voxels sampled per case for the intensity statistics.
         seed: Seed of that sampling.
+
+    Raises:
+        DatasetError / InputError: the first failing check's code (``LABEL_VALUES_UNEXPECTED``,
+            ``IMAGE_LABEL_MISMATCH``, ``NIFTI_NONFINITE``, ``CHANNELS_MISMATCH`` ...), naming every failing case.
     """
+
     rng = np.random.default_rng(seed)
     spacings, shapes, samples = [], [], []
     counts: dict[int, int] = {}
     total = 0
     dims = channels = 0
+    problems = []
     for case in dataset.training:
-        image, label = read_channels(case.images), read_volume(case.label)
+        image, label, found = check_case(case, dataset, with_label=True)
+        if found or image is None or label is None:
+            problems.extend(found)
+            continue
         dims, channels = len(image.spatial_shape), image.array.shape[0]
         order = _ras_order(image.affine, dims)
         spacings.append([round(float(image.spacing[i]), 6) for i in order])
@@ -86,6 +96,7 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
         fg = np.flatnonzero(lab > 0)
         pick = rng.choice(fg, size=min(samples_per_case, fg.size), replace=False) if fg.size else fg
         samples.append(image.array.reshape(channels, -1)[:, pick].astype(np.float64))  # (C, n)
+    refuse(problems, "training")
     pooled = np.concatenate(samples, axis=1) if samples else np.zeros((channels, 0))
     intensity = []
     for c in range(channels):
