@@ -233,6 +233,8 @@ def _write_checksums(out: Path) -> None:
 
 
 #: Largest affine difference (mm) two copies of a volume may have: the geometry contract's round-trip tolerance.
+#: Largest share of an image's values that may differ by one unit between two generations (CPU float rounding).
+ROUNDING_FRACTION = 1e-4
 AFFINE_TOLERANCE_MM = 1e-4
 _CHECKSUMS = ("SHA256SUMS", "README.md")
 
@@ -250,16 +252,32 @@ def _nifti_content(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return np.asanyarray(img.dataobj), geometry
 
 
+def _values_difference(a: np.ndarray, b: np.ndarray, what: str, exact: bool) -> str | None:
+    """Images may differ by one unit in a few values (``ROUNDING_FRACTION``): the generator's float32 maths
+    (numpy's SIMD cos/arctan2/hypot, BLAS kernels) rounds differently on other CPUs, and a value on a .5 boundary
+    then rounds the other way. Labels (``exact``) must be equal."""
+    if np.array_equal(a, b):
+        return None
+    diff = np.abs(a.astype(np.int64) - b.astype(np.int64)) if a.dtype.kind in "iub" else np.abs(a - b)
+    n, largest = int(np.count_nonzero(diff)), float(diff.max())
+    if not exact and largest <= 1 and n <= max(1, ROUNDING_FRACTION * a.size):
+        return None
+    return f"{n} {what} differ (by up to {largest:g})"
+
+
 def _file_difference(expected: Path, actual: Path) -> str | None:
     """How two files differ in content, or None: NIfTI by dtype, voxels and geometry, pictures by mode and
-    pixels, JSON by value, anything else by bytes."""
+    pixels, JSON by value, anything else by bytes. Label maps must be equal; images may differ by one unit in at
+    most ``ROUNDING_FRACTION`` of their values (another CPU's float rounding, see :func:`_values_difference`)."""
     name = expected.name.lower()
+    exact = any(part.startswith("labels") for part in expected.parts[-2:-1])
     if name.endswith((".nii", ".nii.gz")):
         (a, ga), (b, gb) = _nifti_content(expected), _nifti_content(actual)
         if a.dtype != b.dtype or a.shape != b.shape:
             return f"voxels {a.dtype}{a.shape} != {b.dtype}{b.shape}"
-        if not np.array_equal(a, b):
-            return f"{int(np.count_nonzero(a != b))} voxels differ"
+        difference = _values_difference(a, b, "voxels", exact)
+        if difference:
+            return difference
         for key in ("sform", "qform"):
             if not np.allclose(ga[key], gb[key], rtol=0, atol=AFFINE_TOLERANCE_MM):
                 return f"{key} differs by {float(np.abs(ga[key] - gb[key]).max()):.3g} mm"
@@ -271,7 +289,7 @@ def _file_difference(expected: Path, actual: Path) -> str | None:
             if ia.mode != ib.mode or ia.size != ib.size:
                 return f"picture {ia.mode}{ia.size} != {ib.mode}{ib.size}"
             pa, pb = np.asarray(ia), np.asarray(ib)
-        return None if np.array_equal(pa, pb) else f"{int(np.count_nonzero(pa != pb))} pixel values differ"
+        return _values_difference(pa, pb, "pixel values", exact)
     if name.endswith(".json"):
         same = json.loads(expected.read_text(encoding="utf-8")) == json.loads(actual.read_text(encoding="utf-8"))
         return None if same else "JSON content differs"
@@ -282,7 +300,10 @@ def compare_sample_data(expected: str | Path, actual: str | Path) -> list[str]:
     """Compares two sample-data folders by content: the same files, the same voxels, pixels, geometry and labels.
 
     File bytes are not compared: a PNG or gzip encoder of another version writes other bytes for the same
-    pixels. ``SHA256SUMS`` and ``README.md`` are skipped (``SHA256SUMS`` lists one copy's bytes).
+    pixels. ``SHA256SUMS`` and ``README.md`` are skipped (``SHA256SUMS`` lists one copy's bytes). Label maps
+    (``labels*/``) must be equal; images may differ by one grey level (or HU) in at most one value in 10,000:
+    on another CPU, numpy's vectorised float32 functions and BLAS kernels may round differently (seen: regenerated
+    on a 2-core AMD EPYC with the locked library versions, one pixel of ``derm_007.png`` came out 131, not 132).
 
     Args:
         expected: The reference folder (e.g. the committed ``sample_data``).
