@@ -141,7 +141,30 @@ class Predictor:
             tta, overlap = False, members[0].cfg.inference.fast_overlap if overlap is None else overlap
         return cls(members, dev, tta=tta, overlap=overlap)
 
+    @classmethod
+    def for_network(cls, net: torch.nn.Module, cfg: Config, plan: Plan, info: dict, device: torch.device) -> "Predictor":
+        """A predictor over a network in memory, for validation during training: the window layout, blending,
+        TTA and stitching of ``medseg predict``, so what is validated is what is shipped. The network keeps its
+        layout (no channels-last conversion: training goes on with it)."""
+        from medseg.training.components import final_output
+
+        def backend(x: torch.Tensor) -> torch.Tensor:
+            return final_output(net(x.to(device)))
+
+        return cls([Member(backend, cfg, plan, info, Path("training"))], device)
+
     # ------------------------------------------------------------------------------------------- public
+
+    @torch.inference_mode()
+    def predict_preprocessed(self, image: torch.Tensor) -> np.ndarray:
+        """Labels on the model grid of an image already preprocessed as in training (``(C, *spatial)`` float32,
+        resampled and normalised): the sliding window of :meth:`predict_case` without the grid mapping."""
+        layout = WindowLayout(tuple(int(s) for s in image.shape[1:]), tuple(self.cfg.data.patch_size), self.overlap)
+        network = self._network(normalised=True)
+        (labels, _), _ = with_cpu_fallback(
+            lambda target: self._stitch(image, layout, network, len(self.labels), target, False, None, True), self.device
+        )
+        return labels
 
     def predict(self, volume: Volume, on_window: WindowCallback | None = None) -> Volume:
         """Segments one volume; returns the label map ``(1, X, Y[, Z])`` (uint8, or uint16 for >255 labels) on the

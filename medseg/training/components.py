@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medseg.config import Config
@@ -102,24 +101,15 @@ def deep_supervision_loss(loss_fn: nn.Module, output: torch.Tensor | list[torch.
     return sum(w * loss_fn(o, label) for w, o in zip(weights, output)) / sum(weights)
 
 
-@torch.no_grad()
-def validate(model: nn.Module, val_ds, cfg: Config, labels: list[int], device: torch.device) -> dict[int, float]:
-    """Sliding-window prediction of each validation case on the preprocessed grid; mean Dice per label."""
+def validate(model: nn.Module, predictor, val_ds, labels: list[int]) -> dict[int, float]:
+    """Mean Dice per label over the validation cases, each predicted on its preprocessed grid by ``predictor``
+    (:meth:`medseg.inference.predictor.Predictor.for_network` over ``model``: the code of ``medseg predict``)."""
     was_training = model.training
     model.eval()
     scores: dict[int, list[float]] = {lab: [] for lab in labels}
     for index in range(len(val_ds)):
         item = val_ds[index]
-        image = item[IMAGE].as_tensor()[None].to(device)  # (1, C, *spatial)
-        logits = sliding_window_inference(
-            image,
-            roi_size=cfg.data.patch_size,
-            sw_batch_size=cfg.inference.sw_batch_size,
-            predictor=lambda x: final_output(model(x)),
-            overlap=cfg.inference.overlap,
-            mode=cfg.inference.blend,
-        )
-        pred = logits.argmax(1)[0].cpu().numpy()  # (X, Y[, Z])
+        pred = predictor.predict_preprocessed(item[IMAGE].as_tensor()).astype(np.int64)  # (X, Y[, Z])
         ref = item[LABEL].as_tensor()[0].cpu().numpy().round().astype(np.int64)
         for lab, value in per_label_dice(pred, ref, labels).items():
             scores[lab].append(value)

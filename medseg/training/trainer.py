@@ -247,6 +247,9 @@ def fit(
 
     model_info = {"labels": dataset.labels, "spatial_dims": spatial_dims, "in_channels": in_channels,
                   "modality": dataset.modality, "dataset": dataset.name}
+    from medseg.inference.predictor import Predictor
+
+    validator = Predictor.for_network(net, cfg, plan, model_info, device)  # what validation predicts with
     stopped_early = False
     with progress_bar(show_progress and rank.is_main) as progress:
         task = progress.add_task("training", total=cfg.train.epochs, completed=start_epoch - 1)
@@ -272,7 +275,7 @@ def fit(
                       "epoch_time_s": elapsed, "samples_per_s": n_samples * rank.world_size / elapsed}
             stop = False
             if rank.is_main and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs):
-                scores = validate(net, val_ds, cfg, fg_labels, device)
+                scores = validate(net, validator, val_ds, fg_labels)
                 record.update({f"val_dice_{dataset.labels[lab]}": v for lab, v in scores.items()})
                 record["val_dice_mean"] = float(np.nanmean(list(scores.values())))
                 if record["val_dice_mean"] > best:
