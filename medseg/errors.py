@@ -8,6 +8,116 @@ for them. Messages must never contain patient identifiers: name files by path or
 
 from __future__ import annotations
 
+#: Every error code medseg reports, declared once with its meaning (``docs/errors.md`` is generated from it:
+#: ``python -m medseg.errors > docs/errors.md``; a test fails when code raises a code missing here).
+CODES: dict[str, str] = {
+    # paths, formats and other inputs
+    "PATH_NOT_FOUND": "A file or folder given on the command line or in the config does not exist.",
+    "FORMAT_UNSUPPORTED": "A file whose ending no reader knows (NIfTI, NRRD/MetaImage, PNG/JPEG/TIFF/BMP, DICOM).",
+    "NO_INPUTS": "A folder without any image files or DICOM series (or, for evaluation, without reference labels).",
+    "SHAPE_INVALID": "An image of the wrong dimensionality or channel layout for the operation (e.g. a 2D model on 4D).",
+    "SHAPE_MISMATCH": "An array's spatial shape differs from the volume it replaces (internal consistency check).",
+    "CHANNELS_MISMATCH": "An image has another number of channels than the model or dataset declares.",
+    "CHANNELS_GRID_MISMATCH": "The channel files of one case are not on one grid (shape, spacing, origin, direction).",
+    "AFFINE_INVALID": "A volume with a sheared affine was to be written as a DICOM series (which needs orthogonal axes).",
+    "AFFINE_SHEARED": "A NIfTI/NRRD/MHA file whose affine or direction matrix is sheared or degenerate.",
+    "VALUE_RANGE": "Voxel values that do not fit int16 after rescaling, writing a DICOM series.",
+    "GRID_NOT_SEPARABLE": "A model grid that is not an axis-wise resampling of the input grid (internal check).",
+    "IMAGE_CORRUPT": "A 2D picture (PNG, JPEG, TIFF, BMP) that cannot be decoded.",
+    "IMAGE_NONFINITE": "An NRRD/MetaImage file with NaN or Inf voxels.",
+    "IMAGE_TOO_LARGE": "An image whose voxel buffer would exceed the reader's size cap (corrupt header or bomb).",
+    "NIFTI_CORRUPT": "A NIfTI file that cannot be read: truncated, bad gzip stream, bad header.",
+    "NIFTI_NONFINITE": "A NIfTI file with NaN or Inf voxels.",
+    "METADATA_INVALID": "A subgroup metadata CSV for evaluation without a 'case' column.",
+    # DICOM
+    "DICOM_UNREADABLE": "A DICOM file whose header cannot be parsed.",
+    "DICOM_NOT_DICOM": "A file in a DICOM folder that is not DICOM (counted, not listed).",
+    "DICOM_NOT_IMAGE": "A DICOM object that is not an image (RTSTRUCT, SR, SEG, ...): skipped.",
+    "DICOM_NO_GEOMETRY": "A DICOM image without position/orientation/pixel spacing; 1 mm is never assumed.",
+    "DICOM_NO_SERIES": "A DICOM folder without any image series.",
+    "DICOM_MULTIPLE_SERIES": "A folder read as one series holds several; convert splits them, one output each.",
+    "DICOM_NO_TRANSFER_SYNTAX": "A DICOM file without TransferSyntaxUID in its file meta information.",
+    "DICOM_TRANSFER_SYNTAX_UNSUPPORTED": "A DICOM transfer syntax for which no pixel decoder exists.",
+    "DICOM_DECODER_MISSING": "A compressed transfer syntax whose decoder plugin is not installed (named in the hint).",
+    "DICOM_DECODE_FAILED": "Pixel data that the decoder rejects.",
+    "DICOM_TRUNCATED": "Pixel data shorter than rows x columns x frames x bytes per sample.",
+    "DICOM_PIXELS_CORRUPT": "A slice whose matrix size differs from the rest of its series.",
+    "DICOM_TOO_FEW_SLICES": "A series of fewer than 3 slices (localizers, single images): skipped, not a volume.",
+    "DICOM_TOO_LARGE": "A series whose voxel buffer would exceed the size cap.",
+    "DICOM_ORIENTATION_INCONSISTENT": "Slices of one series with different orientations (mixed image planes).",
+    "DICOM_ORIENTATION_INVALID": "ImageOrientationPatient whose row and column directions are not orthogonal.",
+    "DICOM_NOT_A_VOLUME": "All slices of a series at one position (a time series or repeats).",
+    "DICOM_DUPLICATE_POSITION": "Two slices of a series at one position (echoes, phases or repeats mixed).",
+    "DICOM_SLICE_GAP": "A slice step more than 5 % (or 0.1 mm, never half a step) off the median: a missing slice.",
+    "DICOM_GANTRY_TILT": "A sheared stack (a slice more than a quarter pixel off the normal); --allow-tilt resamples.",
+    "DICOM_SEG_NO_SOURCE": "DICOM-SEG output asked for an input that is not a DICOM series.",
+    "DICOM_SEG_GRID_MISMATCH": "A label map that is not on its source series' grid, writing DICOM-SEG.",
+    "DICOM_SEG_LABELS": "A label value without a name, writing DICOM-SEG.",
+    # datasets
+    "DATASET_JSON_MISSING": "A dataset folder in none of the known layouts (dataset.json, dataset.csv, images/+labels/).",
+    "DATASET_JSON_INVALID": "A dataset.json or CSV manifest that cannot be parsed or lacks required entries.",
+    "DATASET_FILES_MISSING": "Cases whose image or label files are missing (or labels without images).",
+    "DATASET_DUPLICATE_ID": "Two files (or CSV rows) with one case ID.",
+    "DATASET_COUNT_MISMATCH": "dataset.json's numTraining differs from the training cases found.",
+    "DATASET_EMPTY": "A dataset without training cases.",
+    "DATASET_TOO_SMALL": "Too few training cases for the requested folds or split.",
+    "DATASET_NO_TEST_LABELS": "A dataset without test images and labels, where the demo workflow needs them.",
+    "IMAGE_LABEL_MISMATCH": "An image and its label map differ in shape, spacing, origin or direction.",
+    "LABEL_CHANNELS": "A label map with more than one channel.",
+    "LABEL_NOT_INTEGER": "A label map with non-integer values.",
+    "LABEL_VALUES_UNEXPECTED": "A label map with values the dataset does not declare.",
+    "SPLITS_MISMATCH": "A saved splits.json that does not fit the dataset or data.folds.",
+    # configuration
+    "CONFIG_YAML_INVALID": "A config file that is not valid YAML.",
+    "CONFIG_UNKNOWN_KEY": "A config key (in a file or --set) that the schema does not know; the valid keys are listed.",
+    "CONFIG_UNKNOWN_NAME": "An unknown name for a registry entry (model, loss, ...); the valid names are listed.",
+    "CONFIG_MISSING_KEY": "A required setting or option that was not given.",
+    "CONFIG_INVALID_VALUE": "A config or option value of the wrong type or out of range.",
+    "CONFIG_BAD_OVERRIDE": "A --set that is not of the form key.sub=value.",
+    "THREADS_INVALID": "A --threads (MEDSEG_THREADS) value that is neither 'auto' nor a positive integer.",
+    "DEVICE_UNAVAILABLE": "A device (cuda, mps) that this machine does not have.",
+    # training
+    "TRAIN_NONFINITE_LOSS": "A NaN/Inf training loss (epoch, step and case IDs named); the best model is kept.",
+    "CUDA_OUT_OF_MEMORY": "The GPU ran out of memory with the configured patch and batch size.",
+    "CHECKPOINT_NOT_FOUND": "--resume without a checkpoint in the run folder.",
+    "CHECKPOINT_UNREADABLE": "A checkpoint that cannot be read.",
+    "RESUME_NOTHING_TO_DO": "--resume of a run that already finished its epochs.",
+    "RESUME_CONFIG_CHANGED": "--resume with changed settings other than the resumable ones.",
+    "RESUME_MISMATCH": "--resume with another number of processes than the checkpoint was written by.",
+    # models and inference
+    "MODEL_NOT_FOUND": "A model folder that does not exist.",
+    "MODEL_DIR_INVALID": "A model folder with files missing or unreadable (or of the wrong kind).",
+    "MODEL_CORRUPT": "A model folder whose network file or plan does not match the SHA-256 in model.json.",
+    "MODEL_WEIGHTS_MISMATCH": "Weights that do not fit the network the model's config describes.",
+    "ENSEMBLE_INCOMPATIBLE": "Ensemble members that differ in dimensions, channels, labels, patch or spacing.",
+    "BACKEND_UNKNOWN": "An unknown inference backend name.",
+    "BACKEND_UNAVAILABLE": "A backend or exporter whose package is not installed (named in the hint).",
+    "BACKEND_NEEDS_EXPORT": "A backend that needs another model format (e.g. ONNX Runtime on PyTorch weights).",
+    "EXPORT_FORMAT_UNKNOWN": "An unknown export format or quantisation option.",
+    "EXPORT_PARITY_FAILED": "An exported network whose logits differ from PyTorch's by more than the tolerance.",
+    "SHARD_INVALID": "A --shard that is not i/n with 0 <= i < n.",
+    "PREDICTION_FAILED": "A workflow in which no case could be predicted.",
+    "INTERNAL_ERROR": "An unexpected error (a bug): one line; MEDSEG_DEBUG=1 shows the traceback.",
+    # outputs
+    "OUTPUT_EXISTS": "An output that exists already; --overwrite replaces it (or --resume keeps it).",
+    "OUTPUT_INSIDE_INPUT": "An output folder inside an input folder, or the folder of an input file itself.",
+    "OUTPUT_NAME_INVALID": "An output file name of a format that cannot be written there.",
+    "OUTPUT_PATH_UNSAFE": "An output path that would leave the output folder.",
+    "OUTPUT_TYPE_INVALID": "An unknown --output-type.",
+    # evaluation and reports
+    "GRID_MISMATCH": "A prediction and its reference label map on different grids.",
+    "EVAL_MISSING_PREDICTIONS": "Reference cases without a prediction.",
+    "EVAL_UNKNOWN_CASES": "Cases asked for that have no reference label.",
+    "EVAL_DIR_INVALID": "An evaluation folder without the files `medseg report` needs.",
+}
+
+#: Upper-case strings in medseg's code that are not error codes (environment variables, library settings).
+NOT_CODES = frozenset({
+    "MEDSEG_DEBUG", "MEDSEG_THREADS", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "LOCAL_RANK", "WORLD_SIZE",
+    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "LPS_TO_RAS",
+})
+
 
 class MedsegError(Exception):
     """Base class for all user-facing medseg errors.
@@ -74,3 +184,17 @@ def require_exists(path: "str | object", what: str) -> None:
     p = Path(str(path))
     if not p.exists():
         raise InputError("PATH_NOT_FOUND", f"{what} not found: {p}", "check the path and the current directory")
+
+
+def catalogue_markdown() -> str:
+    """``docs/errors.md``: every code with its meaning, grouped as in :data:`CODES`."""
+    lines = ["# Error codes", "", "Every error medseg reports carries one of these stable codes: the CLI prints "
+             "`error: CODE: message (hint: ...)` and exits with 2 (3 for `INTERNAL_ERROR`); per-case failures are recorded with their code in "
+             "`manifest.json`. Generated from `medseg/errors.py` (`python -m medseg.errors > docs/errors.md`).", "",
+             "| code | meaning |", "| --- | --- |"]
+    lines += [f"| `{code}` | {meaning} |" for code, meaning in CODES.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(catalogue_markdown(), end="")
