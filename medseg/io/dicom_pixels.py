@@ -16,9 +16,25 @@ PLUGINS = {"JPEG 2000": "pylibjpeg-openjpeg", "JPEG-LS": "pylibjpeg-libjpeg", "J
 
 
 def check_decodable(f: DicomFile) -> None:
+    """Preflight of one file before any pixel buffer is allocated: a decoder exists and is installed, and native
+    pixel data is as long as the header announces (element length and file size against rows x columns x
+    frames x bytes per sample).
+
+    Raises:
+        InputError: ``DICOM_TRUNCATED``, ``DICOM_TRANSFER_SYNTAX_UNSUPPORTED``, ``DICOM_DECODER_MISSING``.
+    """
     from pydicom.pixels import get_decoder
 
     if f.transfer_syntax in NATIVE_LITTLE_ENDIAN:
+        if f.pixel_offset is not None and native_dtype(f) is not None:  # read with one readinto (else pydicom)
+            expected = f.expected_bytes
+            on_disk = max(0, f.path.stat().st_size - int(f.pixel_offset))
+            got = min(on_disk, f.pixel_length if f.pixel_length is not None else on_disk)
+            if got < expected:
+                raise InputError(
+                    "DICOM_TRUNCATED", f"{f.path.name}: pixel data has {got} bytes, expected {expected}",
+                    "the file was cut short; re-copy or re-export it",
+                )
         return
     try:
         decoder = get_decoder(f.transfer_syntax)

@@ -39,10 +39,17 @@ def test_01_non_dicom_files_are_skipped_and_counted(tmp_path: Path):
     assert _code(read_dicom, tmp_path / "s" / "README").code == "DICOM_NOT_DICOM"
 
 
-def test_02_truncated_pixel_data_fails_with_byte_counts(tmp_path: Path):
+def test_02_truncated_pixel_data_fails_with_byte_counts(tmp_path: Path, monkeypatch):
+    from medseg.io import dicom
+
     _, files = series(tmp_path / "s", shape=(16, 16, 5))
     data = files[2].read_bytes()
     files[2].write_bytes(data[:-100])
+
+    def no_buffer(*args, **kwargs):
+        raise AssertionError("a pixel buffer was allocated for a truncated series")
+
+    monkeypatch.setattr(dicom, "_read_stack", no_buffer)  # refused in the preflight, before any allocation
     err = _code(read_dicom, tmp_path / "s")
     assert err.code == "DICOM_TRUNCATED"
     assert "412 bytes, expected 512" in err.message and files[2].name in err.message
