@@ -125,6 +125,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(ge=0)
     warmup_epochs: int = Field(ge=0)
     schedule: Literal["cosine", "poly"]
+    poly_exponent: float = Field(gt=0, description="exponent of the poly schedule, (1 - progress)^exponent")
+    momentum: float = Field(ge=0, lt=1, description="SGD (Nesterov) momentum")
+    deep_supervision_decay: float = Field(gt=0, le=1, description="weight ratio of each coarser deep-supervision output")
     early_stopping: int | None = Field(ge=1, description="stop after this many validations without improvement")
     grad_clip: float | None = Field(gt=0)
     val_every: int = Field(ge=1)
@@ -166,6 +169,8 @@ class EvaluationConfig(_Strict):
     flag_worst_fraction: float = Field(ge=0, lt=1)
     flag_volume_error_pct: float = Field(gt=0)
     small_subgroup: int = Field(ge=1)
+    report_max_flagged_overlays: int = Field(ge=0, description="flagged cases drawn in the report (best/median/worst always)")
+    report_slice_thickness_bins_mm: list[float] = Field(description="slice-thickness subgroup edges in the report (mm)")
     workers: int = Field(ge=0, description="parallel processes over cases; 0 = one per thread of this process's CPU share")
 
 

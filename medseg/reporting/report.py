@@ -24,7 +24,8 @@ NUMERIC = (
     "lesions_ref", "lesions_pred", "lesions_tp", "lesion_f1", "lesions_fp", "lesions_fn", "lesion_sensitivity",
     "lesion_precision", "lesion_dice", "nsd_tol_mm",
 )
-MAX_FLAGGED_OVERLAYS = 40
+MAX_FLAGGED_OVERLAYS = 40  # default of evaluation.report_max_flagged_overlays (evaluations written before it)
+THICKNESS_BINS_MM = (2.5, 5.0)  # default of evaluation.report_slice_thickness_bins_mm
 
 
 def _load(eval_dir: Path) -> tuple[list[dict], dict, dict]:
@@ -88,9 +89,17 @@ def pick_overlay_cases(rows: list[dict]) -> list[tuple[str, str]]:
     return list(picked.items())
 
 
-def _slice_thickness_group(spacing: list[float]) -> str:
-    z = spacing[2]
-    return "< 2.5 mm" if z < 2.5 else ("2.5–5 mm" if z <= 5 else "> 5 mm")
+def _slice_thickness_group(spacing: list[float], edges: list[float] | tuple[float, ...] = THICKNESS_BINS_MM) -> str:
+    """The slice-thickness subgroup of a case: ``< a mm``, ``a–b mm`` ... ``> z mm`` for the sorted ``edges``."""
+    z, edges = spacing[2], sorted(edges)
+    if not edges:
+        return "all"
+    if z < edges[0]:
+        return f"< {edges[0]:g} mm"
+    for lo, hi in zip(edges, edges[1:]):
+        if z <= hi:
+            return f"{lo:g}–{hi:g} mm"
+    return f"> {edges[-1]:g} mm"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -141,8 +150,9 @@ def build_report(eval_dir: str | Path) -> dict:
 
     overlays = []
     picks = pick_overlay_cases(rows)
+    max_flagged = int(settings.get("report_max_flagged_overlays", MAX_FLAGGED_OVERLAYS))
     flagged_total = sum(1 for _, why in picks if why == "flagged")
-    for case, why in [p for p in picks if p[1] != "flagged"] + [p for p in picks if p[1] == "flagged"][:MAX_FLAGGED_OVERLAYS]:
+    for case, why in [p for p in picks if p[1] != "flagged"] + [p for p in picks if p[1] == "flagged"][:max_flagged]:
         ref_vol = read_volume(refs[case])
         pred_arr = read_volume(preds[case]).array[0]
         image = _read_case(images, case)
@@ -159,7 +169,8 @@ def build_report(eval_dir: str | Path) -> dict:
     case_meta = {case: dict(info.get("metadata", {})) for case, info in record["cases"].items()}
     for case, info in record["cases"].items():
         if info["dims"] == 3:
-            case_meta[case]["slice thickness"] = _slice_thickness_group(info["spacing"])
+            case_meta[case]["slice thickness"] = _slice_thickness_group(
+                info["spacing"], settings.get("report_slice_thickness_bins_mm", THICKNESS_BINS_MM))
     groups = subgroups(rows, case_meta, names, "dice", settings["small_subgroup"], settings["bootstrap"], settings["ci_level"])
 
     figs = [("Metric distributions", figures.distributions(rows, names))]
@@ -178,7 +189,7 @@ def build_report(eval_dir: str | Path) -> dict:
         "rows": rows,
         "figures": figs,
         "overlays": overlays,
-        "flagged_not_shown": max(0, flagged_total - MAX_FLAGGED_OVERLAYS),
+        "flagged_not_shown": max(0, flagged_total - max_flagged),
         "subgroups": groups,
         "window": window,
     }

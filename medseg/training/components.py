@@ -51,7 +51,8 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
 
 
 def lr_factor(cfg: Config):
-    """LR multiplier per optimizer step: linear warm-up, then cosine to 0 or polynomial (power 0.9) decay."""
+    """LR multiplier per optimizer step: linear warm-up, then cosine to 0 or polynomial decay
+    (``train.poly_exponent``, 0.9 as in nnU-Net)."""
     warmup = cfg.train.warmup_epochs * cfg.train.iterations_per_epoch
     total = cfg.train.epochs * cfg.train.iterations_per_epoch
 
@@ -60,7 +61,7 @@ def lr_factor(cfg: Config):
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if cfg.train.schedule == "poly":
-            return (1.0 - progress) ** 0.9
+            return (1.0 - progress) ** cfg.train.poly_exponent
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
@@ -93,11 +94,13 @@ def final_output(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     return output[-1] if isinstance(output, (list, tuple)) else output
 
 
-def deep_supervision_loss(loss_fn: nn.Module, output: torch.Tensor | list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-    """Loss of one output, or the weighted mean over deep-supervision outputs (weights halve from the final one)."""
+def deep_supervision_loss(loss_fn: nn.Module, output: torch.Tensor | list[torch.Tensor], label: torch.Tensor,
+                          decay: float = 0.5) -> torch.Tensor:
+    """Loss of one output, or the weighted mean over deep-supervision outputs: each coarser output weighs
+    ``decay`` (``train.deep_supervision_decay``) times the next finer one, the final output 1."""
     if not isinstance(output, (list, tuple)):
         return loss_fn(output, label)
-    weights = [0.5 ** (len(output) - 1 - i) for i in range(len(output))]
+    weights = [decay ** (len(output) - 1 - i) for i in range(len(output))]
     return sum(w * loss_fn(o, label) for w, o in zip(weights, output)) / sum(weights)
 
 

@@ -109,7 +109,7 @@ def _step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg: Config, devi
     optimizer.zero_grad(set_to_none=True)
     try:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            loss = deep_supervision_loss(loss_fn, model(image), label)
+            loss = deep_supervision_loss(loss_fn, model(image), label, cfg.train.deep_supervision_decay)
         if torch.isfinite(loss):
             scaler.scale(loss).backward()
             if cfg.train.grad_clip is not None:
@@ -203,7 +203,7 @@ def fit(
     if cfg.train.optimizer == "adamw":
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     else:
-        optimizer = torch.optim.SGD(net.parameters(), lr=cfg.train.lr, momentum=0.99, nesterov=True, weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.SGD(net.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     use_amp = cfg.train.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16

@@ -105,3 +105,27 @@ def test_report_of_missing_folder(tmp_path: Path):
     with pytest.raises(InputError) as info:
         write_report(tmp_path / "nope")
     assert info.value.code == "PATH_NOT_FOUND"
+
+
+def test_report_knobs_come_from_the_evaluation_settings():
+    from medseg.config import load_config
+    from medseg.reporting.report import _slice_thickness_group
+
+    settings = load_config(None).evaluation
+    assert settings.report_max_flagged_overlays == 40 and settings.report_slice_thickness_bins_mm == [2.5, 5.0]
+    assert [_slice_thickness_group([1, 1, z]) for z in (1.0, 3.0, 7.0)] == ["< 2.5 mm", "2.5–5 mm", "> 5 mm"]
+    edges = load_config(None, ["evaluation.report_slice_thickness_bins_mm=[1.5, 3, 6]"]).evaluation.report_slice_thickness_bins_mm
+    assert [_slice_thickness_group([1, 1, z], edges) for z in (1.0, 2.0, 5.0, 8.0)] == [
+        "< 1.5 mm", "1.5–3 mm", "3–6 mm", "> 6 mm"]
+
+
+def test_flagged_overlay_cap_is_a_setting(evaluated: Path, tmp_path: Path):
+    import json
+
+    copy = tmp_path / "ev"
+    shutil.copytree(evaluated, copy)
+    record = json.loads((copy / "evaluation.json").read_text())
+    record["settings"].update(report_max_flagged_overlays=0, flag_dice_below=1.0)  # every case flagged, none drawn
+    (copy / "evaluation.json").write_text(json.dumps(record))
+    data = build_report(copy)
+    assert all(o["why"] != "flagged" for o in data["overlays"])

@@ -31,9 +31,9 @@ def test_bf16_or_fp16_autocast_is_used(tiny_dataset: Path, tmp_path: Path, monke
     dtypes = []
     real = trainer.deep_supervision_loss
 
-    def spy(loss_fn, output, label):
+    def spy(loss_fn, output, label, *rest):
         dtypes.append(output.dtype if isinstance(output, torch.Tensor) else output[-1].dtype)
-        return real(loss_fn, output, label)
+        return real(loss_fn, output, label, *rest)
 
     monkeypatch.setattr(trainer, "deep_supervision_loss", spy)
     fit(load_config("smoke", [f"data.dataset={tiny_dataset}", "train.device=cuda", "train.epochs=1"]), tmp_path / "r", show_progress=False)

@@ -24,9 +24,9 @@ def test_nonfinite_loss_stops_with_step_and_cases_and_keeps_best(tiny_dataset: P
     real = trainer.deep_supervision_loss
     calls = {"n": 0}
 
-    def poisoned(loss_fn, output, label):
+    def poisoned(loss_fn, output, label, *rest):
         calls["n"] += 1
-        value = real(loss_fn, output, label)
+        value = real(loss_fn, output, label, *rest)
         return value * float("nan") if calls["n"] == 5 else value
 
     monkeypatch.setattr(trainer, "deep_supervision_loss", poisoned)
@@ -93,3 +93,27 @@ def test_run_folder_has_best_and_last_models_and_checkpoint(tiny_dataset: Path, 
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best_metric", "history"} <= set(state)
     assert len(state["rng"]) == 1 and len(state["rng"][0]["transforms"]) > 5
+
+
+def test_optimiser_schedule_and_deep_supervision_knobs_come_from_the_config(tiny_dataset: Path, tmp_path: Path, monkeypatch):
+    from medseg.training.components import deep_supervision_loss
+
+    cfg = load_config("smoke", ["train.schedule=poly", "train.poly_exponent=2", "train.epochs=10",
+                                "train.iterations_per_epoch=10", "train.warmup_epochs=0"])
+    assert lr_factor(cfg)(50) == pytest.approx(0.5**2)
+
+    outputs = [torch.full((1,), 1.0), torch.full((1,), 2.0), torch.full((1,), 4.0)]  # coarse ... final
+    loss = deep_supervision_loss(lambda o, label: o.sum(), outputs, None, decay=0.25)
+    assert float(loss) == pytest.approx((0.0625 * 1 + 0.25 * 2 + 1 * 4) / (0.0625 + 0.25 + 1))
+
+    seen = {}
+    real = torch.optim.SGD
+
+    def spy(params, **kwargs):
+        seen.update(kwargs)
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", spy)
+    fit(_cfg(tiny_dataset, "train.optimizer=sgd", "train.momentum=0.9", "train.epochs=1"), tmp_path / "r",
+        show_progress=False)
+    assert seen["momentum"] == 0.9 and seen["nesterov"] is True
