@@ -35,6 +35,19 @@ def _threads_option():
     return typer.Option("auto", "--threads", envvar="MEDSEG_THREADS", help=THREADS_HELP)
 
 
+def _dicom_option():
+    return typer.Option([], "--dicom", metavar="KEY=VALUE", help=(
+        "DICOM stack tolerance (repeatable): min_slices, orientation, step_relative, step_floor_mm, drift_px; "
+        "defaults: the model's inference.dicom (configs/base.yaml)."))
+
+
+def _dicom_tolerances(cfg, assignments: List[str]):
+    from medseg.config import dicom_settings
+    from medseg.io.dicom_geometry import DicomTolerances
+
+    return DicomTolerances(**dicom_settings(cfg, assignments).model_dump())
+
+
 def _claim_threads(value: str) -> None:
     """Takes this process's CPU share (see medseg.threads) before any heavy work starts."""
     from medseg import threads
@@ -104,7 +117,7 @@ def validate(
         f"labels {report.labels}"
     )
     if json_out:
-        payload = {**asdict(report), "root": str(report.root), "ok": report.ok}
+        payload = {**asdict(report), "root": Path(report.root).name, "ok": report.ok}
         json_out.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     if report.ok:
         typer.echo("no problems found")
@@ -211,6 +224,7 @@ def predict(
     stats: bool = typer.Option(False, "--stats", help="Volume in mL per label per case (stats.csv and manifest)."),
     preview: bool = typer.Option(False, "--preview", help="PNG overlay of three orthogonal slices per case (previews/)."),
     allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted DICOM series instead of refusing them."),
+    dicom: List[str] = _dicom_option(),
     threads: str = _threads_option(),
 ) -> None:
     """Segment a file, a DICOM series or a folder of cases; writes labels on each input's grid, manifest.json and
@@ -229,6 +243,7 @@ def predict(
     )
     predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta, fast=fast,
                                          overlap=overlap)
+    options.dicom = _dicom_tolerances(predictor.cfg, dicom)
     results = predict_folder(predictor, input, out, options=options)
     failed = [r for r in results if r.status == "failed"]
     skipped = [r for r in results if r.status == "skipped"]
@@ -251,11 +266,12 @@ def convert(
     out: Path = typer.Option(..., "--out", "-o", help="OUT.nii.gz / .nii / .nrrd / .mha, or a folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted series (recorded) instead of refusing."),
+    dicom: List[str] = _dicom_option(),
 ) -> None:
     """Convert DICOM series (one output per series, named by index and UID hash) or any image to NIfTI/NRRD/MHA."""
     from medseg.io.convert import convert as run_convert
 
-    report = run_convert(input, out, overwrite=overwrite, allow_tilt=allow_tilt)
+    report = run_convert(input, out, overwrite=overwrite, allow_tilt=allow_tilt, tolerances=_dicom_tolerances(None, dicom))
     for r in report.results:
         if r.status == "ok":
             note = f" ({'; '.join(r.notes)})" if r.notes else ""
@@ -319,7 +335,7 @@ def evaluate(
         load_model_dir(model)  # validates the folder
         info = json.loads((model / INFO).read_text())
         labels = {int(k): v for k, v in info["labels"].items() if int(k) != 0}
-        context = {"Model": str(model.resolve()), "Dataset": info.get("dataset"), "Config hash": info.get("config_hash")}
+        context = {"Model": model.resolve().name, "Dataset": info.get("dataset"), "Config hash": info.get("config_hash")}
     if dataset is not None:
         labels = {k: v for k, v in load_dataset(dataset).labels.items() if k != 0}
     summary = evaluate_folders(

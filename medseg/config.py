@@ -144,6 +144,16 @@ class PostprocessConfig(_Strict):
     fill_holes: list[str] = Field(description="labels whose enclosed holes are filled")
 
 
+class DicomConfig(_Strict):
+    """When a DICOM slice stack is one volume (medseg.io.dicom_geometry.DicomTolerances; ``--dicom KEY=VALUE``)."""
+
+    min_slices: int = Field(ge=1, description="fewer slices are refused (localizers)")
+    orientation: float = Field(gt=0, description="largest difference between the slices' direction cosines")
+    step_relative: float = Field(ge=0, lt=0.5, description="largest |step - median step| / median step")
+    step_floor_mm: float = Field(ge=0, description="absolute step tolerance where larger (capped at half a step)")
+    drift_px: float = Field(ge=0, description="in-plane drift (pixels) treated as jitter; more is gantry tilt")
+
+
 class InferenceConfig(_Strict):
     overlap: float = Field(ge=0, lt=1)
     sw_batch_size: int = Field(ge=1)
@@ -151,6 +161,7 @@ class InferenceConfig(_Strict):
     tta: bool = Field(description="average predictions over mirrored inputs (2^dims flips)")
     fast_overlap: float = Field(ge=0, lt=1, description="overlap used by --fast (which also turns TTA off)")
     amp: bool = Field(description="mixed precision for the network on CUDA")
+    dicom: DicomConfig
     postprocess: PostprocessConfig
 
 
@@ -338,6 +349,22 @@ def load_config(name_or_path: str | Path | None = None, overrides: Sequence[str]
         raise _format_validation_error(exc, source) from None
 
 
+def dicom_settings(cfg: Config | None, assignments: Sequence[str] = ()) -> DicomConfig:
+    """The DICOM stack tolerances of ``cfg`` (``base.yaml``'s when ``None``) with ``KEY=VALUE`` overrides
+    (``medseg predict/convert --dicom``), validated by the schema.
+
+    Raises:
+        ConfigError: ``CONFIG_BAD_OVERRIDE``, ``CONFIG_UNKNOWN_KEY`` or ``CONFIG_INVALID_VALUE``.
+    """
+    tree = config_to_dict(cfg if cfg is not None else load_config())
+    for assignment in assignments:
+        tree = apply_override(tree, f"inference.dicom.{assignment.strip()}")
+    try:
+        return Config.model_validate(tree).inference.dicom
+    except ValidationError as exc:
+        raise _format_validation_error(exc, "--dicom") from None
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Returns the configuration as plain JSON-compatible data."""
     return cfg.model_dump(mode="json")
@@ -349,9 +376,21 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
+LOCAL_PATHS = ("dataset", "cache_dir")  # data.* keys naming places on this machine
+
+
+def shareable(cfg: Config) -> Config:
+    """``cfg`` without the paths of this machine (``data.dataset``, ``data.cache_dir`` set to null): what model
+    folders, MLflow params and artifacts record. Input folders are often named after patients, and a model folder
+    travels to other sites; the run folder's own ``config.yaml`` keeps the paths so that ``--resume`` finds the
+    data."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={k: None for k in LOCAL_PATHS})})
+
+
 def config_hash(cfg: Config) -> str:
-    """Returns a short SHA-256 of the canonical JSON form of the configuration."""
-    canonical = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """Returns a short SHA-256 of the canonical JSON form of the configuration, without the paths of this
+    machine (:func:`shareable`): the same settings on another machine have the same hash."""
+    canonical = json.dumps(config_to_dict(shareable(cfg)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -43,6 +43,14 @@ class EvaluationResult:
         return {name: metrics["dice"]["mean"] for name, metrics in self.summary.items()}
 
 
+def shown_uri(uri: str) -> str:
+    """A tracking URI as reports show it: a local file store by its file name only (no path of this machine)."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            return f"local store {Path(uri[len(scheme):]).name}"
+    return uri
+
+
 def summary_metrics(summary: dict, prefix: str) -> dict[str, float]:
     """Flattens an evaluation summary to MLflow metrics: ``<prefix>_<metric>_<label>`` (means) and lesion F1."""
     out = {}
@@ -78,9 +86,9 @@ def evaluate_model(
             f"see {out / 'predictions' / 'manifest.json'} for each case's error",
         )
     context = {
-        "Model": str(fit_result.model_dir.resolve()),
+        "Model": f"{fit_result.model_dir.name} of run {fit_result.model_dir.parent.name}",
         "Dataset": f"{dataset.name} ({name} cases)",
-        "MLflow run": f"{tracker.run_id} ({tracking_uri})",
+        "MLflow run": f"{tracker.run_id} ({shown_uri(tracking_uri)})",
         "Config hash": config_hash(cfg),
     }
     window = report_window(cfg)

@@ -6,6 +6,10 @@ other file below the folder is scanned as DICOM: each image series is one case n
 patient names). Non-image DICOM objects (RTSTRUCT, SR, SEG ...) and localizers are reported as skipped;
 DICOM files that cannot be used (no transfer syntax, unreadable header) as failed; non-DICOM clutter
 (README, .DS_Store) is counted.
+
+The manifest records each input relative to the input folder: an image file by its name, a DICOM series by
+its case ID and a DICOM file by its path hash (:func:`medseg.io.dicom_headers.file_label`), so no absolute
+path, DICOM folder or DICOM file name (PACS exports name them after patients) reaches an output.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import InputError, require_exists
-from medseg.io.dicom_headers import DicomSeries, is_dicom_file, scan_paths, walk_files
+from medseg.io.dicom_headers import DicomSeries, file_label, is_dicom_file, scan_paths, walk_files
 from medseg.io.readers import case_id as file_case_id
 from medseg.io.readers import is_supported, unique_ids
 
@@ -32,6 +36,11 @@ class CaseInput:
     status: str = "pending"  # pending | skipped | failed
     error_code: str | None = None
     error: str | None = None
+    recorded: str | None = None  # what the manifest records as the input (relative, never an absolute path)
+
+    def __post_init__(self) -> None:
+        if self.recorded is None:
+            self.recorded = self.path.name
 
     @property
     def path(self) -> Path:
@@ -61,7 +70,7 @@ def discover(path: str | Path) -> Discovery:
     path = Path(path)
     require_exists(path, "input")
     if path.is_file() and is_supported(path):
-        return Discovery([CaseInput(file_case_id(path), path)], {})
+        return Discovery([CaseInput(file_case_id(path), path, recorded=path.name)], {})
     if path.is_file():
         if not is_dicom_file(path):
             raise InputError("NO_INPUTS", f"{path.name} is neither a supported image file nor DICOM")
@@ -69,19 +78,20 @@ def discover(path: str | Path) -> Discovery:
     else:
         images = sorted(p for p in path.iterdir() if p.is_file() and is_supported(p))
         files = [p for p in walk_files(path) if not (p.parent == path and is_supported(p))]
-    cases = [CaseInput(cid, p) for cid, p in unique_ids(images, f"input folder {path.name}").items()]
+    cases = [CaseInput(cid, p, recorded=p.name) for cid, p in unique_ids(images, "the input folder").items()]
     ignored: dict[str, int] = {}
     if files:
         scan = scan_paths(path, files)
         for series in scan.series:
-            cases.append(CaseInput(series.name, series.files[0].path, series))
+            cases.append(CaseInput(series.name, series.files[0].path, series, recorded=f"DICOM {series.name}"))
         for skipped in scan.skipped:
             if skipped.code in NOT_CASES:
                 ignored[skipped.code] = ignored.get(skipped.code, 0) + 1
                 continue
             status = "skipped" if skipped.code in SKIPPED else "failed"
-            name = f"file_{skipped.path.name}" if skipped.path.name else "file"
-            cases.append(CaseInput(name, skipped.path, None, status, skipped.code, f"{skipped.code}: {skipped.reason}"))
+            label = file_label(skipped.path)
+            cases.append(CaseInput(label.replace(" ", "_"), skipped.path, None, status, skipped.code,
+                                   f"{skipped.code}: {skipped.reason}", recorded=f"DICOM {label}"))
     if not cases:
         raise InputError(
             "NO_INPUTS", f"no image files or DICOM series in {path}",

@@ -32,6 +32,7 @@ from medseg.inference.outputs import (
     OUTPUT_TYPES, hashes, label_path, label_volumes_ml, write_labels, write_preview, write_probabilities,
 )
 from medseg.inference.predictor import Prediction, Predictor
+from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, DicomTolerances
 from medseg.io.readers import case_id as case_id_of
 from medseg.io.readers import read_channels, read_volume
 from medseg.io.volume import Volume
@@ -53,6 +54,7 @@ class RunOptions:
     preview: bool = False
     progress: bool = True
     allow_tilt: bool = False
+    dicom: DicomTolerances = DEFAULT_TOLERANCES  # when a slice stack is one volume
 
 
 @dataclass
@@ -147,7 +149,7 @@ def predict_folder(predictor: Predictor, inputs: Path, out_dir: Path, overwrite:
 def predict_files(predictor: Predictor, files: list[Path | tuple[Path, ...]], out_dir: Path, overwrite: bool = False,
                   options: RunOptions | None = None) -> list[CaseResult]:
     """Predicts the given images (a path, or a tuple of channel files per case); see :func:`run_cases`."""
-    cases = [CaseInput(case_id_of(f if isinstance(f, Path) else f[0]), f) for f in files]
+    cases = [CaseInput(case_id_of(f if isinstance(f, Path) else f[0]), f) for f in files]  # recorded by file name
     return run_cases(predictor, cases, out_dir, options or RunOptions(overwrite=overwrite))
 
 
@@ -178,7 +180,7 @@ def _load(case: CaseInput, options: RunOptions) -> tuple[Volume, float]:
     if case.series is not None:
         from medseg.io.dicom import load_series
 
-        volume = load_series(case.series, allow_tilt=options.allow_tilt)
+        volume = load_series(case.series, tolerances=options.dicom, allow_tilt=options.allow_tilt)
     elif isinstance(case.source, tuple):
         volume = read_channels(case.source)
     else:
@@ -201,7 +203,7 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
     results: list[CaseResult] = []
     todo: list[tuple[CaseInput, CaseResult]] = []
     for case in cases:
-        result = CaseResult(case.case_id, str(case.path), case.status,
+        result = CaseResult(case.case_id, case.recorded or case.path.name, case.status,
                             error_code=case.error_code, error=case.error)
         results.append(result)
         if case.status != "pending":
@@ -299,7 +301,7 @@ def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, ta
 def _write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, results: list[CaseResult],
                     ignored: dict[str, int]) -> None:
     manifest = {
-        "model": [str(m.model_dir) for m in predictor.members],
+        "model": [m.model_dir.resolve().name for m in predictor.members],  # folder names only
         "shard": list(options.shard),
         "n_ok": sum(r.status == "ok" for r in results),
         "n_failed": sum(r.status == "failed" for r in results),
@@ -326,7 +328,7 @@ def _write_provenance(out_dir: Path, predictor: Predictor, results: list[CaseRes
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "models": [
-            {"dir": str(m.model_dir), "weights_sha256": m.info.get("weights_sha256"), "network_sha256": m.info.get("network_sha256"),
+            {"dir": m.model_dir.resolve().name, "weights_sha256": m.info.get("weights_sha256"), "network_sha256": m.info.get("network_sha256"),
              "config_hash": m.info.get("config_hash"), "format": m.info.get("format", "pytorch")}
             for m in predictor.members
         ],

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.errors import InputError, MedsegError, OutputError, require_exists
+from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, DicomTolerances
 from medseg.io.dicom_headers import is_dicom_file
 from medseg.io.nifti import is_nifti, strip_nifti_suffix, write_nifti
 from medseg.io.sitk_formats import is_sitk_format, write_sitk
@@ -71,7 +72,8 @@ def _safe_target(root: Path, name: str) -> Path:
     return target
 
 
-def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, allow_tilt: bool = False) -> ConvertReport:
+def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, allow_tilt: bool = False,
+            tolerances: DicomTolerances = DEFAULT_TOLERANCES) -> ConvertReport:
     """Converts a DICOM folder/file or any supported image file.
 
     Args:
@@ -80,6 +82,7 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
             file name and several series, each series gets ``<stem>_series_<i>_<hash><ending>`` beside it.
         overwrite: Replace existing outputs.
         allow_tilt: Resample gantry-tilted series instead of refusing them.
+        tolerances: When a slice stack is one volume (``--dicom KEY=VALUE``).
 
     Returns:
         :class:`ConvertReport`.
@@ -124,7 +127,7 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
         try:
             if target.exists() and not overwrite:
                 raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it")
-            volume = load_series(series, allow_tilt=allow_tilt)
+            volume = load_series(series, tolerances=tolerances, allow_tilt=allow_tilt)
             _write(volume, target)
             result.status, result.output = "ok", str(target)
             result.shape, result.spacing = volume.spatial_shape, tuple(round(s, 4) for s in volume.spacing)

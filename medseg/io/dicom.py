@@ -25,24 +25,22 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.dicom_geometry import LPS_TO_RAS, stack_geometry, untilt
+from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, LPS_TO_RAS, DicomTolerances, stack_geometry, untilt
 from medseg.io.dicom_headers import DicomFile, DicomScan, DicomSeries, floats, read_header, scan_dicom
 from medseg.io.dicom_pixels import check_decodable, native_dtype, read_frame_into, read_pixels, rescale_dtype
-from medseg.io.volume import Volume
+from medseg.io.volume import MAX_VOLUME_BYTES, Volume
 
 __all__ = ["DicomScan", "DicomSeries", "LPS_TO_RAS", "load_series", "read_dicom", "read_dicom_image", "scan_dicom"]
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_BYTES = 16 * 1024**3  # refuse to allocate more than this for one volume (decompression bombs)
 
 
 def load_series(
     series: DicomSeries,
     *,
-    min_slices: int = 3,
-    spacing_tolerance: float = 0.05,
+    tolerances: DicomTolerances = DEFAULT_TOLERANCES,
     allow_tilt: bool = False,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int = MAX_VOLUME_BYTES,
     workers: int = 4,
 ) -> Volume:
     """Validates and loads one scanned series (or one multi-frame object) as a :class:`Volume` ``(C, X, Y, Z)``.
@@ -55,15 +53,14 @@ def load_series(
     """
     what = f"series {series.index} ({series.uid_hash})"
     if len(series.files) == 1 and series.files[0].frames > 1:
-        return _load_multiframe(series, what, min_slices, spacing_tolerance, allow_tilt, max_bytes)
+        return _load_multiframe(series, what, tolerances, allow_tilt, max_bytes)
     files = series.files
     first = files[0]
     if first.pixel_spacing is None:
         raise InputError("DICOM_NO_GEOMETRY", f"{what}: PixelSpacing is missing", "never assumed to be 1 mm")
     geometry = stack_geometry(
         np.stack([f.position for f in files]), np.stack([f.orientation for f in files]), first.pixel_spacing,
-        what=what, min_slices=min_slices, spacing_tolerance=spacing_tolerance, allow_tilt=allow_tilt,
-        instance_numbers=[f.instance_number for f in files],
+        what=what, tolerances=tolerances, allow_tilt=allow_tilt, instance_numbers=[f.instance_number for f in files],
     )
     n = len(files)
     nbytes = first.rows * first.columns * first.samples * n * 4
@@ -106,7 +103,7 @@ def _read_stack(ordered: list[DicomFile], workers: int) -> tuple[np.ndarray, np.
     def fill(k: int) -> None:
         f = ordered[k]
         if (f.rows, f.columns, f.samples) != (first.rows, first.columns, first.samples):
-            raise InputError("DICOM_PIXELS_CORRUPT", f"{f.path.name}: matrix size differs from the series")
+            raise InputError("DICOM_PIXELS_CORRUPT", f"{f.label}: matrix size differs from the series")
         read_frame_into(f, buffer[k])
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -146,7 +143,7 @@ def _meta(series: DicomSeries, first: DicomFile, n: int, slopes: np.ndarray, int
 
 
 def _load_multiframe(
-    series: DicomSeries, what: str, min_slices: int, spacing_tolerance: float, allow_tilt: bool, max_bytes: int
+    series: DicomSeries, what: str, tolerances: DicomTolerances, allow_tilt: bool, max_bytes: int
 ) -> Volume:
     """An enhanced/multi-frame object: per-frame positions from the functional groups, or refused."""
     import pydicom
@@ -184,8 +181,8 @@ def _load_multiframe(
         intercepts.append(float(intercept) if intercept is not None else f.intercept)
     assert spacing is not None
     geometry = stack_geometry(
-        np.stack(positions), np.stack(orientations), spacing, what=what, min_slices=min_slices,
-        spacing_tolerance=spacing_tolerance, allow_tilt=allow_tilt,
+        np.stack(positions), np.stack(orientations), spacing, what=what, tolerances=tolerances,
+        allow_tilt=allow_tilt,
     )
     if f.expected_bytes * 2 > max_bytes:
         raise InputError("DICOM_TOO_LARGE", f"{what}: {f.expected_bytes / 1e9:.1f} GB exceeds the cap")
@@ -242,7 +239,7 @@ def read_dicom(path: str | Path, **options: Any) -> Volume:
 
     Args:
         path: Folder (scanned recursively) or file.
-        **options: Passed to :func:`load_series` (``allow_tilt``, ``min_slices``, ...).
+        **options: Passed to :func:`load_series` (``allow_tilt``, ``tolerances``, ...).
 
     Raises:
         InputError: ``DICOM_NO_SERIES`` (listing what was skipped), ``DICOM_MULTIPLE_SERIES``, and the codes
@@ -257,12 +254,12 @@ def read_dicom(path: str | Path, **options: Any) -> Volume:
         summary = scan.skipped_text()
         broken = [s for s in scan.skipped if s.code not in ("DICOM_NOT_DICOM", "DICOM_NOT_IMAGE")]
         if broken:  # files that look like images but cannot be used: say why
-            raise InputError(broken[0].code, f"no usable image series in {path.name}/: {broken[0].reason}",
+            raise InputError(broken[0].code, f"no usable image series in the DICOM folder: {broken[0].reason}",
                              f"skipped: {summary}")
-        raise InputError("DICOM_NO_SERIES", f"no DICOM image series in {path.name}/ (skipped: {summary})")
+        raise InputError("DICOM_NO_SERIES", f"no DICOM image series in the DICOM folder (skipped: {summary})")
     if len(scan.series) > 1:
         raise InputError(
-            "DICOM_MULTIPLE_SERIES", f"{path.name}/ holds {len(scan.series)} image series",
+            "DICOM_MULTIPLE_SERIES", f"the DICOM folder holds {len(scan.series)} image series",
             "use `medseg convert` to split it (one output per series) or point at one series' folder",
         )
     return load_series(scan.series[0], **options)

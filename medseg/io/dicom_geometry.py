@@ -11,14 +11,15 @@ checks have tolerances that real series pass and real defects do not:
   ``DRIFT_TOLERANCE_PX`` (0.25) of the smaller pixel spacing is jitter, and the stack is treated as orthogonal
   (every voxel then lies within a quarter pixel of its true position); more is a sheared stack (gantry tilt):
   refused as ``DICOM_GANTRY_TILT`` unless resampling is allowed. A real 0.5 degree tilt over 100 mm is 0.87 mm.
-* **slice steps**: each step may differ from the median step by ``spacing_tolerance`` (5 %) of it, or by
+* **slice steps**: each step may differ from the median step by ``step_relative`` (5 %) of it, or by
   ``STEP_TOLERANCE_MM`` (0.1 mm) where that is larger, but never by half a step: a missing slice (a step of two
   medians) is always refused as ``DICOM_SLICE_GAP``.
 
 For comparison: dicom2nifti refuses a step whose vector differs from the first step by more than 5 % + 0.1 mm
 (``numpy.allclose(rtol=0.05, atol=0.1)``) and a stack whose first-to-last direction is off the normal by more
 than 0.05 in any direction cosine (about 3 degrees); dcm2niix warns when a step differs from the first by more
-than 0.2 mm and estimates tilt from the first-to-last slice vector. The measured drift and step spread are
+than 0.2 mm and estimates tilt from the first-to-last slice vector. Every tolerance can be changed
+(:class:`DicomTolerances`, config ``inference.dicom``). The measured drift and step spread are
 returned (:class:`StackGeometry`) and recorded in the volume's metadata (``slice_geometry``).
 """
 
@@ -33,6 +34,34 @@ from medseg.io.volume import LPS_TO_RAS
 
 DRIFT_TOLERANCE_PX = 0.25
 STEP_TOLERANCE_MM = 0.1
+
+
+@dataclass(frozen=True)
+class DicomTolerances:
+    """What a slice stack may deviate by and still be one volume (``inference.dicom`` in the config; the
+    ``--dicom KEY=VALUE`` options of ``medseg predict`` and ``medseg convert``). The defaults are the rule above."""
+
+    min_slices: int = 3  # fewer slices are refused (localizers)
+    orientation: float = 1e-3  # largest difference between the slices' direction cosines
+    step_relative: float = 0.05  # largest |step - median step| / median step ...
+    step_floor_mm: float = STEP_TOLERANCE_MM  # ... or this many mm where larger (capped at half a step)
+    drift_px: float = DRIFT_TOLERANCE_PX  # in-plane drift (pixels of the smaller spacing) treated as jitter
+
+    def __post_init__(self) -> None:
+        if self.min_slices < 1 or self.orientation <= 0 or not 0 <= self.step_relative < 0.5 \
+                or self.step_floor_mm < 0 or self.drift_px < 0:
+            raise ValueError(f"invalid DICOM tolerances: {self}")
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> "DicomTolerances":
+        """From a mapping of field names (a config section); unknown names and bad values raise ``ValueError``."""
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown DICOM tolerance(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**{k: (int(v) if k == "min_slices" else float(v)) for k, v in values.items()})
+
+
+DEFAULT_TOLERANCES = DicomTolerances()
 
 @dataclass
 class StackGeometry:
@@ -60,9 +89,7 @@ def stack_geometry(
     pixel_spacing: tuple[float, float],
     *,
     what: str,
-    min_slices: int = 3,
-    orientation_tolerance: float = 1e-3,
-    spacing_tolerance: float = 0.05,
+    tolerances: DicomTolerances = DEFAULT_TOLERANCES,
     allow_tilt: bool = False,
     instance_numbers: list[int | None] | None = None,
 ) -> StackGeometry:
@@ -73,10 +100,7 @@ def stack_geometry(
         orientations: ``(N, 6)`` ImageOrientationPatient.
         pixel_spacing: ``(between rows, between columns)`` mm.
         what: Name of the series for messages (index/hash, never patient tags).
-        min_slices: Fewer slices are refused (localizers).
-        orientation_tolerance: Largest allowed difference between slice direction cosines.
-        spacing_tolerance: Largest allowed deviation of a slice step from the median step, relative (with the
-            absolute floor ``STEP_TOLERANCE_MM``, itself capped at half the median step).
+        tolerances: Smallest slice count, orientation, step and drift tolerances (:class:`DicomTolerances`).
         allow_tilt: Resample a gantry-tilted (sheared) stack onto an orthogonal grid instead of refusing it.
         instance_numbers: For messages.
 
@@ -85,6 +109,8 @@ def stack_geometry(
             ``DICOM_DUPLICATE_POSITION``, ``DICOM_SLICE_GAP``, ``DICOM_GANTRY_TILT``.
     """
     n = len(positions)
+    t = tolerances
+    min_slices, orientation_tolerance = t.min_slices, t.orientation
     if n < min_slices:
         raise InputError(
             "DICOM_TOO_FEW_SLICES", f"{what} has {n} slice(s); at least {min_slices} are needed for a volume",
@@ -122,7 +148,7 @@ def stack_geometry(
             "the series may hold several echoes, phases or repeats; split it before conversion",
         )
     median = float(np.median(steps))
-    allowed = max(spacing_tolerance * median, min(STEP_TOLERANCE_MM, 0.5 * median))
+    allowed = max(t.step_relative * median, min(t.step_floor_mm, 0.5 * median))
     bad = np.flatnonzero(np.abs(steps - median) > allowed)
     if bad.size:
         k = int(bad[0])
@@ -139,12 +165,12 @@ def stack_geometry(
     drift_px = offset / min(pixel_spacing)
     tilt = float(np.degrees(np.arctan2(np.linalg.norm(in_plane[-1]), extent)))
     shifts = None
-    if drift_px > DRIFT_TOLERANCE_PX:
+    if drift_px > t.drift_px:
         if not allow_tilt:
             raise InputError(
                 "DICOM_GANTRY_TILT",
                 f"{what}: slices are sheared (gantry tilt about {tilt:.2f} degrees; in-plane offset up to "
-                f"{offset:.2f} mm = {drift_px:.2f} pixel, above the {DRIFT_TOLERANCE_PX} pixel tolerance)",
+                f"{offset:.2f} mm = {drift_px:.2f} pixel, above the {t.drift_px} pixel tolerance)",
                 "pass --allow-tilt to resample onto an orthogonal grid (recorded in the output metadata)",
             )
         # in-plane offset of each slice in pixels along (columns, rows)

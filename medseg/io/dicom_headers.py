@@ -33,6 +33,22 @@ NON_IMAGE_SOP_PREFIXES = (
 )
 
 
+def file_label(path: Path) -> str:
+    """How messages and case IDs name a DICOM file without its name: PACS exports often name files and folders
+    after the patient, so a file is ``file <first 8 hex digits of SHA-256 of its absolute path>``
+    (``python -c "import hashlib,os,sys; print(hashlib.sha256(os.path.abspath(sys.argv[1]).encode()).hexdigest()[:8])" F``
+    finds it again)."""
+    return f"file {hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:8]}"
+
+
+def scrub(text: str, path: Path) -> str:
+    """``text`` (a library's error message) with the file's path and name replaced by its label."""
+    label = file_label(path)
+    for part in (os.path.abspath(path), str(path), Path(path).name):
+        text = text.replace(part, label)
+    return text
+
+
 @dataclass
 class DicomFile:
     """Header facts of one DICOM image file (no patient identifiers)."""
@@ -57,6 +73,13 @@ class DicomFile:
     modality: str
     pixel_offset: int | None  # byte offset of native pixel data, when known
     pixel_length: int | None
+
+    @property
+    def label(self) -> str:
+        """How messages name this file: its instance number and series hash, never its name or folder."""
+        if self.instance_number is None:
+            return file_label(self.path)
+        return f"instance {self.instance_number} of series {hashlib.sha256(self.series_uid.encode()).hexdigest()[:10]}"
 
     @property
     def expected_bytes(self) -> int:
@@ -156,15 +179,15 @@ def read_header(path: Path) -> DicomFile:
     from pydicom.errors import InvalidDicomError
 
     if not is_dicom_file(path):
-        raise InputError("DICOM_NOT_DICOM", f"{path.name} has no DICOM preamble ('DICM' at byte 128)")
+        raise InputError("DICOM_NOT_DICOM", f"{file_label(path)} has no DICOM preamble ('DICM' at byte 128)")
     try:
         ds = pydicom.dcmread(path, defer_size=1024)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        raise InputError("DICOM_UNREADABLE", f"cannot parse the header of {path.name}: {exc}") from None
+        raise InputError("DICOM_UNREADABLE", f"cannot parse the header of {file_label(path)}: {scrub(str(exc), path)}") from None
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if not ts:
         raise InputError(
-            "DICOM_NO_TRANSFER_SYNTAX", f"{path.name} has no TransferSyntaxUID in its file meta information",
+            "DICOM_NO_TRANSFER_SYNTAX", f"{file_label(path)} has no TransferSyntaxUID in its file meta information",
             "re-export the file from the PACS/modality",
         )
     sop = str(ds.get("SOPClassUID", ""))

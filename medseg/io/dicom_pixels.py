@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.dicom_headers import NATIVE_LITTLE_ENDIAN, DicomFile
+from medseg.io.dicom_headers import NATIVE_LITTLE_ENDIAN, DicomFile, scrub
 
 # the pylibjpeg plugin that decodes each family of compressed transfer syntaxes (medseg depends on all of them)
 PLUGINS = {"JPEG 2000": "pylibjpeg-openjpeg", "JPEG-LS": "pylibjpeg-libjpeg", "JPEG": "pylibjpeg-libjpeg",
@@ -32,7 +32,7 @@ def check_decodable(f: DicomFile) -> None:
             got = min(on_disk, f.pixel_length if f.pixel_length is not None else on_disk)
             if got < expected:
                 raise InputError(
-                    "DICOM_TRUNCATED", f"{f.path.name}: pixel data has {got} bytes, expected {expected}",
+                    "DICOM_TRUNCATED", f"{f.label}: pixel data has {got} bytes, expected {expected}",
                     "the file was cut short; re-copy or re-export it",
                 )
         return
@@ -41,14 +41,14 @@ def check_decodable(f: DicomFile) -> None:
     except (NotImplementedError, ValueError):
         raise InputError(
             "DICOM_TRANSFER_SYNTAX_UNSUPPORTED",
-            f"{f.path.name}: no pixel decoder exists for transfer syntax {f.transfer_syntax}",
+            f"{f.label}: no pixel decoder exists for transfer syntax {f.transfer_syntax}",
         ) from None
     if not decoder.is_available:
         name = decoder.UID.name
         plugin = next((pkg for key, pkg in PLUGINS.items() if key in name), "pylibjpeg-libjpeg")
         raise InputError(
             "DICOM_DECODER_MISSING",
-            f"{f.path.name}: transfer syntax {name} needs a decoder plugin that is not installed",
+            f"{f.label}: transfer syntax {name} needs a decoder plugin that is not installed",
             f"pip install pylibjpeg {plugin} (or one of: {'; '.join(decoder.missing_dependencies)})",
         )
 
@@ -62,7 +62,7 @@ def _read_native_into(f: DicomFile, out: np.ndarray) -> None:
         got = fh.readinto(memoryview(out.reshape(-1)).cast("B"))
     if got < expected or (f.pixel_length or 0) < expected:
         raise InputError(
-            "DICOM_TRUNCATED", f"{f.path.name}: pixel data has {min(got, f.pixel_length or 0)} bytes, expected {expected}",
+            "DICOM_TRUNCATED", f"{f.label}: pixel data has {min(got, f.pixel_length or 0)} bytes, expected {expected}",
             "the file was cut short; re-copy or re-export it",
         )
     if f.signed and f.bits_stored < f.bits_allocated:
@@ -80,7 +80,7 @@ def _decoded(f: DicomFile) -> np.ndarray:
     except (ValueError, EOFError, OSError, RuntimeError, NotImplementedError, AttributeError, KeyError) as exc:
         text = str(exc)
         code = "DICOM_TRUNCATED" if "less than expected" in text or "truncat" in text.lower() else "DICOM_DECODE_FAILED"
-        raise InputError(code, f"{f.path.name}: cannot decode pixel data: {text.splitlines()[0][:200]}") from None
+        raise InputError(code, f"{f.label}: cannot decode pixel data: {scrub(text.splitlines()[0], f.path)[:200]}") from None
     arr = np.asarray(arr)
     arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # big-endian sources become native
     if f.frames == 1:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medseg.errors import InputError
-from medseg.io.volume import Volume
+from medseg.io.volume import MAX_VOLUME_BYTES, Volume
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -29,16 +29,24 @@ def read_image2d(path: str | Path) -> Volume:
         ``(1, X, Y)`` for grey, ``(3, X, Y)`` for colour (alpha dropped); dtype as stored.
 
     Raises:
-        InputError: ``PATH_NOT_FOUND``; ``IMAGE_CORRUPT`` when the file cannot be decoded.
+        InputError: ``PATH_NOT_FOUND``; ``IMAGE_CORRUPT`` when the file cannot be decoded; ``IMAGE_TOO_LARGE``
+            when its header announces more than ``MAX_VOLUME_BYTES`` (checked before decoding).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError("PATH_NOT_FOUND", f"image not found: {path}")
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            nbytes = width * height * max(len(img.getbands()), 1) * (2 if img.mode.startswith("I;16") else 4 if img.mode in ("I", "F") else 1)
+            if nbytes > MAX_VOLUME_BYTES:
+                raise InputError("IMAGE_TOO_LARGE", f"{path.name}: {width}x{height} pixels ({nbytes / 1e9:.1f} GB) exceed the cap of "
+                                 f"{MAX_VOLUME_BYTES / 1e9:.1f} GB", "refused before decoding (corrupt header or decompression bomb?)")
             if img.mode in ("RGBA", "P", "CMYK", "LA"):
                 img = img.convert("RGB" if img.mode != "LA" else "L")
             data = np.asarray(img)
+    except Image.DecompressionBombError as exc:
+        raise InputError("IMAGE_TOO_LARGE", f"{path.name}: {exc}", "refused before decoding") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError("IMAGE_CORRUPT", f"cannot decode {path.name}: {exc}") from None
     array = data[None] if data.ndim == 2 else np.moveaxis(data[..., :3], -1, 0)

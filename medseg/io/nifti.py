@@ -16,12 +16,11 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.fsutil import atomic_write
-from medseg.io.volume import Volume, is_orthogonal
+from medseg.io.volume import MAX_VOLUME_BYTES, Volume, is_orthogonal
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TORCH_COPYABLE = tuple(np.dtype(t) for t in ("bool", "uint8", "int8", "int16", "int32", "int64", "float32", "float64"))
 GZIP_LEVEL = 2  # zlib-ng level 2: faster than zlib's level 1 at the same size (zlib-ng's level 1 is 40 % larger)
-DEFAULT_MAX_BYTES = 16 * 1024**3  # largest voxel buffer a reader allocates (decompression bombs, corrupt headers)
 log = logging.getLogger(__name__)
 
 
@@ -83,7 +82,7 @@ def _read_gz_voxels(path: Path, img) -> np.ndarray:
     return nib.volumeutils.apply_read_scaling(raw, proxy.slope, proxy.inter)
 
 
-def read_nifti(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
+def read_nifti(path: str | Path, max_bytes: int = MAX_VOLUME_BYTES) -> Volume:
     """Reads a 2D/3D/4D NIfTI file into a channel-first :class:`Volume`.
 
     A 4th dimension is taken as channels: ``(X, Y, Z, C)`` on disk becomes ``(C, X, Y, Z)``.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.volume import LPS_TO_RAS, Volume, is_orthogonal
+from medseg.io.volume import LPS_TO_RAS, MAX_VOLUME_BYTES, Volume, is_orthogonal
 
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -27,7 +27,7 @@ def _header_size(reader) -> tuple[tuple[int, ...], int]:
     return size, components
 
 
-def read_sitk(path: str | Path, max_bytes: int = 16 * 1024**3) -> Volume:
+def read_sitk(path: str | Path, max_bytes: int = MAX_VOLUME_BYTES) -> Volume:
     """Reads a NRRD or MetaImage file.
 
     The header is read first: zero-size dimensions, more than 3 spatial dimensions and volumes above

@@ -10,6 +10,10 @@ import numpy as np
 from medseg.errors import InputError
 
 
+# The largest voxel buffer any reader allocates for one image (decompression bombs, corrupt headers): NIfTI,
+# DICOM, ITK formats and 2D pictures all refuse, before allocating, an image that would need more.
+MAX_VOLUME_BYTES = 16 * 1024**3
+
 # DICOM and ITK describe positions in LPS (x to the patient's left, y posterior); Volume affines are RAS+.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

@@ -2,14 +2,16 @@
 
 Cases are matched by ID (file name without its format ending); each prediction must lie on its reference's
 grid. Every metric is computed in physical units from the reference's voxel spacing. Cases run in parallel
-processes. ``evaluation.json`` records inputs, labels, settings, per-case geometry and metadata so that
-:mod:`medseg.reporting` can draw the report from the evaluation folder alone.
+processes. ``evaluation.json`` records labels, settings, per-case geometry and metadata, and the report's case
+figures are drawn into ``overlays/`` while the files are at hand, so that :mod:`medseg.reporting` draws the
+report from the evaluation folder alone; no input folder is recorded (folder names can carry patient names).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -175,7 +177,7 @@ def evaluate_folders(
 
     Args:
         pred_dir: Folder of predicted label maps (NIfTI or PNG).
-        ref_dir: Folder of reference label maps; every case here must have a prediction.
+        out_dir: Where ``metrics.csv``, ``summary.json``, ``evaluation.json`` and the report figures (``overlays/``) go.
         out_dir: Where ``metrics.csv``, ``summary.json`` and ``evaluation.json`` go.
         settings: The ``evaluation`` config section (default: ``configs/base.yaml``'s).
         labels: ``{value: name}`` of the labels to score; default: every non-zero value in the first reference.
@@ -233,9 +235,6 @@ def evaluate_folders(
     (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n", encoding="utf-8")
     dims = results[0][1]["dims"]
     record = {
-        "pred_dir": str(pred_dir.resolve()),
-        "ref_dir": str(ref_dir.resolve()),
-        "images_dir": str(images_dir.resolve()) if images_dir else None,
         "labels": {str(k): v for k, v in labels.items()},
         "cases": {t.case: {**info, "metadata": meta.get(t.case, {})} for t, (_, info) in zip(tasks, results)},
         "units": {"volume": "mL" if dims == 3 else "cm²"},
@@ -244,4 +243,7 @@ def evaluate_folders(
         "window": list(window) if window else None,
     }
     (out_dir / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    from medseg.reporting.report import write_overlays  # the report's case figures, drawn while the files are at hand
+
+    write_overlays(out_dir, refs, preds, files_by_id(images_dir) if images_dir else {})
     return summary

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medseg.config import Config, config_hash, load_config, save_config
+from medseg.config import Config, config_hash, load_config, save_config, shareable
 from medseg.errors import ModelError
 from medseg.fsutil import atomic_torch_save, sha256_file, versions
 from medseg.models.registry import build_model
@@ -42,7 +42,7 @@ def save_model_dir(path: Path, model: nn.Module, cfg: Config, plan: Plan, info: 
     tmp.mkdir(parents=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(state, tmp / WEIGHTS)
-    save_config(cfg, tmp / CONFIG)
+    save_config(shareable(cfg), tmp / CONFIG)  # no dataset path: the folder travels
     (tmp / PLAN).write_text(plan.to_json(), encoding="utf-8")
     full = {
         "format_version": 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import shutil
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -135,24 +136,29 @@ def _read_case(paths: dict[str, Path], case: str) -> np.ndarray | None:
     return read_volume(paths[case]).array if case in paths else None
 
 
-def build_report(eval_dir: str | Path) -> dict:
-    """Everything the HTML and PDF show, with figures as PNG bytes."""
+OVERLAYS = "overlays"  # folder of the evaluation holding the report's case figures (overlays.json + PNGs)
+
+
+def write_overlays(eval_dir: str | Path, refs: dict[str, Path], preds: dict[str, Path], images: dict[str, Path]) -> None:
+    """Draws the report's case figures (best, median, worst and flagged cases) into ``eval_dir/overlays/``.
+
+    Called by :func:`medseg.metrics.evaluate.evaluate_folders` while it has the label and image files, so the
+    evaluation folder alone renders its report (``medseg report`` anywhere) and records no input path.
+    """
     eval_dir = Path(eval_dir)
-    rows, summary, record = _load(eval_dir)
+    rows, _, record = _load(eval_dir)
     settings = record["settings"]
     labels = {int(k): v for k, v in record["labels"].items()}
-    names = list(labels.values())
-    unit = record["units"]["volume"]
-    flag_rows(rows, settings)
-    refs, preds = files_by_id(Path(record["ref_dir"])), files_by_id(Path(record["pred_dir"]))
-    images = files_by_id(Path(record["images_dir"])) if record.get("images_dir") else {}
     window = tuple(record["window"]) if record.get("window") else None
-
-    overlays = []
+    flag_rows(rows, settings)
     picks = pick_overlay_cases(rows)
     max_flagged = int(settings.get("report_max_flagged_overlays", MAX_FLAGGED_OVERLAYS))
     flagged_total = sum(1 for _, why in picks if why == "flagged")
-    for case, why in [p for p in picks if p[1] != "flagged"] + [p for p in picks if p[1] == "flagged"][:max_flagged]:
+    folder = eval_dir / OVERLAYS
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    entries = []
+    for k, (case, why) in enumerate([p for p in picks if p[1] != "flagged"] + [p for p in picks if p[1] == "flagged"][:max_flagged]):
         ref_vol = read_volume(refs[case])
         pred_arr = read_volume(preds[case]).array[0]
         image = _read_case(images, case)
@@ -163,8 +169,35 @@ def build_report(eval_dir: str | Path) -> dict:
             )
         else:
             png, caption = overlay_2d(image, ref_vol.array[0], pred_arr, labels)
+        name = f"{k:03d}.png"
+        (folder / name).write_bytes(png)
         case_flags = sorted({f"{r['label']}: {f}" for r in rows if r["case"] == case for f in r["flags"]})
-        overlays.append({"case": case, "why": why, "png": png, "caption": caption, "flags": case_flags})
+        entries.append({"case": case, "why": why, "file": name, "caption": caption, "flags": case_flags})
+    record = {"overlays": entries, "flagged_not_shown": max(0, flagged_total - max_flagged)}
+    (folder / "overlays.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _read_overlays(eval_dir: Path) -> tuple[list[dict], int]:
+    path = eval_dir / OVERLAYS / "overlays.json"
+    if not path.is_file():
+        raise InputError("EVAL_DIR_INVALID", f"{eval_dir} lacks {OVERLAYS}/overlays.json",
+                         "run `medseg evaluate` again to create it")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    overlays = [{**o, "png": (eval_dir / OVERLAYS / o["file"]).read_bytes()} for o in record["overlays"]]
+    return overlays, int(record["flagged_not_shown"])
+
+
+def build_report(eval_dir: str | Path) -> dict:
+    """Everything the HTML and PDF show, with figures as PNG bytes."""
+    eval_dir = Path(eval_dir)
+    rows, summary, record = _load(eval_dir)
+    settings = record["settings"]
+    labels = {int(k): v for k, v in record["labels"].items()}
+    names = list(labels.values())
+    unit = record["units"]["volume"]
+    flag_rows(rows, settings)
+    window = tuple(record["window"]) if record.get("window") else None
+    overlays, flagged_not_shown = _read_overlays(eval_dir)
 
     case_meta = {case: dict(info.get("metadata", {})) for case, info in record["cases"].items()}
     for case, info in record["cases"].items():
@@ -189,7 +222,7 @@ def build_report(eval_dir: str | Path) -> dict:
         "rows": rows,
         "figures": figs,
         "overlays": overlays,
-        "flagged_not_shown": max(0, flagged_total - max_flagged),
+        "flagged_not_shown": flagged_not_shown,
         "subgroups": groups,
         "window": window,
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from medseg import threads
-from medseg.config import Config, config_hash, config_to_dict, flatten, save_config
+from medseg.config import Config, config_hash, config_to_dict, flatten, save_config, shareable
 from medseg.errors import ConfigError, TrainingError
 from medseg.fsutil import git_commit, versions
 from medseg.io.dataset import Case, Dataset, load_dataset
@@ -231,7 +232,7 @@ def fit(
         log.info("resuming after epoch %d (best validation Dice %.3f at epoch %d)", ckpt["epoch"], best, best_epoch)
     elif rank.is_main:
         tracker.log_params({
-            **flatten(config_to_dict(cfg)),
+            **flatten(config_to_dict(shareable(cfg))),
             "config_hash": config_hash(cfg),
             **{f"plan.{k}": v for k, v in json.loads(plan.to_json()).items() if k not in ("notes", "intensity")},
             "plan_hash": plan.hash(),
@@ -308,7 +309,10 @@ def fit(
         (run_dir / "history.json").write_text(json.dumps(history, indent=2))
         save_curves(history, run_dir / "training_curves.png")
         log.info("preprocessed cases: %d computed, %d read from the cache", cache.computed, cache.loaded)
-        for name in ("config.yaml", "plan.json", "fingerprint.json", "splits.json", "history.json", "training_curves.png"):
+        with tempfile.TemporaryDirectory() as tmp:  # the logged config.yaml holds no path of this machine
+            save_config(shareable(cfg), Path(tmp) / "config.yaml")
+            tracker.log_artifact(Path(tmp) / "config.yaml")
+        for name in ("plan.json", "fingerprint.json", "splits.json", "history.json", "training_curves.png"):
             tracker.log_artifact(run_dir / name)
         tracker.log_artifact(run_dir / "model", "model")
         tracker.log_artifact(run_dir / "model_last", "model_last")

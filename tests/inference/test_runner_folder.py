@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -43,12 +44,14 @@ def test_mixed_folder_finishes_good_cases_and_reports_the_others(predictor, mixe
     results = predict_folder(predictor, mixed, out)
     status = {r.case_id: (r.status, r.error_code) for r in results}
     dicom_case = next(k for k in status if k.startswith("series_"))
+    report_case = next(k for k in status if k.startswith("file_"))  # named by its path hash, never its file name
     assert status == {
         "broken": ("failed", "NIFTI_CORRUPT"),
         "good": ("ok", None),
         dicom_case: ("ok", None),
-        "file_report.dcm": ("skipped", "DICOM_NOT_IMAGE"),
+        report_case: ("skipped", "DICOM_NOT_IMAGE"),
     }
+    assert re.fullmatch(r"file_[0-9a-f]{8}", report_case)
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["n_ok"], manifest["n_failed"], manifest["n_skipped"]) == (2, 1, 1)
     assert manifest["ignored_files"] == {"DICOM_NOT_DICOM": 1}
@@ -56,6 +59,9 @@ def test_mixed_folder_finishes_good_cases_and_reports_the_others(predictor, mixe
     source = read_dicom(mixed / "patient_dir" / "ct")
     pred = read_nifti(out / f"{dicom_case}.nii.gz")
     assert pred.spatial_shape == source.spatial_shape and np.abs(pred.affine - source.affine).max() < 1e-4
+    inputs = {c["case_id"]: c["input"] for c in manifest["cases"]}  # relative: no absolute path, no DICOM names
+    assert inputs == {"broken": "broken.nii.gz", "good": "good.nii.gz", dicom_case: f"DICOM {dicom_case}",
+                      report_case: f"DICOM {report_case.replace('_', ' ')}"}
     entry = next(c for c in manifest["cases"] if c["case_id"] == dicom_case)
     assert entry["series_instance_uid"] == source.meta["series_instance_uid"]
     assert set(entry["timings"]) == {"read_s", "predict_s", "write_s"}
@@ -68,7 +74,8 @@ def test_cli_exit_code_and_one_line_per_problem(smoke_model: Path, mixed: Path, 
     result = CliRunner().invoke(app, ["predict", "-i", str(mixed), "-o", str(tmp_path / "o"), "-m", str(smoke_model), "-d", "cpu"])
     assert result.exit_code == 1
     assert "2 of 4 case(s) written" in result.output
-    assert "failed: broken: NIFTI_CORRUPT" in result.output and "skipped: file_report.dcm: DICOM_NOT_IMAGE" in result.output
+    assert "failed: broken: NIFTI_CORRUPT" in result.output and re.search(r"skipped: file_[0-9a-f]{8}: DICOM_NOT_IMAGE", result.output)
+    assert "report.dcm" not in result.output
 
 
 def test_resume_skips_complete_cases_and_redoes_a_truncated_output(predictor, tiny_dataset: Path, tmp_path: Path):
@@ -159,3 +166,14 @@ def test_results_are_owned_by_the_main_thread(predictor, tmp_path: Path, monkeyp
     for row in manifest["cases"]:
         assert row["sha256"] == sha256_file(tmp_path / "out" / row["output"])
         assert (tmp_path / "out" / row["outputs"]["preview"]["file"]).is_file() and row["timings"]["write_s"] >= 0
+
+
+def test_predict_dicom_option_sets_the_stack_tolerances(smoke_model: Path, tmp_path: Path):
+    """``--dicom KEY=VALUE`` reaches the series loader: a 2-slice series is refused by default (min_slices 3)."""
+    series(tmp_path / "in" / "short", shape=(20, 24, 2), affine=rotated_affine())
+    runner = CliRunner()
+    args = ["predict", "-i", str(tmp_path / "in"), "-m", str(smoke_model), "-d", "cpu"]
+    refused = runner.invoke(app, [*args, "-o", str(tmp_path / "a")])
+    assert refused.exit_code == 1 and "DICOM_TOO_FEW_SLICES" in refused.output, refused.output
+    accepted = runner.invoke(app, [*args, "-o", str(tmp_path / "b"), "--dicom", "min_slices=2"])
+    assert accepted.exit_code == 0 and "1 of 1 case(s) written" in accepted.output, accepted.output

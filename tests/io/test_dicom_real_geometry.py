@@ -123,3 +123,62 @@ def test_step_tolerance_thin_and_thick_slices():
     # 0.15 mm micro-CT slices: a missing slice is refused although it is only 0.15 mm
     with pytest.raises(InputError):
         stack_geometry(*_stack(6, 0.15, steps=np.array([0.15, 0.15, 0.3, 0.15, 0.15])), (0.05, 0.05), what="s")
+
+
+def test_tolerances_are_settings_whose_defaults_are_the_config():
+    from medseg.config import dicom_settings, load_config
+    from medseg.errors import ConfigError
+    from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, DicomTolerances
+
+    assert DicomTolerances(**load_config(None).inference.dicom.model_dump()) == DEFAULT_TOLERANCES
+    above = _stack(10, 3.0, drift=np.r_[0.0, np.full(9, 0.26 * 0.5)])
+    wider = DicomTolerances(drift_px=0.3)
+    assert stack_geometry(*above, (0.5, 0.5), what="s", tolerances=wider).drift_px == pytest.approx(0.26)
+    uneven = _stack(6, 5.0, steps=np.array([5.0, 5.3, 5.0, 5.0, 5.0]))
+    stack_geometry(*uneven, (0.5, 0.5), what="s", tolerances=DicomTolerances(step_relative=0.1))
+    with pytest.raises(InputError) as err:
+        stack_geometry(*_stack(4, 3.0), (0.5, 0.5), what="s", tolerances=DicomTolerances(min_slices=5))
+    assert err.value.code == "DICOM_TOO_FEW_SLICES"
+    assert dicom_settings(None, ["drift_px=0.5", "min_slices=2"]).drift_px == 0.5
+    for bad, code in (("drift_px=-1", "CONFIG_INVALID_VALUE"), ("drift=0.5", "CONFIG_UNKNOWN_KEY"),
+                      ("step_relative=0.6", "CONFIG_INVALID_VALUE"), ("0.5", "CONFIG_BAD_OVERRIDE")):
+        with pytest.raises(ConfigError) as cfg_err:
+            dicom_settings(None, [bad])
+        assert cfg_err.value.code == code, bad
+
+
+def test_convert_dicom_option_widens_the_drift_tolerance(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    _, files = series(tmp_path / "in", shape=(24, 24, 20), affine=GE_MR_LIKE)
+    _scanner_positions(files, seed=1, tilt_deg=2.0)  # about 0.17 mm per slice: 3.3 mm over the stack
+    runner = CliRunner()
+    refused = runner.invoke(app, ["convert", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "a.nii.gz")])
+    assert refused.exit_code == 1 and "DICOM_GANTRY_TILT" in refused.output
+    accepted = runner.invoke(app, ["convert", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "b.nii.gz"),
+                                   "--dicom", "drift_px=10"])
+    assert accepted.exit_code == 0, accepted.output
+    assert (tmp_path / "b.nii.gz").is_file() and not (tmp_path / "a.nii.gz").exists()
+    bad = runner.invoke(app, ["convert", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "c.nii.gz"), "--dicom", "tilt=1"])
+    assert bad.exit_code != 0 and getattr(bad.exception, "code", None) == "CONFIG_UNKNOWN_KEY"
+
+
+def test_one_size_cap_for_every_reader(tmp_path: Path, monkeypatch):
+    import inspect
+
+    from PIL import Image
+
+    from medseg.io import dicom, image2d, nifti, sitk_formats, volume
+    from medseg.io.image2d import read_image2d
+
+    for fn in (nifti.read_nifti, sitk_formats.read_sitk, dicom.load_series):
+        assert inspect.signature(fn).parameters["max_bytes"].default is volume.MAX_VOLUME_BYTES
+    Image.new("L", (64, 64)).save(tmp_path / "a.png")
+    monkeypatch.setattr(image2d, "MAX_VOLUME_BYTES", 64 * 64 - 1)
+    with pytest.raises(InputError) as err:
+        read_image2d(tmp_path / "a.png")
+    assert err.value.code == "IMAGE_TOO_LARGE"
+    monkeypatch.setattr(image2d, "MAX_VOLUME_BYTES", 64 * 64)
+    assert read_image2d(tmp_path / "a.png").array.shape == (1, 64, 64)

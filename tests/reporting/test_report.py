@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medseg.errors import InputError
 from medseg.metrics.evaluate import evaluate_folders
 from medseg.reporting.report import build_report, flag_rows, pick_overlay_cases, write_report
 
@@ -119,13 +120,41 @@ def test_report_knobs_come_from_the_evaluation_settings():
         "< 1.5 mm", "1.5–3 mm", "3–6 mm", "> 6 mm"]
 
 
-def test_flagged_overlay_cap_is_a_setting(evaluated: Path, tmp_path: Path):
+def test_flagged_overlay_cap_is_a_setting(evaluated: Path, tiny_dataset: Path, tmp_path: Path):
+    from medseg.config import load_config
+
+    from medseg.io.readers import files_by_id
+
+    folders = {}
+    for name, source in (("pred", evaluated.parent / "pred"), ("ref", tiny_dataset / "labelsTs"), ("img", tiny_dataset / "imagesTs")):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for copy in "abcdef":  # six copies of the test case: three are neither best, median nor worst
+            for case, path in files_by_id(source).items():
+                shutil.copy(path, folders[name] / path.name.replace(case, f"{copy}{case}"))
+    drawn = {}
+    for cap in (40, 0):  # flag_dice_below 1.0: every case is flagged
+        settings = load_config(None, [f"evaluation.report_max_flagged_overlays={cap}", "evaluation.flag_dice_below=1.0"])
+        out = tmp_path / f"ev{cap}"
+        evaluate_folders(folders["pred"], folders["ref"], out, settings=settings.evaluation,
+                         labels={1: "organ", 2: "lesion"}, images_dir=folders["img"])
+        data = build_report(out)
+        drawn[cap] = (sum(o["why"] == "flagged" for o in data["overlays"]), data["flagged_not_shown"])
+    assert drawn[40][0] >= 1 and drawn[40][1] == 0
+    assert drawn[0] == (0, drawn[40][0])
+
+
+def test_the_evaluation_folder_alone_renders_its_report(evaluated: Path, tmp_path: Path):
+    """No input path is recorded (PHI); the figures are drawn at evaluation time, so a moved copy renders."""
     import json
 
-    copy = tmp_path / "ev"
+    copy = tmp_path / "elsewhere" / "ev"
     shutil.copytree(evaluated, copy)
-    record = json.loads((copy / "evaluation.json").read_text())
-    record["settings"].update(report_max_flagged_overlays=0, flag_dice_below=1.0)  # every case flagged, none drawn
-    (copy / "evaluation.json").write_text(json.dumps(record))
+    text = (copy / "evaluation.json").read_text()
+    assert str(evaluated.parent) not in text and "imagesTs" not in text and "labelsTs" not in text
+    assert not any(isinstance(v, str) and v.startswith("/") for v in json.loads(text).values())
     data = build_report(copy)
-    assert all(o["why"] != "flagged" for o in data["overlays"])
+    assert len(data["overlays"]) == 1 and all(o["png"].startswith(b"\x89PNG") for o in data["overlays"])
+    shutil.rmtree(copy / "overlays")
+    with pytest.raises(InputError, match="EVAL_DIR_INVALID|overlays"):
+        build_report(copy)
