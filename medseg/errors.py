@@ -94,6 +94,7 @@ CODES: dict[str, str] = {
     "BACKEND_UNAVAILABLE": "A backend or exporter whose package is not installed (named in the hint).",
     "BACKEND_NEEDS_EXPORT": "A backend that needs another model format (e.g. ONNX Runtime on PyTorch weights).",
     "EXPORT_FORMAT_UNKNOWN": "An unknown export format or quantisation option.",
+    "EXPORT_UNSUPPORTED": "A network whose ONNX/TorchScript graph would hold only for the traced input shape (SwinUNETR).",
     "EXPORT_PARITY_FAILED": "An exported network whose logits differ from PyTorch's by more than the tolerance.",
     "SHARD_INVALID": "A --shard that is not i/n with 0 <= i < n.",
     "PREDICTION_FAILED": "A workflow in which no case could be predicted.",

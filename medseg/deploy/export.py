@@ -65,7 +65,8 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
         The exported model folder.
 
     Raises:
-        ModelError: ``MODEL_NOT_FOUND``/``MODEL_DIR_INVALID``, ``EXPORT_FORMAT_UNKNOWN``, ``BACKEND_UNAVAILABLE``,
+        ModelError: ``MODEL_NOT_FOUND``/``MODEL_DIR_INVALID``, ``EXPORT_FORMAT_UNKNOWN``, ``EXPORT_UNSUPPORTED``,
+            ``BACKEND_UNAVAILABLE``,
             ``EXPORT_PARITY_FAILED``.
         OutputError: ``OUTPUT_EXISTS``.
     """
@@ -75,6 +76,12 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
         raise ModelError("EXPORT_FORMAT_UNKNOWN", f"quantize={quantize!r} is only available as int8 with --format onnx")
     net, cfg, plan, info = load_model_dir(model_dir, "cpu")
+    from medseg.models.registry import MODELS
+
+    unsupported = getattr(MODELS.get(cfg.model.name), "not_exportable", None)
+    if unsupported:
+        raise ModelError("EXPORT_UNSUPPORTED", f"model {cfg.model.name} cannot be exported: {unsupported}",
+                         "predict with the model folder itself (--backend torch)")
     if info.get("format", "pytorch") != "pytorch":
         raise ModelError("MODEL_DIR_INVALID", f"{model_dir} is already an exported ({info['format']}) model folder")
     out = Path(out) if out else model_dir.with_name(f"{model_dir.name}_{fmt}{'_int8' if quantize else ''}")
@@ -112,7 +119,7 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     source = {k: v for k, v in info.items() if k != "weights_sha256"}
     exported_info = {**source, "labels": {str(k): v for k, v in info["labels"].items()}, "format": fmt,
                      NETWORK_HASH: sha256_file(target), "source_weights_sha256": info.get("weights_sha256"),
-                     "quantization": quantize, "exported_from": str(model_dir.resolve()),
+                     "quantization": quantize, "exported_from": model_dir.resolve().name,
                      "parity": {"max_abs_logit_diff": diff, "inputs": [list(x.shape) for x in inputs]}}
     (tmp / INFO).write_text(json.dumps(exported_info, indent=2) + "\n", encoding="utf-8")
     if quantize is None and diff > tolerance:

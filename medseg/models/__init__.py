@@ -4,5 +4,7 @@ from medseg.models.registry import MODELS, build_model
 from medseg.models import unet as _unet  # noqa: F401  (registers "unet")
 from medseg.models import unetpp as _unetpp  # noqa: F401  (registers "unetpp")
 from medseg.models import dynunet as _dynunet  # noqa: F401  (registers "dynunet")
+from medseg.models import segresnet as _segresnet  # noqa: F401  (registers "segresnet")
+from medseg.models import swinunetr as _swinunetr  # noqa: F401  (registers "swinunetr")
 
 __all__ = ["MODELS", "build_model"]

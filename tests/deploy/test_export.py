@@ -25,6 +25,8 @@ SMALL = {
     "unet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"],
     "dynunet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"],
     "unetpp": ["model.channels=[4, 4, 8, 8, 8]", "model.strides=[2, 2, 2, 2]"],
+    "segresnet": ["model.channels=[4, 8, 16]", "model.strides=[2, 2]"],
+    "swinunetr": ["model.channels=[12, 24, 48, 96, 192, 384]", "model.strides=[2, 2, 2, 2, 2]"],
 }
 
 
@@ -39,13 +41,14 @@ def _random_model_dir(tmp: Path, name: str, dims: int) -> Path:
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-@pytest.mark.parametrize("name,dims", [("unet", 2), ("unet", 3), ("dynunet", 3), ("unetpp", 2)])
+@pytest.mark.parametrize("name,dims", [("unet", 2), ("unet", 3), ("dynunet", 3), ("unetpp", 2), ("segresnet", 2),
+                                       ("segresnet", 3)])
 def test_logits_match_pytorch_on_several_sizes(tmp_path: Path, fmt: str, name: str, dims: int):
     folder = _random_model_dir(tmp_path, name, dims)
     exported = export_model(folder, fmt, tmp_path / "out")
     net, *_ , info = load_model_dir(folder)
     backend = load_backend(exported, "auto", torch.device("cpu"))
-    divisor = 32 if name == "unetpp" else 8
+    divisor = {"unetpp": 32, "swinunetr": 32}.get(name, 8)
     g = torch.Generator().manual_seed(1)
     for batch, mult in ((1, (1, 2, 3)), (3, (2, 1, 1)), (2, (4, 3, 2))):
         x = torch.randn(batch, 1, *[divisor * m for m in mult[:dims]], generator=g)
@@ -122,3 +125,11 @@ def test_export_and_predict_from_the_cli(smoke_model: Path, tiny_dataset: Path, 
     assert (tmp_path / "pred" / "ct_003.nii.gz").is_file()
     proc = run("predict", "-i", str(tiny_dataset / "imagesTs"), "-o", str(tmp_path / "p2"), "-m", str(smoke_model), "-b", "openvino")
     assert proc.returncode == 2 and "BACKEND_NEEDS_EXPORT" in proc.stderr
+
+
+def test_swinunetr_export_is_refused_with_its_reason(tmp_path: Path):
+    folder = _random_model_dir(tmp_path, "swinunetr", 2)
+    with pytest.raises(ModelError) as err:
+        export_model(folder, "onnx", tmp_path / "out")
+    assert err.value.code == "EXPORT_UNSUPPORTED" and "input shape" in err.value.message
+    assert not (tmp_path / "out").exists()

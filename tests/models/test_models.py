@@ -12,8 +12,17 @@ SMALL = {  # the smallest sensible network of each registered model
     "unet": ["model.channels=[4, 8]", "model.strides=[2]"],
     "dynunet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"],
     "unetpp": ["model.channels=[4, 4, 8, 8, 8]", "model.strides=[2, 2, 2, 2]"],
+    "segresnet": ["model.channels=[4, 8, 16]", "model.strides=[2, 2]"],
+    "swinunetr": ["model.channels=[12, 24, 48, 96, 192, 384]", "model.strides=[2, 2, 2, 2, 2]"],
 }
-SIZE = {"unet": 16, "dynunet": 16, "unetpp": 32}  # smallest input keeping a bottleneck of more than one voxel
+SIZE = {"unet": 16, "dynunet": 16, "unetpp": 32, "segresnet": 16, "swinunetr": 64}  # bottleneck of > 1 voxel
+
+
+def _shape(name: str, spatial_dims: int) -> list[int]:
+    """Input of the contract test: SIZE on the first axis, and on the others where cheap (SwinUNETR 3D: 64x32x32)."""
+    if name == "swinunetr" and spatial_dims == 3:
+        return [64, 32, 32]
+    return [SIZE[name]] * spatial_dims
 
 
 def test_every_registered_model_has_contract_settings():
@@ -26,10 +35,10 @@ def test_forward_backward_shape_contract(name: str, spatial_dims: int):
     cfg = load_config("smoke", [f"model.name={name}", *SMALL[name]]).model
     torch.manual_seed(0)
     net = build_model(cfg, spatial_dims, in_channels=2, out_channels=3)
-    size = SIZE[name]
-    x = torch.randn(2, 2, *([size] * spatial_dims), requires_grad=True)
+    shape = _shape(name, spatial_dims)
+    x = torch.randn(2, 2, *shape, requires_grad=True)
     y = net(x)
-    assert y.shape == (2, 3, *([size] * spatial_dims))
+    assert y.shape == (2, 3, *shape)
     y.sum().backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
@@ -84,6 +93,8 @@ def test_odd_sizes_the_plan_allows(name: str, spatial_dims: int):
     cfg = load_config("smoke", [f"model.name={name}", *SMALL[name]]).model
     divisor = 2 ** len(cfg.strides)
     size = [divisor * m for m in (3, 2, 2)[:spatial_dims]]
+    if name == "swinunetr" and spatial_dims == 3:
+        size = [divisor * 3, divisor, divisor]  # 96 x 32 x 32: odd multiple, affordable on a CPU
     net = build_model(cfg, spatial_dims, 1, 2).eval()
     assert net(torch.randn(1, 1, *size)).shape == (1, 2, *size)
 
@@ -93,3 +104,37 @@ def test_unet_refuses_deep_supervision():
     with pytest.raises(ConfigError) as info:
         build_model(cfg, 3, 1, 2)
     assert "deep supervision" in info.value.message and "dynunet or unetpp" in info.value.hint
+
+
+@pytest.mark.parametrize("name", ["segresnet", "swinunetr"])
+def test_new_networks_refuse_deep_supervision_and_wrong_strides(name: str):
+    cfg = load_config("smoke", [f"model.name={name}", *SMALL[name], "model.deep_supervision=true"]).model
+    with pytest.raises(ConfigError, match="deep supervision"):
+        build_model(cfg, 3, 1, 2)
+    bad = ["model.channels=[4, 8, 16]", "model.strides=[2, 1]"]
+    with pytest.raises(ConfigError, match="strides") as info:
+        build_model(load_config("smoke", [f"model.name={name}", *bad]).model, 3, 1, 2)
+    assert info.value.code == "CONFIG_INVALID_VALUE"
+
+
+@pytest.mark.parametrize("name, wider", [
+    ("segresnet", ["model.channels=[8, 16, 32]", "model.strides=[2, 2]"]),
+    ("segresnet", ["model.channels=[4, 8, 16, 32]", "model.strides=[2, 2, 2]"]),
+    ("swinunetr", ["model.channels=[24, 48, 96, 192, 384, 768]", "model.strides=[2, 2, 2, 2, 2]"]),
+])
+def test_config_knobs_change_the_new_networks(name: str, wider: list[str]):
+    """model.channels[0] (initial filters / feature size) and the number of levels reach the network."""
+    def count(sets: list[str]) -> int:
+        return sum(p.numel() for p in build_model(load_config("smoke", [f"model.name={name}", *sets]).model, 3, 1, 2).parameters())
+
+    assert count(wider) > count(SMALL[name])
+
+
+def test_swinunetr_feature_size_is_rounded_up_to_a_multiple_of_12():
+    from monai.networks.nets import SwinUNETR
+
+    cfg = load_config("smoke", ["model.name=swinunetr", "model.channels=[16, 32, 64, 128, 256, 512]",
+                                "model.strides=[2, 2, 2, 2, 2]"]).model
+    net = build_model(cfg, 2, 1, 2)
+    reference = SwinUNETR(in_channels=1, out_channels=2, feature_size=24, spatial_dims=2)
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in reference.parameters())

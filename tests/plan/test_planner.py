@@ -86,6 +86,18 @@ def test_fixed_depth_networks():
     assert all(p % 16 == 0 for p in plan.patch_size)
 
 
+def test_swinunetr_plans_patches_divisible_by_32():
+    from medseg.models import MODELS
+
+    levels = MODELS.get("swinunetr").fixed_levels
+    plan = make_plan(_fp([[0.8, 0.8, 2.5]] * 2, [[150, 140, 50]] * 2), PLAN_CFG, on_gpu=False, fixed_levels=levels)
+    assert plan.strides == [2] * 5 and all(p % 32 == 0 for p in plan.patch_size)
+    cfg = apply_plan(load_config(None, ["model.name=swinunetr"]), plan)
+    from medseg.models import build_model
+
+    build_model(cfg.model, 3, 1, 2)  # the planned channels and strides fit the network
+
+
 def test_pinned_values_win_and_nulls_are_filled():
     plan = make_plan(_fp([[0.8, 0.8, 2.5]] * 2, [[120, 120, 40]] * 2), PLAN_CFG, on_gpu=False)
     pinned = apply_plan(load_config(None, ["data.spacing=[2, 2, 4]", "train.batch_size=3"]), plan)
