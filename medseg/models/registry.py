@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from medseg.config import ModelConfig
+from medseg.errors import ConfigError
 from medseg.registry import Registry
 
 MODELS: Registry = Registry("model", "model.name")
@@ -23,3 +24,14 @@ def build_model(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_chann
         ConfigError: ``CONFIG_UNKNOWN_NAME`` for an unregistered name.
     """
     return MODELS.get(cfg.name)(cfg, spatial_dims, in_channels, out_channels)
+
+
+def refuse_deep_supervision(cfg: ModelConfig) -> None:
+    """For networks without deep supervision: ``model.deep_supervision: true`` is an error, not ignored.
+
+    Raises:
+        ConfigError: ``CONFIG_INVALID_VALUE``.
+    """
+    if cfg.deep_supervision:
+        raise ConfigError("CONFIG_INVALID_VALUE", f"model {cfg.name} has no deep supervision",
+                          "use model.name=dynunet or unetpp for deep supervision")

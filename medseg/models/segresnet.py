@@ -15,16 +15,14 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS
+from medseg.models.registry import MODELS, refuse_deep_supervision
 
 
 @MODELS.register("segresnet")
 def segresnet(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """MONAI ``SegResNet`` with ``len(cfg.channels)`` levels and ``cfg.channels[0]`` initial filters."""
     channels, strides = tuple(cfg.channels or ()), tuple(cfg.strides or ())
-    if cfg.deep_supervision:
-        raise ConfigError("CONFIG_INVALID_VALUE", "model segresnet has no deep supervision",
-                          "use model.name=dynunet or unetpp for deep supervision")
+    refuse_deep_supervision(cfg)
     if len(strides) != len(channels) - 1 or any(s != 2 for s in strides):
         raise ConfigError(
             "CONFIG_INVALID_VALUE",

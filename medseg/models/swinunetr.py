@@ -18,7 +18,7 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS
+from medseg.models.registry import MODELS, refuse_deep_supervision
 
 LEVELS = 5
 
@@ -27,9 +27,7 @@ LEVELS = 5
 def swinunetr(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """MONAI ``SwinUNETR`` with ``feature_size`` from ``cfg.channels[0]`` (a multiple of 12)."""
     channels, strides = tuple(cfg.channels or ()), tuple(cfg.strides or ())
-    if cfg.deep_supervision:
-        raise ConfigError("CONFIG_INVALID_VALUE", "model swinunetr has no deep supervision",
-                          "use model.name=dynunet or unetpp for deep supervision")
+    refuse_deep_supervision(cfg)
     if strides != (2,) * LEVELS:
         raise ConfigError(
             "CONFIG_INVALID_VALUE", f"swinunetr needs model.strides [2, 2, 2, 2, 2], found {list(strides)}",

@@ -7,16 +7,13 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS
+from medseg.models.registry import MODELS, refuse_deep_supervision
 
 
 @MODELS.register("unet")
 def unet(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """MONAI ``UNet`` with ``len(cfg.channels)`` levels; ``cfg.strides`` has one entry fewer."""
-    if cfg.deep_supervision:
-        raise ConfigError(
-            "CONFIG_INVALID_VALUE", "model unet has no deep supervision", "use model.name=dynunet or unetpp for deep supervision"
-        )
+    refuse_deep_supervision(cfg)
     if len(cfg.strides) != len(cfg.channels) - 1:
         raise ConfigError(
             "CONFIG_INVALID_VALUE",
