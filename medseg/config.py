@@ -96,6 +96,7 @@ class ModelConfig(_Strict):
     num_res_units: int = Field(ge=0)
     dropout: float = Field(ge=0, lt=1)
     deep_supervision: bool
+    pretrained: str | None = Field(description="local checkpoint (.safetensors or torch state dict) to start from; never downloaded")
 
 
 class PlanConfig(_Strict):
@@ -376,15 +377,17 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-LOCAL_PATHS = ("dataset", "cache_dir")  # data.* keys naming places on this machine
+LOCAL_PATHS = ("dataset", "cache_dir")  # data.* keys naming places on this machine (and model.pretrained)
 
 
 def shareable(cfg: Config) -> Config:
-    """``cfg`` without the paths of this machine (``data.dataset``, ``data.cache_dir`` set to null): what model
+    """``cfg`` without the paths of this machine (``data.dataset``, ``data.cache_dir``, ``model.pretrained`` set
+    to null; the pretrained file's name and hash are in ``model.json``): what model
     folders, MLflow params and artifacts record. Input folders are often named after patients, and a model folder
     travels to other sites; the run folder's own ``config.yaml`` keeps the paths so that ``--resume`` finds the
     data."""
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={k: None for k in LOCAL_PATHS})})
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={k: None for k in LOCAL_PATHS}),
+                                  "model": cfg.model.model_copy(update={"pretrained": None})})
 
 
 def config_hash(cfg: Config) -> str:

@@ -88,6 +88,8 @@ CODES: dict[str, str] = {
     "MODEL_NOT_FOUND": "A model folder that does not exist.",
     "MODEL_DIR_INVALID": "A model folder with files missing or unreadable (or of the wrong kind).",
     "MODEL_CORRUPT": "A model folder whose network file or plan does not match the SHA-256 in model.json.",
+    "PRETRAINED_UNREADABLE": "A model.pretrained file that is not a safetensors or torch state dict (or holds no tensors).",
+    "PRETRAINED_MISMATCH": "A model.pretrained file of which not one tensor fits the configured network.",
     "MODEL_WEIGHTS_MISMATCH": "Weights that do not fit the network the model's config describes.",
     "ENSEMBLE_INCOMPATIBLE": "Ensemble members that differ in dimensions, channels, labels, patch or spacing.",
     "BACKEND_UNKNOWN": "An unknown inference backend name.",

@@ -83,6 +83,23 @@ def plan_run(cfg: Config, dataset: Dataset, run_dir: Path, device: torch.device,
     return apply_plan(cfg, plan), plan
 
 
+def _pretrained(net: nn.Module, cfg: Config, run_dir: Path, resume: bool, is_main: bool) -> dict | None:
+    """Loads ``model.pretrained`` into ``net`` at the start of a run (a resumed run has it in its checkpoint);
+    returns what ``RUN/pretrained.json`` records (file name, SHA-256, loaded/missing/unexpected tensors)."""
+    record = run_dir / "pretrained.json"
+    if resume or not cfg.model.pretrained:
+        return json.loads(record.read_text()) if resume and record.is_file() else None
+    from medseg.fsutil import sha256_file
+    from medseg.models.pretrained import load_pretrained
+
+    source = Path(cfg.model.pretrained)
+    report = load_pretrained(net, source).to_dict()
+    report["sha256"] = sha256_file(source / "weights.pt" if source.is_dir() else source)
+    if is_main:
+        record.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
 def dataset_hash(dataset: Dataset) -> str:
     """Short hash of the dataset description and the size of every training file (not the patient data)."""
     parts = [(c.id, c.image.stat().st_size, c.label.stat().st_size if c.label else 0) for c in dataset.training]
@@ -199,6 +216,7 @@ def fit(
     in_channels = int(val_ds[0][IMAGE].shape[0])
     spatial_dims = len(cfg.data.spacing)
     net = build_model(cfg.model, spatial_dims, in_channels, len(labels)).to(device)
+    pretrained = _pretrained(net, cfg, run_dir, resume, rank.is_main)
     model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if rank.enabled else net
     loss_fn = build_loss(cfg.loss)
     if cfg.train.optimizer == "adamw":
@@ -244,10 +262,12 @@ def fit(
             "world_size": rank.world_size,
             "git_commit": git_commit() or "unknown",
             **{f"version.{k}": v for k, v in versions().items()},
+            **({f"pretrained.{k}": pretrained[k] for k in ("file", "sha256", "loaded", "total")} if pretrained else {}),
         })
 
     model_info = {"labels": dataset.labels, "spatial_dims": spatial_dims, "in_channels": in_channels,
-                  "modality": dataset.modality, "dataset": dataset.name}
+                  "modality": dataset.modality, "dataset": dataset.name,
+                  **({"pretrained": {k: pretrained[k] for k in ("file", "sha256", "loaded", "total")}} if pretrained else {})}
     from medseg.inference.predictor import Predictor
 
     validator = Predictor.for_network(net, cfg, plan, model_info, device)  # what validation predicts with
@@ -312,8 +332,9 @@ def fit(
         with tempfile.TemporaryDirectory() as tmp:  # the logged config.yaml holds no path of this machine
             save_config(shareable(cfg), Path(tmp) / "config.yaml")
             tracker.log_artifact(Path(tmp) / "config.yaml")
-        for name in ("plan.json", "fingerprint.json", "splits.json", "history.json", "training_curves.png"):
-            tracker.log_artifact(run_dir / name)
+        for name in ("plan.json", "fingerprint.json", "splits.json", "history.json", "training_curves.png", "pretrained.json"):
+            if name != "pretrained.json" or (run_dir / name).is_file():
+                tracker.log_artifact(run_dir / name)
         tracker.log_artifact(run_dir / "model", "model")
         tracker.log_artifact(run_dir / "model_last", "model_last")
         tracker.log_metrics({"best_val_dice_mean": best, "best_epoch": best_epoch})

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import network_sizes
 import numpy as np
 import pytest
 import torch
@@ -21,13 +22,7 @@ from medseg.models import build_model
 from medseg.models.folder import load_model_dir, save_model_dir
 from medseg.plan.planner import Plan
 
-SMALL = {
-    "unet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"],
-    "dynunet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"],
-    "unetpp": ["model.channels=[4, 4, 8, 8, 8]", "model.strides=[2, 2, 2, 2]"],
-    "segresnet": ["model.channels=[4, 8, 16]", "model.strides=[2, 2]"],
-    "swinunetr": ["model.channels=[12, 24, 48, 96, 192, 384]", "model.strides=[2, 2, 2, 2, 2]"],
-}
+SMALL = {**network_sizes.SMALL, "unet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"]}  # unet: 3 levels here
 
 
 def _random_model_dir(tmp: Path, name: str, dims: int) -> Path:

@@ -6,15 +6,9 @@ import torch
 from medseg.config import load_config
 from medseg.errors import ConfigError
 from medseg.models import MODELS, build_model
+from network_sizes import SMALL
 
 
-SMALL = {  # the smallest sensible network of each registered model
-    "unet": ["model.channels=[4, 8]", "model.strides=[2]"],
-    "dynunet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"],
-    "unetpp": ["model.channels=[4, 4, 8, 8, 8]", "model.strides=[2, 2, 2, 2]"],
-    "segresnet": ["model.channels=[4, 8, 16]", "model.strides=[2, 2]"],
-    "swinunetr": ["model.channels=[12, 24, 48, 96, 192, 384]", "model.strides=[2, 2, 2, 2, 2]"],
-}
 SIZE = {"unet": 16, "dynunet": 16, "unetpp": 32, "segresnet": 16, "swinunetr": 64}  # bottleneck of > 1 voxel
 
 
