@@ -226,6 +226,8 @@ def predict(
     allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted DICOM series instead of refusing them."),
     dicom: List[str] = _dicom_option(),
     threads: str = _threads_option(),
+    qc: Optional[bool] = typer.Option(None, "--qc/--no-qc", help="Quality control per case: verdict ok/review with reasons in manifest.json (default: the model's inference.qc.enabled)."),
+    save_uncertainty: bool = typer.Option(False, "--save-uncertainty", help="Also write the voxel uncertainty map (uncertainty/, NIfTI 0..1) on the input grid; --preview then shows it."),
 ) -> None:
     """Segment a file, a DICOM series or a folder of cases; writes labels on each input's grid, manifest.json and
     provenance.json. Exit code 1 when any case failed."""
@@ -239,7 +241,7 @@ def predict(
     options = RunOptions(
         overwrite=overwrite, resume=resume, shard=parse_shard(shard), output_type=output_type,
         save_probabilities=save_probabilities, stats=stats, preview=preview, allow_tilt=allow_tilt,
-        progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,
+        qc=qc, save_uncertainty=save_uncertainty, progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,
     )
     predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta, fast=fast,
                                          overlap=overlap)
@@ -252,6 +254,11 @@ def predict(
         f"{len(results) - len(failed) - len(skipped)} of {len(results)} case(s) written to {out}"
         + (f" ({resumed} already complete)" if resumed else "")
     )
+    review = [r for r in results if r.qc and r.qc["verdict"] == "review"]
+    if review:
+        typer.echo(f"{len(review)} case(s) flagged for review (manifest.json; `medseg report {out}`): "
+                   + ", ".join(r.case_id for r in sorted(review, key=lambda r: r.qc["score"])[:10])
+                   + (" ..." if len(review) > 10 else ""))
     for r in skipped:
         typer.echo(f"skipped: {r.case_id}: {r.error}", err=True)
     for r in failed:

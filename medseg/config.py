@@ -155,6 +155,24 @@ class DicomConfig(_Strict):
     drift_px: float = Field(ge=0, description="in-plane drift (pixels) treated as jitter; more is gantry tilt")
 
 
+class QcConfig(_Strict):
+    """Reference-free quality control at prediction (see medseg.qc); a case is ``review`` when any check fails."""
+
+    enabled: bool = Field(description="compute QC signals and a verdict per case")
+    calibrate: bool = Field(description="fit a softmax temperature on the validation cases at the end of training")
+    agreement: bool = Field(description="ensembles / TTA: mean pairwise Dice between members and between flips "
+                                        "(K more accumulator channels per member and per flip)")
+    min_agreement: float = Field(ge=0, le=1, description="review when the mean pairwise Dice of a label is lower")
+    max_uncertainty: float = Field(ge=0, le=1, description="review when the mean normalised entropy in and near a label is higher")
+    min_present: float = Field(ge=0, le=1, description="an empty label present in at least this share of training cases is reviewed")
+    volume_margin: float = Field(ge=0, description="a label volume outside [min / (1 + m), max * (1 + m)] of training is reviewed")
+    components_margin: int = Field(ge=0, description="more components than the training maximum plus this are reviewed")
+    border: bool = Field(description="review a structure touching the field-of-view border when training cases' rarely did (< 5 %)")
+    intensity_margin: float = Field(ge=0, description="input percentiles outside the training range widened by this share "
+                                                      "of the training 1-99 % spread are reviewed")
+    spacing_factor: float = Field(ge=1, description="a spacing outside [min / f, max * f] of training is reviewed")
+
+
 class InferenceConfig(_Strict):
     overlap: float = Field(ge=0, lt=1)
     sw_batch_size: int = Field(ge=1)
@@ -164,6 +182,7 @@ class InferenceConfig(_Strict):
     amp: bool = Field(description="mixed precision for the network on CUDA")
     dicom: DicomConfig
     postprocess: PostprocessConfig
+    qc: QcConfig
 
 
 class EvaluationConfig(_Strict):

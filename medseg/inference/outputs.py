@@ -56,6 +56,12 @@ def write_probabilities(probabilities: Volume, target: Path, label_names: dict[i
     atomic_write(target, write)
 
 
+def write_uncertainty(uncertainty: Volume, target: Path) -> None:
+    """The voxel uncertainty map (normalised entropy) on the input grid: uint8 0..255 with NIfTI ``scl_slope``
+    1/255, so readers get 0..1."""
+    write_nifti(uncertainty, target, np.uint8, slope=1.0 / 255.0)
+
+
 def label_volumes_ml(labels: Volume, label_names: dict[int, str]) -> dict[str, float]:
     """Volume in millilitres of every foreground label (area in cm^2 x 1 cm for 2D pictures)."""
     counts = np.bincount(labels.array.ravel(), minlength=max(label_names) + 1)
@@ -63,9 +69,11 @@ def label_volumes_ml(labels: Volume, label_names: dict[int, str]) -> dict[str, f
     return {name: round(float(counts[k]) * voxel_ml, 4) for k, name in sorted(label_names.items()) if k > 0}
 
 
-def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict[int, str]) -> None:
+def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict[int, str],
+                  uncertainty: Volume | None = None) -> None:
     """PNG with the three orthogonal planes through the labelled region's centre (one plane for 2D), labels
-    overlaid in colour. Planes are shown in voxel order, scaled by spacing."""
+    overlaid in colour; with ``uncertainty`` a second row shows the uncertainty map (normalised entropy, 0..1)
+    over the same planes. Planes are shown in voxel order, scaled by spacing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,20 +81,29 @@ def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict
 
     data = np.asarray(image.array[0], dtype=np.float32)
     lab = labels.array[0]
+    unc = uncertainty.array[0] if uncertainty is not None else None
     lo, hi = np.percentile(data, [1, 99]) if data.size else (0, 1)
     fg = np.argwhere(lab > 0)
     centre = fg.mean(axis=0).round().astype(int) if len(fg) else np.array(lab.shape) // 2
     spacing = image.spacing
     if lab.ndim == 2:
-        planes = [(data, lab, spacing[1] / spacing[0], "plane")]
+        cuts = [((slice(None), slice(None)), spacing[1] / spacing[0], "plane")]
     else:
-        planes = [
-            (data[:, :, centre[2]], lab[:, :, centre[2]], spacing[1] / spacing[0], f"axis 3 = {centre[2]}"),
-            (data[:, centre[1], :], lab[:, centre[1], :], spacing[2] / spacing[0], f"axis 2 = {centre[1]}"),
-            (data[centre[0], :, :], lab[centre[0], :, :], spacing[2] / spacing[1], f"axis 1 = {centre[0]}"),
-        ]
+        cuts = [((slice(None), slice(None), centre[2]), spacing[1] / spacing[0], f"axis 3 = {centre[2]}"),
+                ((slice(None), centre[1], slice(None)), spacing[2] / spacing[0], f"axis 2 = {centre[1]}"),
+                ((centre[0], slice(None), slice(None)), spacing[2] / spacing[1], f"axis 1 = {centre[0]}")]
+    planes = [(data[cut], lab[cut], aspect, title) for cut, aspect, title in cuts]
     colours = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, len(planes), figsize=(4 * len(planes), 4), squeeze=False)
+    rows = 1 if unc is None else 2
+    fig, axes = plt.subplots(rows, len(planes), figsize=(4 * len(planes), 4 * rows), squeeze=False)
+    if unc is not None:
+        for ax, (cut, aspect, title) in zip(axes[1], cuts):
+            ax.imshow(data[cut].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect)
+            shown = ax.imshow(np.ma.masked_less(unc[cut].T / 255.0, 0.02), cmap="inferno", vmin=0, vmax=1,
+                              alpha=0.8, origin="lower", aspect=aspect)
+            ax.set_title(f"uncertainty, {title}", fontsize=9)
+            ax.axis("off")
+        fig.colorbar(shown, ax=list(axes[1]), fraction=0.02, pad=0.01, label="normalised entropy")
     for ax, (img, seg, aspect, title) in zip(axes[0], planes):
         ax.imshow(img.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect)
         overlay = np.zeros((*seg.T.shape, 4))
@@ -98,7 +115,8 @@ def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict
         ax.axis("off")
     names = ", ".join(f"{k}={v}" for k, v in sorted(label_names.items()) if k)
     fig.suptitle(f"labels: {names}", fontsize=9)
-    fig.tight_layout()
+    if unc is None:
+        fig.tight_layout()
     atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
 

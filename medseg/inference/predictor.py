@@ -48,6 +48,7 @@ from medseg.io.nifti import TORCH_COPYABLE
 from medseg.io.volume import Volume
 from medseg.models.folder import load_model_dir
 from medseg.plan.planner import Plan
+from medseg.qc.signals import QcAccumulator
 from medseg.training.components import select_device
 from medseg.transforms.intensity import normalization
 from medseg.transforms.pipeline import IMAGE, build_infer_transforms, volume_to_metatensor
@@ -84,6 +85,8 @@ class Prediction:
     labels: Volume
     probabilities: Volume | None = None
     stats: dict = field(default_factory=dict)
+    qc: dict | None = None  # medseg.qc.assess.assess: verdict, score, reasons, signals
+    uncertainty: Volume | None = None  # normalised entropy, uint8 0..255 standing for 0..1, on the input grid
 
 
 class Predictor:
@@ -161,10 +164,25 @@ class Predictor:
         resampled and normalised): the sliding window of :meth:`predict_case` without the grid mapping."""
         layout = WindowLayout(tuple(int(s) for s in image.shape[1:]), tuple(self.cfg.data.patch_size), self.overlap)
         network = self._network(normalised=True)
-        (labels, _), _ = with_cpu_fallback(
-            lambda target: self._stitch(image, layout, network, len(self.labels), target, False, None, True), self.device
+        (labels, _, _), _ = with_cpu_fallback(
+            lambda target: self._stitch(image, layout, network, target, False, None, True, None), self.device
         )
         return labels
+
+    @torch.inference_mode()
+    def logits_preprocessed(self, image: torch.Tensor) -> torch.Tensor:
+        """Blended logits ``(K, *spatial)`` (float32, CPU) of one model without TTA over a preprocessed image, as
+        :meth:`predict_preprocessed` blends them: what the temperature is fitted on."""
+        if not self._blends_logits:
+            raise ModelError("MODEL_DIR_INVALID", "logits are blended only by one model without TTA")
+        layout = WindowLayout(tuple(int(s) for s in image.shape[1:]), tuple(self.cfg.data.patch_size), self.overlap)
+        out = torch.empty((len(self.labels), *layout.shape), dtype=torch.float32)
+        source = _window_source(image, layout, 0.0)
+        for z0, z1, values in sliding_window(source, layout, self._network(True), len(self.labels),
+                                              sw_batch_size=self.sw_batch_size, mode=self.cfg.inference.blend,
+                                              device=self.device, accumulate=torch.device("cpu"), dtype=torch.float32):
+            out[..., z0:z1] = values.float().cpu()
+        return out
 
     def predict(self, volume: Volume, on_window: WindowCallback | None = None) -> Volume:
         """Segments one volume; returns the label map ``(1, X, Y[, Z])`` (uint8, or uint16 for >255 labels) on the
@@ -176,27 +194,67 @@ class Predictor:
         return self.predict_case(volume, on_window=on_window).labels
 
     @torch.inference_mode()
-    def predict_case(self, volume: Volume, probabilities: bool = False, on_window: WindowCallback | None = None) -> Prediction:
-        """Like :meth:`predict`, optionally with float16 class probabilities on the input grid, and run facts."""
+    def predict_case(self, volume: Volume, probabilities: bool = False, on_window: WindowCallback | None = None,
+                     qc: bool | None = None, uncertainty: bool = False) -> Prediction:
+        """Like :meth:`predict`, optionally with float16 class probabilities on the input grid, and run facts.
+
+        Args:
+            qc: Compute the QC verdict (:mod:`medseg.qc`; default ``inference.qc.enabled``).
+            uncertainty: Also return the voxel uncertainty map (normalised entropy) on the input grid.
+        """
+        qc = self.cfg.inference.qc.enabled if qc is None else qc
         expected = int(self.info["in_channels"])
         if volume.array.shape[0] != expected:
             raise InputError("CHANNELS_MISMATCH", f"model expects {expected} channel(s), image has {volume.array.shape[0]}")
         dims = len(volume.spatial_shape)
         start = time.perf_counter()
         stats: dict = {"tta": self.tta, "overlap": self.overlap, "models": len(self.members)}
+        acc = QcAccumulator(len(self.labels), self._qc_groups()) if (qc or uncertainty) else None
         if dims == self.spatial_dims:
-            labels, probs = self._predict_grid(volume, probabilities, on_window, stats)
+            labels, probs, entropy = self._predict_grid(volume, probabilities, on_window, stats, acc, uncertainty)
         elif dims == 3 and self.spatial_dims == 2:
-            labels, probs = self._predict_slices(volume, probabilities, on_window, stats)
+            labels, probs, entropy = self._predict_slices(volume, probabilities, on_window, stats, acc, uncertainty)
         else:
             raise InputError("SHAPE_INVALID", f"model is {self.spatial_dims}D, image is {dims}D {volume.spatial_shape}")
         label_volume = volume.with_array(labels[None], kind="label")
         pp = self.cfg.inference.postprocess
         if pp.largest_component or pp.min_component_mm3 > 0 or pp.min_component_mm3_per_label or pp.fill_holes:
             label_volume, stats["postprocess"] = postprocess(label_volume, pp, self.labels)
+        verdict = self._assess(volume, label_volume, acc) if qc else None
         stats["seconds"] = round(time.perf_counter() - start, 3)
         prob_volume = volume.with_array(probs, kind="probabilities") if probs is not None else None
-        return Prediction(label_volume, prob_volume, stats)
+        entropy_volume = volume.with_array(entropy[None], kind="uncertainty") if entropy is not None else None
+        return Prediction(label_volume, prob_volume, stats, verdict, entropy_volume)
+
+    # ------------------------------------------------------------------------------------------- QC
+
+    def _qc_groups(self) -> dict[str, int]:
+        """Agreement units: members of an ensemble, flips of TTA (each a group of its own)."""
+        if not self.cfg.inference.qc.agreement:
+            return {}
+        groups = {}
+        if len(self.members) > 1:
+            groups["ensemble"] = len(self.members)
+        if self.tta:
+            groups["tta"] = 2 ** self.spatial_dims
+        return groups
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature of a single model's logits (model.json ``qc.temperature``; 1 when not fitted)."""
+        return float((self.info.get("qc") or {}).get("temperature") or 1.0)
+
+    def _assess(self, volume: Volume, labels: Volume, acc: QcAccumulator) -> dict:
+        from medseg.plan.fingerprint import ras_order
+        from medseg.qc.assess import assess
+        from medseg.qc.stats import image_percentiles, label_stats
+
+        fg = sorted(k for k in self.labels if k)
+        per = label_stats(labels.array[0], labels.unit_volume_ml, fg)
+        dims = len(volume.spatial_shape)
+        spacing = [float(volume.spacing[i]) for i in ras_order(volume.affine, dims)]
+        return assess(self.info.get("qc"), {self.labels[k]: v for k, v in per.items()}, image_percentiles(volume.array),
+                      spacing, acc.result(self.labels), self.cfg.inference.qc)
 
     # ------------------------------------------------------------------------------------------- internals
 
@@ -204,21 +262,26 @@ class Predictor:
         return np.uint8 if max(self.labels) < 256 else np.uint16
 
     def _predict_slices(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
-                        stats: dict) -> tuple[np.ndarray, np.ndarray | None]:
+                        stats: dict, acc: QcAccumulator | None, uncertainty: bool) -> tuple[np.ndarray, ...]:
         """A 2D model over the axial (RAS z) slices of a 3D volume."""
         ras, affine = to_ras(volume.array, volume.affine)
         labels = np.empty(ras.shape[1:], dtype=self._label_dtype())
         probs = np.empty((len(self.labels), *ras.shape[1:]), np.float16) if probabilities else None
+        entropy = np.empty(ras.shape[1:], np.uint8) if uncertainty else None
         for k in range(ras.shape[-1]):
             plane = affine.copy()
             plane[:3, 3] = affine[:3, 3] + k * affine[:3, 2]
-            part_labels, part_probs = self._predict_grid(Volume(ras[..., k], plane), probabilities, on_window, stats)
+            part_labels, part_probs, part_entropy = self._predict_grid(Volume(ras[..., k], plane), probabilities, on_window,
+                                                                       stats, acc, uncertainty)
             labels[..., k] = part_labels
             if probs is not None:
                 probs[..., k] = part_probs
+            if entropy is not None:
+                entropy[..., k] = part_entropy
         mapping = axis_map(affine, volume.affine, ras.shape[1:], volume.spatial_shape)
         stats["slices"] = int(ras.shape[-1])
-        return map_back(labels, mapping), (map_back(probs, mapping) if probs is not None else None)
+        back = [map_back(a, mapping) if a is not None else None for a in (labels, probs, entropy)]
+        return back[0], back[1], back[2]
 
     def _model_grid(self, volume: Volume) -> tuple[np.ndarray | torch.Tensor, np.ndarray, bool]:
         """The image on the model grid: ``(array, 4x4 affine, normalised?)``."""
@@ -237,27 +300,37 @@ class Predictor:
         return image.as_tensor(), model_affine, True
 
     def _predict_grid(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
-                      stats: dict) -> tuple[np.ndarray, np.ndarray | None]:
+                      stats: dict, acc: QcAccumulator | None = None, uncertainty: bool = False) -> tuple[np.ndarray, ...]:
         image, model_affine, normalised = self._model_grid(volume)
         shape = tuple(int(s) for s in image.shape[1:])
         stats["streamed"] = not normalised
         layout = WindowLayout(shape, tuple(self.cfg.data.patch_size), self.overlap)
-        network = self._network(normalised)
-        n_out = len(self.labels)
-        (labels, probs), target = with_cpu_fallback(
-            lambda target: self._stitch(image, layout, network, n_out, target, probabilities, on_window, normalised),
-            self.device,
-        )
+        network = self._network(normalised, with_units=acc is not None and bool(acc.groups))
+
+        def attempt(target: torch.device):
+            part = QcAccumulator(acc.n_classes, acc.groups) if acc is not None else None  # a retry starts afresh
+            return self._stitch(image, layout, network, target, probabilities, on_window, normalised, part,
+                                uncertainty), part
+
+        ((labels, probs, entropy), part), target = with_cpu_fallback(attempt, self.device)
+        if acc is not None:
+            acc.merge(part)
         stats["stitched_on"] = target.type
         mapping = axis_map(model_affine, volume.affine, shape, volume.spatial_shape)
-        return map_back(labels, mapping), (map_back(probs, mapping) if probs is not None else None)
+        back = [map_back(a, mapping) if a is not None else None for a in (labels, probs, entropy)]
+        return back[0], back[1], back[2]
 
-    def _stitch(self, image: np.ndarray | torch.Tensor, layout: WindowLayout, network, n_out: int, target: torch.device,
-                probabilities: bool, on_window: WindowCallback | None, normalised: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _stitch(self, image: np.ndarray | torch.Tensor, layout: WindowLayout, network, target: torch.device,
+                probabilities: bool, on_window: WindowCallback | None, normalised: bool, acc: QcAccumulator | None = None,
+                uncertainty: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         shape = layout.shape
+        k = len(self.labels)
+        n_out = k + (acc.extra_channels if acc is not None else 0)
         labels = np.empty(shape, dtype=self._label_dtype())
-        probs = np.empty((n_out, *shape), np.float16) if probabilities else None
+        probs = np.empty((k, *shape), np.float16) if probabilities else None
+        entropy = np.empty(shape, np.uint8) if uncertainty and acc is not None else None
         logits = self._blends_logits
+        temperature = self.temperature if logits else 1.0
         # probabilities are bounded, so a float16 accumulator is safe on the GPU; logits stay float32
         dtype = torch.float16 if target.type == "cuda" and not logits else torch.float32
         if normalised:
@@ -269,11 +342,18 @@ class Predictor:
         for z0, z1, values in sliding_window(source, layout, network, n_out, sw_batch_size=self.sw_batch_size,
                                               mode=self.cfg.inference.blend, device=self.device, accumulate=target,
                                               dtype=dtype, on_window=on_window):
-            labels[..., z0:z1] = argmax_labels(values, torch.int32 if labels.dtype == np.uint16 else torch.uint8).cpu().numpy()
+            mean = values[:k]
+            label_slab = argmax_labels(mean, torch.int32 if labels.dtype == np.uint16 else torch.uint8)
+            labels[..., z0:z1] = label_slab.cpu().numpy()
             if probs is not None:
-                slab = torch.softmax(values.float(), dim=0) if logits else values
+                slab = torch.softmax(mean.float(), dim=0) if logits else mean
                 probs[..., z0:z1] = slab.to("cpu", torch.float16).numpy()
-        return labels, probs
+            if acc is not None:
+                calibrated = torch.softmax(mean.float() / temperature, dim=0) if logits else mean.float()
+                slab_entropy = acc.add(calibrated, label_slab, values[k:] if acc.groups else None)
+                if entropy is not None:
+                    entropy[..., z0:z1] = (slab_entropy * 255).round().clamp(0, 255).to("cpu", torch.uint8).numpy()
+        return labels, probs, entropy
 
     @property
     def _blends_logits(self) -> bool:
@@ -283,16 +363,23 @@ class Predictor:
     def _normalise_slab(self, raw: torch.Tensor) -> torch.Tensor:
         return _apply(self._normalize[0], raw)
 
-    def _network(self, normalised: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _network(self, normalised: bool, with_units: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The batch function of the sliding window: the averaged output ``(B, K, ...)`` and, ``with_units``,
+        each ensemble member's and each flip's probabilities after it (the QC agreement units)."""
         dims = self.spatial_dims
         flips = [()] + ([c for r in range(1, dims + 1) for c in itertools.combinations(range(2, 2 + dims), r)] if self.tta else [])
         use_amp = self.device.type == "cuda" and self.cfg.inference.amp
         per_member = not normalised and not self._shared_normalisation
         logits = self._blends_logits
 
+        groups = self._qc_groups() if with_units else {}
+
         def run(batch: torch.Tensor) -> torch.Tensor:
             total = None
+            member_sums: list[torch.Tensor] = []
+            flip_sums: list[torch.Tensor | None] = [None] * len(flips)
             for member, normalize in zip(self.members, self._normalize):
+                member_sum = None
                 x = batch
                 if per_member:  # raw windows: this member's normalisation, padding (NaN) becomes 0
                     scaled = _apply(normalize, batch.transpose(0, 1)).transpose(0, 1)
@@ -307,7 +394,20 @@ class Predictor:
                     out = torch.softmax(out, dim=1)
                     out = torch.flip(out, axes) if axes else out
                     total = out if total is None else total + out
-            return total / (len(self.members) * len(flips))
+                    if groups:
+                        member_sum = out if member_sum is None else member_sum + out
+                        f = flips.index(axes)
+                        flip_sums[f] = out if flip_sums[f] is None else flip_sums[f] + out
+                member_sums.append(member_sum)
+            mean = total / (len(self.members) * len(flips))
+            if not groups:
+                return mean
+            units = [mean]
+            if "ensemble" in groups:
+                units += [m / len(flips) for m in member_sums]
+            if "tta" in groups:
+                units += [f / len(self.members) for f in flip_sums]
+            return torch.cat(units, dim=1)
 
         return run
 

@@ -30,6 +30,7 @@ from medseg.fsutil import atomic_write, sha256_file, versions
 from medseg.inference.discovery import CaseInput, discover, shard
 from medseg.inference.outputs import (
     OUTPUT_TYPES, hashes, label_path, label_volumes_ml, write_labels, write_preview, write_probabilities,
+    write_uncertainty,
 )
 from medseg.inference.predictor import Prediction, Predictor
 from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, DicomTolerances
@@ -55,6 +56,8 @@ class RunOptions:
     progress: bool = True
     allow_tilt: bool = False
     dicom: DicomTolerances = DEFAULT_TOLERANCES  # when a slice stack is one volume
+    save_uncertainty: bool = False  # uncertainty/<case>.nii.gz: normalised entropy on the input grid
+    qc: bool | None = None  # QC verdict per case (None: the model's inference.qc.enabled)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class CaseResult:
     slice_geometry: dict | None = None  # DICOM stacks: measured in-plane drift and step spread (tolerated)
     resumed: bool = False
     notes: list[str] = field(default_factory=list)
+    qc: dict | None = None  # verdict ("ok" | "review"), score, reasons, signals (medseg.qc)
 
 
 @dataclass
@@ -248,8 +252,12 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
                 if options.output_type == "dicom-seg" and not case.is_dicom:
                     result.notes.append("DICOM-SEG needs a DICOM input: wrote NIfTI")
                 t = time.perf_counter()
-                prediction = predictor.predict_case(volume, probabilities=options.save_probabilities, on_window=on_window)
+                prediction = predictor.predict_case(volume, probabilities=options.save_probabilities, on_window=on_window,
+                                                    qc=options.qc, uncertainty=options.save_uncertainty)
                 result.timings["predict_s"] = round(time.perf_counter() - t, 3)
+                result.qc = prediction.qc
+                if prediction.qc and prediction.qc["verdict"] == "review":
+                    log.warning("case %s: review (%s)", case.case_id, "; ".join(r["text"] for r in prediction.qc["reasons"]))
                 if "postprocess" in prediction.stats:
                     result.notes.append(f"post-processing: {prediction.stats['postprocess']}")
                 if options.stats:
@@ -284,9 +292,12 @@ def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, ta
         if prediction.probabilities is not None:
             written["probabilities"] = target.parent / "probabilities" / f"{case}.npz"
             write_probabilities(prediction.probabilities, written["probabilities"], predictor.labels)
+        if prediction.uncertainty is not None:
+            written["uncertainty"] = target.parent / "uncertainty" / f"{case}.nii.gz"
+            write_uncertainty(prediction.uncertainty, written["uncertainty"])
         if options.preview:
             written["preview"] = target.parent / "previews" / f"{case}.png"
-            write_preview(volume, prediction.labels, written["preview"], predictor.labels)
+            write_preview(volume, prediction.labels, written["preview"], predictor.labels, prediction.uncertainty)
         outputs = hashes(written, target.parent)
         return WriteOutcome("ok", round(time.perf_counter() - start, 3), outputs=outputs,
                             write_s=round(time.perf_counter() - t, 3))
@@ -307,16 +318,20 @@ def _write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, re
         "n_failed": sum(r.status == "failed" for r in results),
         "n_skipped": sum(r.status == "skipped" for r in results),
         "n_pending": sum(r.status == "pending" for r in results),
+        "n_review": sum(bool(r.qc) and r.qc["verdict"] == "review" for r in results),
         "ignored_files": ignored,
         "cases": [asdict(r) for r in results],
     }
     text = json.dumps(manifest, indent=2) + "\n"
     atomic_write(out_dir / manifest_name(options), lambda tmp: tmp.write_text(text, encoding="utf-8"))
     if options.stats:
-        rows = ["case_id," + ",".join(f"{name}_ml" for k, name in sorted(predictor.labels.items()) if k)]
+        rows = ["case_id," + ",".join(f"{name}_ml" for k, name in sorted(predictor.labels.items()) if k) + ",qc,qc_score,qc_reasons"]
         for r in results:
             if r.volumes_ml is not None and r.status == "ok":
-                rows.append(r.case_id + "," + ",".join(str(v) for v in r.volumes_ml.values()))
+                qc = r.qc or {}
+                reasons = " | ".join(x["code"] + (f" {x['label']}" if x["label"] else "") for x in qc.get("reasons", []))
+                rows.append(r.case_id + "," + ",".join(str(v) for v in r.volumes_ml.values())
+                            + f",{qc.get('verdict', '')},{qc.get('score', '')},{reasons}")
         stats_name = "stats.csv" if options.shard[1] == 1 else f"stats.shard-{options.shard[0]}-of-{options.shard[1]}.csv"
         atomic_write(out_dir / stats_name, lambda tmp: tmp.write_text("\n".join(rows) + "\n", encoding="utf-8"))
 

@@ -173,7 +173,7 @@ def _write_fortran(fh, data: np.ndarray, chunk: int = 16) -> None:
         fh.write(memoryview(block.reshape(-1)).cast("B"))
 
 
-def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None = None) -> Path:
+def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None = None, slope: float = 1.0) -> Path:
     """Writes a volume to NIfTI with its exact affine (sform and qform, code 1).
 
     Single-channel volumes are written 3D (``(X, Y, Z)``), several channels as 4D ``(X, Y, Z, C)``.
@@ -183,6 +183,7 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None 
         volume: The volume to write.
         path: Destination ending in ``.nii`` or ``.nii.gz``.
         dtype: On-disk data type (default: the array's).
+        slope: NIfTI ``scl_slope``: readers see stored values times this (e.g. 1/255 for a uint8 map of 0..1).
 
     Returns:
         The written path.
@@ -197,11 +198,13 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None 
     img.set_qform(volume.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_data_dtype(data.dtype)
+    if slope != 1.0:
+        img.header.set_slope_inter(slope, 0.0)
     if not path.name.lower().endswith(".gz"):
         return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), suffix=".nii")
     header = img.header.copy()
     header["vox_offset"] = 352  # single-file layout: 348-byte header + 4-byte extension flag, then voxels
-    header["scl_slope"], header["scl_inter"] = 1.0, 0.0  # stored values are the values (as nibabel writes them)
+    header["scl_slope"], header["scl_inter"] = slope, 0.0  # 1: stored values are the values (as nibabel writes them)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as raw, _gzip_writer(raw, GZIP_LEVEL) as fh:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -47,9 +47,12 @@ class Fingerprint(JsonRecord):
     shapes: list[list[int]]  # per case, voxels in RAS order
     intensity: list[dict[str, float]]  # per channel: p00_5, p99_5, mean, std, min, max (foreground)
     class_frequency: dict[str, float]  # share of all voxels per label
+    # per case, no case ID: image percentiles and label volumes/components/border contact (medseg.qc.stats),
+    # from which the model folder's QC reference is made
+    cases: list[dict] = field(default_factory=list)
 
 
-def _ras_order(affine: np.ndarray, dims: int) -> np.ndarray:
+def ras_order(affine: np.ndarray, dims: int) -> np.ndarray:
     """Index of the source axis that becomes each RAS axis."""
     if dims == 2:
         return np.array([0, 1])
@@ -73,8 +76,11 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
             ``IMAGE_LABEL_MISMATCH``, ``NIFTI_NONFINITE``, ``CHANNELS_MISMATCH`` ...), naming every failing case.
     """
 
+    from medseg.qc.stats import image_percentiles, label_stats
+
     rng = np.random.default_rng(seed)
-    spacings, shapes, samples = [], [], []
+    spacings, shapes, samples, case_stats = [], [], [], []
+    fg_ids = sorted(k for k in dataset.labels if k != 0)
     counts: dict[int, int] = {}
     total = 0
     dims = channels = 0
@@ -85,7 +91,7 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
             problems.extend(found)
             continue
         dims, channels = len(image.spatial_shape), image.array.shape[0]
-        order = _ras_order(image.affine, dims)
+        order = ras_order(image.affine, dims)
         spacings.append([round(float(image.spacing[i]), 6) for i in order])
         shapes.append([int(image.spatial_shape[i]) for i in order])
         lab = label.array[0]
@@ -96,6 +102,9 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
         fg = np.flatnonzero(lab > 0)
         pick = rng.choice(fg, size=min(samples_per_case, fg.size), replace=False) if fg.size else fg
         samples.append(image.array.reshape(channels, -1)[:, pick].astype(np.float64))  # (C, n)
+        per_label = label_stats(np.asarray(lab).astype(np.uint16, copy=False), label.unit_volume_ml, fg_ids)
+        case_stats.append({"percentiles": image_percentiles(image.array),
+                           "labels": {str(k): v for k, v in per_label.items()}})
     refuse(problems, "training")
     pooled = np.concatenate(samples, axis=1) if samples else np.zeros((channels, 0))
     intensity = []
@@ -124,6 +133,7 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
         shapes=shapes,
         intensity=intensity,
         class_frequency={str(k): counts.get(k, 0) / max(total, 1) for k in sorted(dataset.labels)},
+        cases=case_stats,
     )
 
 
@@ -131,7 +141,7 @@ def load_or_compute(dataset: Dataset, path: Path) -> Fingerprint:
     """Reads ``path`` if it exists and describes this dataset, else computes and writes it."""
     if path.is_file():
         fp = Fingerprint.from_json(path.read_text())
-        if fp.dataset == dataset.name and len(fp.shapes) == len(dataset.training):
+        if fp.dataset == dataset.name and len(fp.shapes) == len(dataset.training) and len(fp.cases) == len(fp.shapes):
             return fp
     fp = compute_fingerprint(dataset)
     path.parent.mkdir(parents=True, exist_ok=True)

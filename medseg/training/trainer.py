@@ -37,7 +37,7 @@ from medseg.io.dataset import Case, Dataset, load_dataset
 from medseg.losses import build_loss
 from medseg.models import build_model
 from medseg.models.folder import save_model_dir
-from medseg.plan.fingerprint import load_or_compute
+from medseg.plan.fingerprint import Fingerprint, load_or_compute
 from medseg.plan.planner import Plan, apply_plan, make_plan
 from medseg.progress import progress_bar
 from medseg.tracking import NullTracker, Tracker
@@ -98,6 +98,41 @@ def _pretrained(net: nn.Module, cfg: Config, run_dir: Path, resume: bool, is_mai
     if is_main:
         record.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _qc_reference(run_dir: Path) -> dict | None:
+    """The QC reference of the model folders (ranges over the training cases; :mod:`medseg.qc.reference`)."""
+    from medseg.qc.reference import qc_reference
+
+    path = run_dir / "fingerprint.json"
+    return qc_reference(Fingerprint.from_json(path.read_text())) if path.is_file() else None
+
+
+def calibrate_model_dir(model_dir: Path, val_ds, device: torch.device) -> dict:
+    """Fits the softmax temperature of a model folder on the validation cases (their preprocessed grids, blended
+    as ``medseg predict`` blends) and records it in ``model.json`` under ``qc`` (see
+    :func:`medseg.qc.reference.fit_temperature`)."""
+    from medseg.fsutil import atomic_write
+    from medseg.inference.predictor import Predictor
+    from medseg.models.folder import INFO, load_model_dir
+    from medseg.qc.reference import fit_temperature
+
+    net, cfg, plan, info = load_model_dir(model_dir, device)
+    predictor = Predictor.for_network(net, cfg, plan, info, device)
+    predictor.tta = False  # the temperature belongs to the single model's blended logits
+    logits, refs = [], []
+    for index in range(len(val_ds)):
+        item = val_ds[index]
+        logits.append(predictor.logits_preprocessed(item[IMAGE].as_tensor()))
+        refs.append(item[LABEL].as_tensor()[0].cpu().numpy().round().astype(np.int64))
+    fitted = fit_temperature(logits, refs)
+    record = json.loads((model_dir / INFO).read_text(encoding="utf-8"))
+    record["qc"] = {**(record.get("qc") or {}), **fitted, "calibration_cases": len(refs)}
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(model_dir / INFO, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    log.info("%s: softmax temperature %.3g (validation NLL %.4f -> %.4f)", model_dir.name, fitted["temperature"],
+             fitted["nll_before"], fitted["nll_after"])
+    return fitted
 
 
 def dataset_hash(dataset: Dataset) -> str:
@@ -266,7 +301,7 @@ def fit(
         })
 
     model_info = {"labels": dataset.labels, "spatial_dims": spatial_dims, "in_channels": in_channels,
-                  "modality": dataset.modality, "dataset": dataset.name,
+                  "modality": dataset.modality, "dataset": dataset.name, "qc": _qc_reference(run_dir),
                   **({"pretrained": {k: pretrained[k] for k in ("file", "sha256", "loaded", "total")}} if pretrained else {})}
     from medseg.inference.predictor import Predictor
 
@@ -326,6 +361,12 @@ def fit(
 
     if rank.is_main:
         save_model_dir(run_dir / "model_last", net, cfg, plan, {**model_info, "epoch": history[-1]["epoch"] if history else 0})
+        if cfg.inference.qc.calibrate and len(val_ds):
+            for folder in ("model", "model_last"):
+                if (run_dir / folder).is_dir():
+                    fitted = calibrate_model_dir(run_dir / folder, val_ds, device)
+                    if folder == "model":
+                        tracker.log_metrics({"qc_temperature": fitted["temperature"]})
         (run_dir / "history.json").write_text(json.dumps(history, indent=2))
         save_curves(history, run_dir / "training_curves.png")
         log.info("preprocessed cases: %d computed, %d read from the cache", cache.computed, cache.loaded)

@@ -127,7 +127,8 @@ def test_dicom_seg_output_stats_preview_and_probabilities(predictor, tmp_path: P
     assert result.volumes_ml["organ"] == pytest.approx(float((labels == 1).sum()) * voxel_ml, rel=0.02, abs=voxel_ml * 3)
     assert (out / "previews" / f"{result.case_id}.png").stat().st_size > 1000
     csv = (out / "stats.csv").read_text().splitlines()
-    assert csv[0] == "case_id,organ_ml,lesion_ml" and csv[1].startswith(result.case_id)
+    assert csv[0] == "case_id,organ_ml,lesion_ml,qc,qc_score,qc_reasons" and csv[1].startswith(result.case_id)
+    assert csv[1].split(",")[3] == result.qc["verdict"] and float(csv[1].split(",")[4]) == result.qc["score"]
     assert set(result.outputs) == {"labels", "probabilities", "preview"}
 
 

@@ -1,0 +1,97 @@
+"""QC signals accumulated while the sliding window stitches, slab by slab (no whole-volume float map).
+
+* **Agreement** (Roy et al. 2019; the robust baseline of Zenk et al. 2025): for an ensemble, each member's
+  blended probabilities give its own label map; for TTA, each flip's. Per label, the mean Dice over all pairs
+  (two empty maps agree: Dice 1). Needs ``K`` more accumulator channels per member / flip and no extra forward pass.
+* **Uncertainty**: the normalised entropy ``-sum p log p / log K`` of the final probabilities (after temperature
+  scaling for a single model) per voxel, in [0, 1]. Per label it is averaged over the voxels *in and near* the
+  predicted structure: predicted as the label, or given at least :data:`NEAR` probability of it. The mean over a
+  region around the structure, rather than over the whole image (dominated by confident background) or the
+  maximum (one noisy voxel), is the aggregation Jungo & Reyes (2019) and Zenk et al. (2025) found informative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+NEAR = 0.1  # a voxel with at least this probability of a label is "near" it
+
+
+@dataclass
+class QcAccumulator:
+    """Running sums for one case. ``groups`` maps a group name (``ensemble``, ``tta``) to its unit count; the
+    network's extra output channels hold each unit's probabilities, group after group."""
+
+    n_classes: int
+    groups: dict[str, int] = field(default_factory=dict)
+    entropy_sum: np.ndarray = None  # per label (index 0 unused)
+    entropy_count: np.ndarray = None
+    sizes: dict[str, np.ndarray] = field(default_factory=dict)  # group -> (units, K)
+    inter: dict[str, np.ndarray] = field(default_factory=dict)  # group -> (units, units, K)
+
+    def __post_init__(self) -> None:
+        k = self.n_classes
+        self.entropy_sum = np.zeros(k)
+        self.entropy_count = np.zeros(k, dtype=np.int64)
+        for g, n in self.groups.items():
+            self.sizes[g] = np.zeros((n, k), dtype=np.int64)
+            self.inter[g] = np.zeros((n, n, k), dtype=np.int64)
+
+    @property
+    def extra_channels(self) -> int:
+        return self.n_classes * sum(self.groups.values())
+
+    def add(self, probs: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """Adds one slab: ``probs (K, ...)`` final probabilities, ``labels`` their argmax, ``extra`` the units'
+        probabilities. Returns the slab's normalised entropy (float32, same device)."""
+        k = self.n_classes
+        p = probs.float()
+        entropy = -(p * torch.log(p.clamp_min(1e-7))).sum(0) / math.log(k)
+        for lab in range(1, k):
+            region = (labels == lab) | (p[lab] >= NEAR)
+            self.entropy_sum[lab] += float(entropy[region].sum())
+            self.entropy_count[lab] += int(region.sum())
+        offset = 0
+        for g, n in self.groups.items():
+            maps = [extra[offset + u * k: offset + (u + 1) * k].argmax(0) for u in range(n)]
+            offset += n * k
+            for lab in range(1, k):
+                masks = [m == lab for m in maps]
+                for u in range(n):
+                    self.sizes[g][u, lab] += int(masks[u].sum())
+                    for v in range(u + 1, n):
+                        self.inter[g][u, v, lab] += int((masks[u] & masks[v]).sum())
+        return entropy
+
+    def merge(self, other: "QcAccumulator") -> None:
+        self.entropy_sum += other.entropy_sum
+        self.entropy_count += other.entropy_count
+        for g in self.groups:
+            self.sizes[g] += other.sizes[g]
+            self.inter[g] += other.inter[g]
+
+    def result(self, names: dict[int, str]) -> dict:
+        """``{"uncertainty": {label: mean or None}, "agreement": {group: {label: mean pairwise Dice}}}``."""
+        out: dict = {"uncertainty": {}, "agreement": {}}
+        for lab, name in sorted(names.items()):
+            if lab:
+                n = int(self.entropy_count[lab])
+                out["uncertainty"][name] = round(float(self.entropy_sum[lab] / n), 4) if n else None
+        for g, n in self.groups.items():
+            out["agreement"][g] = {name: round(pairwise_dice(self.sizes[g][:, lab], self.inter[g][:, :, lab]), 4)
+                                   for lab, name in sorted(names.items()) if lab}
+        return out
+
+
+def pairwise_dice(sizes: np.ndarray, inter: np.ndarray) -> float:
+    """Mean Dice over all unit pairs from per-unit sizes and the upper triangle of intersections."""
+    scores = []
+    for u in range(len(sizes)):
+        for v in range(u + 1, len(sizes)):
+            total = sizes[u] + sizes[v]
+            scores.append(1.0 if total == 0 else 2.0 * inter[u, v] / total)
+    return float(np.mean(scores)) if scores else 1.0

@@ -1,0 +1,51 @@
+"""Per-case measurements used by QC, computed the same way on training cases and on predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+PERCENTILES = (1.0, 50.0, 99.0)
+MAX_SAMPLES = 200_000  # voxels read for the intensity percentiles (a fixed stride over the array)
+
+
+def image_percentiles(array: np.ndarray) -> list[list[float]]:
+    """Per channel the 1st, 50th and 99th intensity percentile of the whole image ``(C, *spatial)``, from at most
+    :data:`MAX_SAMPLES` voxels taken at a fixed stride (deterministic, no copy of the image)."""
+    out = []
+    for channel in array:
+        flat = channel.reshape(-1)
+        step = max(1, flat.size // MAX_SAMPLES)
+        sample = np.asarray(flat[::step], dtype=np.float64)
+        sample = sample[np.isfinite(sample)]
+        out.append([round(float(v), 4) for v in np.percentile(sample, PERCENTILES)] if sample.size else [0.0] * 3)
+    return out
+
+
+def label_stats(labels: np.ndarray, voxel_ml: float, label_ids: list[int]) -> dict[int, dict]:
+    """For every foreground label: volume (mL), number of connected components (full connectivity: 8 in 2D,
+    26 in 3D) and whether it touches the border of the field of view.
+
+    Args:
+        labels: The label map ``(X, Y[, Z])``.
+        voxel_ml: Volume of one voxel in mL (area x 1 cm for 2D pictures).
+        label_ids: Foreground label values.
+    """
+    structure = ndimage.generate_binary_structure(labels.ndim, labels.ndim)
+    counts = np.bincount(labels.reshape(-1), minlength=max(label_ids, default=0) + 1)
+    border = np.zeros(counts.shape, dtype=bool)
+    for axis in range(labels.ndim):
+        for index in (0, -1):
+            face = np.take(labels, index, axis=axis)
+            border |= np.bincount(face.reshape(-1), minlength=counts.size)[: counts.size] > 0
+    out = {}
+    objects = ndimage.find_objects(labels) if labels.size else []
+    for lab in label_ids:
+        n = int(counts[lab]) if lab < counts.size else 0
+        components = 0
+        if n:
+            box = objects[lab - 1]
+            _, components = ndimage.label(labels[box] == lab, structure=structure)
+        out[lab] = {"volume_ml": round(n * voxel_ml, 6), "components": int(components),
+                    "touches_border": bool(n and border[lab])}
+    return out
