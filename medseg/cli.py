@@ -375,13 +375,19 @@ def _log_to_active_mlflow_run(eval_dir: Path, summary: dict) -> None:
 
 @app.command()
 def report(
-    eval_dir: Path = typer.Argument(..., help="Folder written by `medseg evaluate`."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML path (default EVAL_DIR/report.html)."),
-    pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Also write report.pdf beside the HTML."),
+    eval_dir: Path = typer.Argument(..., help="Folder written by `medseg evaluate`, or by `medseg predict` (review report)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML path (default EVAL_DIR/report.html, PRED_DIR/review.html)."),
+    pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Also write report.pdf beside the HTML (evaluation reports)."),
 ) -> None:
-    """Render the self-contained HTML report (and its PDF version) of an evaluation folder."""
+    """Render the self-contained HTML report (and its PDF version) of an evaluation folder, or the review-first
+    report of a prediction folder (no reference: cases to review first, with the reasons)."""
+    from medseg.reporting.prediction_report import is_prediction_dir, write_prediction_report
     from medseg.reporting.report import write_report
 
+    if eval_dir.is_dir() and is_prediction_dir(eval_dir):
+        html = write_prediction_report(eval_dir, out)
+        typer.echo(f"review report: {html}")
+        return
     html = write_report(eval_dir, out, pdf=pdf)
     typer.echo(f"report: {html}" + (f" and {html.with_suffix('.pdf')}" if pdf else ""))
 

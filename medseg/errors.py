@@ -112,6 +112,7 @@ CODES: dict[str, str] = {
     "EVAL_MISSING_PREDICTIONS": "Reference cases without a prediction.",
     "EVAL_UNKNOWN_CASES": "Cases asked for that have no reference label.",
     "EVAL_DIR_INVALID": "An evaluation folder without the files `medseg report` needs.",
+    "PREDICTION_DIR_INVALID": "A prediction folder for `medseg report` without a readable manifest.json.",
 }
 
 #: Upper-case strings in medseg's code that are not error codes (environment variables, library settings).

@@ -160,6 +160,23 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def prediction_qc(pred_dir: Path, cases: set[str]) -> dict[str, dict]:
+    """The QC verdict and score ``medseg predict`` recorded for each evaluated case (its manifests in
+    ``pred_dir``), so the report can set the reference-free score against the true Dice; empty without them."""
+    found: dict[str, dict] = {}
+    for path in sorted(Path(pred_dir).glob("manifest*.json")):
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))["cases"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        for c in entries:
+            qc = c.get("qc") if isinstance(c, dict) else None
+            if qc and c.get("case_id") in cases:
+                found[c["case_id"]] = {"verdict": qc["verdict"], "score": qc["score"],
+                                       "reasons": [r["code"] for r in qc.get("reasons", [])]}
+    return found
+
+
 def evaluate_folders(
     pred_dir: Path,
     ref_dir: Path,
@@ -178,7 +195,6 @@ def evaluate_folders(
     Args:
         pred_dir: Folder of predicted label maps (NIfTI or PNG).
         out_dir: Where ``metrics.csv``, ``summary.json``, ``evaluation.json`` and the report figures (``overlays/``) go.
-        out_dir: Where ``metrics.csv``, ``summary.json`` and ``evaluation.json`` go.
         settings: The ``evaluation`` config section (default: ``configs/base.yaml``'s).
         labels: ``{value: name}`` of the labels to score; default: every non-zero value in the first reference.
         images_dir: Optional folder of the images, for overlays in the report.
@@ -241,6 +257,7 @@ def evaluate_folders(
         "settings": settings.model_dump(mode="json"),
         "context": context or {},
         "window": list(window) if window else None,
+        "qc": prediction_qc(pred_dir, set(refs)),
     }
     (out_dir / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     from medseg.reporting.report import write_overlays  # the report's case figures, drawn while the files are at hand

@@ -74,3 +74,27 @@ def volume_agreement(rows: list[dict], label: str, unit: str) -> bytes:
     fig.suptitle(label, fontsize=10)
     fig.tight_layout()
     return _png(fig)
+
+
+def qc_against_dice(rows: list[dict], qc: dict[str, dict], labels: list[str]) -> bytes:
+    """The reference-free QC score of each case (``medseg predict``) against its true mean Dice over the labels,
+    with the verdict as the marker and Spearman's rho in the title."""
+    from scipy.stats import spearmanr
+
+    points = []
+    for case, record in sorted(qc.items()):
+        dice = [float(r["dice"]) for r in rows if r["case"] == case and r["label"] in labels]
+        dice = [d for d in dice if np.isfinite(d)]
+        if dice:
+            points.append((record["score"], float(np.mean(dice)), record["verdict"]))
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    for verdict, marker, colour in (("ok", "o", REF_COLOUR), ("review", "x", PRED_COLOUR)):
+        chosen = [p for p in points if p[2] == verdict]
+        ax.scatter([p[0] for p in chosen], [p[1] for p in chosen], marker=marker, color=colour, label=verdict, s=28)
+    rho = spearmanr([p[0] for p in points], [p[1] for p in points]).statistic if len(points) > 2 else float("nan")
+    ax.set(xlabel="QC score (no reference)", ylabel="mean Dice (against the reference)", xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
+    ax.set_title(f"QC score vs Dice, {len(points)} cases, Spearman rho {rho:.2f}" if np.isfinite(rho)
+                 else f"QC score vs Dice, {len(points)} cases", fontsize=9)
+    ax.legend(fontsize=8, title="verdict", title_fontsize=8)
+    fig.tight_layout()
+    return _png(fig)

@@ -208,6 +208,9 @@ def build_report(eval_dir: str | Path) -> dict:
 
     figs = [("Metric distributions", figures.distributions(rows, names))]
     figs += [(f"Volume agreement: {name}", figures.volume_agreement(rows, name, unit)) for name in names]
+    if record.get("qc"):
+        figs.append(("QC score (from medseg predict, no reference) against the true Dice: a useful score puts the "
+                     "low-Dice cases at its low end", figures.qc_against_dice(rows, record["qc"], names)))
     return {
         "title": "Segmentation evaluation report",
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
