@@ -217,9 +217,8 @@ class Predictor:
         else:
             raise InputError("SHAPE_INVALID", f"model is {self.spatial_dims}D, image is {dims}D {volume.spatial_shape}")
         label_volume = volume.with_array(labels[None], kind="label")
-        pp = self.cfg.inference.postprocess
-        if pp.largest_component or pp.min_component_mm3 > 0 or pp.min_component_mm3_per_label or pp.fill_holes:
-            label_volume, stats["postprocess"] = postprocess(label_volume, pp, self.labels)
+        if self._postprocesses:
+            label_volume, stats["postprocess"] = postprocess(label_volume, self.cfg.inference.postprocess, self.labels)
         verdict = self._assess(volume, label_volume, acc) if qc else None
         stats["seconds"] = round(time.perf_counter() - start, 3)
         prob_volume = volume.with_array(probs, kind="probabilities") if probs is not None else None
@@ -227,6 +226,11 @@ class Predictor:
         return Prediction(label_volume, prob_volume, stats, verdict, entropy_volume)
 
     # ------------------------------------------------------------------------------------------- QC
+
+    @property
+    def _postprocesses(self) -> bool:
+        pp = self.cfg.inference.postprocess
+        return bool(pp.largest_component or pp.min_component_mm3 > 0 or pp.min_component_mm3_per_label or pp.fill_holes)
 
     def _qc_groups(self) -> dict[str, int]:
         """Agreement units: members of an ensemble, flips of TTA (each a group of its own)."""
@@ -250,7 +254,11 @@ class Predictor:
         from medseg.qc.stats import image_percentiles, label_stats
 
         fg = sorted(k for k in self.labels if k)
-        per = label_stats(labels.array[0], labels.unit_volume_ml, fg)
+        # components and border contact on the network's grid when it is coarser than the input's (the input-grid
+        # map is its nearest-neighbour image; far fewer voxels to label) and no post-processing changed the map
+        coarse = acc.model_labels
+        use_coarse = coarse is not None and not self._postprocesses and coarse.size < labels.array[0].size
+        per = label_stats(labels.array[0], labels.unit_volume_ml, fg, coarse if use_coarse else None)
         dims = len(volume.spatial_shape)
         spacing = [float(volume.spacing[i]) for i in ras_order(volume.affine, dims)]
         return assess(self.info.get("qc"), {self.labels[k]: v for k, v in per.items()}, image_percentiles(volume.array),
@@ -280,6 +288,8 @@ class Predictor:
                 entropy[..., k] = part_entropy
         mapping = axis_map(affine, volume.affine, ras.shape[1:], volume.spatial_shape)
         stats["slices"] = int(ras.shape[-1])
+        if acc is not None:
+            acc.model_labels = None  # one grid per slice: QC counts on the input grid
         back = [map_back(a, mapping) if a is not None else None for a in (labels, probs, entropy)]
         return back[0], back[1], back[2]
 
@@ -315,6 +325,7 @@ class Predictor:
         ((labels, probs, entropy), part), target = with_cpu_fallback(attempt, self.device)
         if acc is not None:
             acc.merge(part)
+            acc.model_labels = labels  # for the QC label statistics (see _assess)
         stats["stitched_on"] = target.type
         mapping = axis_map(model_affine, volume.affine, shape, volume.spatial_shape)
         back = [map_back(a, mapping) if a is not None else None for a in (labels, probs, entropy)]

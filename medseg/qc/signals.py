@@ -32,6 +32,7 @@ class QcAccumulator:
     entropy_count: np.ndarray = None
     sizes: dict[str, np.ndarray] = field(default_factory=dict)  # group -> (units, K)
     inter: dict[str, np.ndarray] = field(default_factory=dict)  # group -> (units, units, K)
+    model_labels: np.ndarray | None = None  # the label map on the network's grid, when it is one grid
 
     def __post_init__(self) -> None:
         k = self.n_classes
@@ -53,7 +54,7 @@ class QcAccumulator:
         entropy = -(p * torch.log(p.clamp_min(1e-7))).sum(0) / math.log(k)
         for lab in range(1, k):
             region = (labels == lab) | (p[lab] >= NEAR)
-            self.entropy_sum[lab] += float(entropy[region].sum())
+            self.entropy_sum[lab] += float(torch.where(region, entropy, 0.0).sum())
             self.entropy_count[lab] += int(region.sum())
         offset = 0
         for g, n in self.groups.items():

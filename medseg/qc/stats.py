@@ -22,7 +22,8 @@ def image_percentiles(array: np.ndarray) -> list[list[float]]:
     return out
 
 
-def label_stats(labels: np.ndarray, voxel_ml: float, label_ids: list[int]) -> dict[int, dict]:
+def label_stats(labels: np.ndarray, voxel_ml: float, label_ids: list[int],
+                shape_labels: np.ndarray | None = None) -> dict[int, dict]:
     """For every foreground label: volume (mL), number of connected components (full connectivity: 8 in 2D,
     26 in 3D) and whether it touches the border of the field of view.
 
@@ -30,22 +31,27 @@ def label_stats(labels: np.ndarray, voxel_ml: float, label_ids: list[int]) -> di
         labels: The label map ``(X, Y[, Z])``.
         voxel_ml: Volume of one voxel in mL (area x 1 cm for 2D pictures).
         label_ids: Foreground label values.
+        shape_labels: The same prediction on a coarser grid over the same field of view (the network's output
+            grid, of which ``labels`` is the nearest-neighbour image): components and border contact are counted
+            there, volumes on ``labels``. Default: ``labels``.
     """
-    structure = ndimage.generate_binary_structure(labels.ndim, labels.ndim)
+    shape = labels if shape_labels is None else shape_labels
+    structure = ndimage.generate_binary_structure(shape.ndim, shape.ndim)
     counts = np.bincount(labels.reshape(-1), minlength=max(label_ids, default=0) + 1)
+    shape_counts = np.bincount(shape.reshape(-1), minlength=counts.size)[: counts.size]
     border = np.zeros(counts.shape, dtype=bool)
-    for axis in range(labels.ndim):
+    for axis in range(shape.ndim):
         for index in (0, -1):
-            face = np.take(labels, index, axis=axis)
+            face = np.take(shape, index, axis=axis)
             border |= np.bincount(face.reshape(-1), minlength=counts.size)[: counts.size] > 0
     out = {}
-    objects = ndimage.find_objects(labels) if labels.size else []
+    objects = ndimage.find_objects(shape) if shape.size else []
     for lab in label_ids:
         n = int(counts[lab]) if lab < counts.size else 0
         components = 0
-        if n:
+        if n and shape_counts[lab]:
             box = objects[lab - 1]
-            _, components = ndimage.label(labels[box] == lab, structure=structure)
+            _, components = ndimage.label(shape[box] == lab, structure=structure)
         out[lab] = {"volume_ml": round(n * voxel_ml, 6), "components": int(components),
                     "touches_border": bool(n and border[lab])}
     return out
