@@ -290,8 +290,7 @@ class Predictor:
         stats["slices"] = int(ras.shape[-1])
         if acc is not None:
             acc.model_labels = None  # one grid per slice: QC counts on the input grid
-        back = [map_back(a, mapping) if a is not None else None for a in (labels, probs, entropy)]
-        return back[0], back[1], back[2]
+        return tuple(map_back(a, mapping) if a is not None else None for a in (labels, probs, entropy))
 
     def _model_grid(self, volume: Volume) -> tuple[np.ndarray | torch.Tensor, np.ndarray, bool]:
         """The image on the model grid: ``(array, 4x4 affine, normalised?)``."""
@@ -328,8 +327,7 @@ class Predictor:
             acc.model_labels = labels  # for the QC label statistics (see _assess)
         stats["stitched_on"] = target.type
         mapping = axis_map(model_affine, volume.affine, shape, volume.spatial_shape)
-        back = [map_back(a, mapping) if a is not None else None for a in (labels, probs, entropy)]
-        return back[0], back[1], back[2]
+        return tuple(map_back(a, mapping) if a is not None else None for a in (labels, probs, entropy))
 
     def _stitch(self, image: np.ndarray | torch.Tensor, layout: WindowLayout, network, target: torch.device,
                 probabilities: bool, on_window: WindowCallback | None, normalised: bool, acc: QcAccumulator | None = None,
@@ -396,7 +394,7 @@ class Predictor:
                     scaled = _apply(normalize, batch.transpose(0, 1)).transpose(0, 1)
                     x = torch.where(torch.isnan(batch), 0.0, scaled)
                 x = x.to(self.device)
-                for axes in flips:
+                for f, axes in enumerate(flips):
                     inp = torch.flip(x, axes) if axes else x
                     with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                         out = member.backend(inp).float()
@@ -407,7 +405,6 @@ class Predictor:
                     total = out if total is None else total + out
                     if groups:
                         member_sum = out if member_sum is None else member_sum + out
-                        f = flips.index(axes)
                         flip_sums[f] = out if flip_sums[f] is None else flip_sums[f] + out
                 member_sums.append(member_sum)
             mean = total / (len(self.members) * len(flips))

@@ -104,6 +104,25 @@ class WriteOutcome:
             result.error_code, result.error = self.error_code, self.error
 
 
+def read_manifests(out_dir: Path) -> tuple[list[dict], list[str]]:
+    """Every case entry of a prediction folder's manifests (``manifest.json`` and shard manifests) and the model
+    folder names they record.
+
+    Raises:
+        InputError: ``PREDICTION_DIR_INVALID`` when a manifest cannot be read.
+    """
+    cases, models = [], []
+    for path in sorted(Path(out_dir).glob("manifest*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            cases += record["cases"]
+            models = models or record.get("model", [])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError("PREDICTION_DIR_INVALID", f"{path.name} in {Path(out_dir).name} is unreadable: {exc}",
+                             "run `medseg predict` again into this folder (--resume keeps complete cases)") from None
+    return cases, models
+
+
 def manifest_name(options: RunOptions) -> str:
     index, count = options.shard
     return MANIFEST if count == 1 else f"manifest.shard-{index}-of-{count}.json"

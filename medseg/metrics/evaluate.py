@@ -163,18 +163,16 @@ def _json_safe(value: Any) -> Any:
 def prediction_qc(pred_dir: Path, cases: set[str]) -> dict[str, dict]:
     """The QC verdict and score ``medseg predict`` recorded for each evaluated case (its manifests in
     ``pred_dir``), so the report can set the reference-free score against the true Dice; empty without them."""
-    found: dict[str, dict] = {}
-    for path in sorted(Path(pred_dir).glob("manifest*.json")):
-        try:
-            entries = json.loads(path.read_text(encoding="utf-8"))["cases"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        for c in entries:
-            qc = c.get("qc") if isinstance(c, dict) else None
-            if qc and c.get("case_id") in cases:
-                found[c["case_id"]] = {"verdict": qc["verdict"], "score": qc["score"],
-                                       "reasons": [r["code"] for r in qc.get("reasons", [])]}
-    return found
+    from medseg.errors import MedsegError
+    from medseg.inference.runner import read_manifests
+
+    try:
+        entries, _ = read_manifests(pred_dir)
+    except MedsegError:  # an unreadable manifest only costs the report its QC figure
+        return {}
+    return {c["case_id"]: {"verdict": c["qc"]["verdict"], "score": c["qc"]["score"],
+                           "reasons": [r["code"] for r in c["qc"].get("reasons", [])]}
+            for c in entries if c.get("qc") and c.get("case_id") in cases}
 
 
 def evaluate_folders(

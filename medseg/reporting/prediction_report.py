@@ -17,6 +17,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from medseg.errors import InputError, require_exists
 from medseg.fsutil import versions
+from medseg.inference.runner import read_manifests
 
 REVIEW_REPORT = "review.html"
 
@@ -26,19 +27,6 @@ def is_prediction_dir(folder: Path) -> bool:
     return any(folder.glob("manifest*.json")) and not (folder / "evaluation.json").is_file()
 
 
-def _manifests(folder: Path) -> tuple[list[dict], list[str]]:
-    cases, models = [], []
-    for path in sorted(folder.glob("manifest*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            cases += record["cases"]
-            models = models or record.get("model", [])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError("PREDICTION_DIR_INVALID", f"{path.name} in {folder.name} is unreadable: {exc}",
-                             "run `medseg predict` again into this folder (--resume keeps complete cases)") from None
-    return cases, models
-
-
 def build_prediction_report(pred_dir: str | Path) -> dict:
     """Everything ``review.html`` shows: cases sorted for review, their reasons, volumes and previews."""
     pred_dir = Path(pred_dir)
@@ -46,7 +34,7 @@ def build_prediction_report(pred_dir: str | Path) -> dict:
     if not any(pred_dir.glob("manifest*.json")):
         raise InputError("PREDICTION_DIR_INVALID", f"{pred_dir.name} has no manifest.json",
                          "pass a folder written by `medseg predict`")
-    cases, models = _manifests(pred_dir)
+    cases, models = read_manifests(pred_dir)
     provenance = {}
     for path in sorted(pred_dir.glob("provenance*.json")):
         provenance = json.loads(path.read_text(encoding="utf-8"))
