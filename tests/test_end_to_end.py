@@ -29,8 +29,10 @@ def test_demo_writes_report_with_one_row_per_case(demo_run):
         rows = list(csv.DictReader(handle))
     assert {r["case"] for r in rows} == {"ct_003"} and {r["label"] for r in rows} == {"organ", "lesion"}
     assert html.count('<tr class="case-row"><td class="l">ct_003</td>') == 2  # one row per case and label
-    # figures: metric distributions, volume agreement per label (2), one overlay for the single case
-    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', html)) == 4
+    # figures: metric distributions, volume agreement per label (2), the QC score against the true Dice (the demo's
+    # predict writes QC, evaluate picks it up), one overlay for the single case
+    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', html)) == 5
+    assert "QC score (from medseg predict, no reference) against the true Dice" in html
     assert (out / "evaluation" / "report.pdf").read_bytes().startswith(b"%PDF")
     assert "not a medical device" in html
     # the display window is the configured CT window (smoke preset: window scheme, [-160, 240] HU), not a guess
