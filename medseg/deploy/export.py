@@ -5,6 +5,11 @@ The exported folder keeps ``config.yaml``, ``plan.json`` and ``model.json`` (lab
 sizes are dynamic. Every export is checked against PyTorch on random inputs of several sizes (max |logit
 difference| recorded in ``model.json``; over ``tolerance`` the export fails). ``quantize="int8"`` additionally
 applies ONNX Runtime's dynamic int8 quantisation (weights int8, activations quantised at run time).
+
+ONNX is written by PyTorch's dynamo exporter first. Where ``torch.export`` cannot keep a network's shape arithmetic
+symbolic (nnU-Net's residual encoder fails to export; SegFormer's reshapes export with the traced size baked in and
+fail at any other), the parity check over several sizes catches it and the TorchScript-based exporter (dynamic
+axes) writes the graph instead; ``model.json`` records which (``exporter``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,40 @@ def _require(module: str, package: str) -> None:
         raise ModelError("BACKEND_UNAVAILABLE", f"exporting needs the {package} package", f"pip install {package} (or medseg[onnx])")
 
 
+def _write(fmt: str, exporter: str, wrapped: torch.nn.Module, inputs: list[torch.Tensor], target: Path,
+           quantize: str | None) -> None:
+    """Writes the network file with one exporter: ``trace`` (TorchScript), ``dynamo`` or ``torchscript`` (ONNX)."""
+    with torch.no_grad():
+        if fmt == "torchscript":
+            torch.jit.trace(wrapped, inputs[0]).save(str(target))
+            return
+        _require("onnxscript", "onnxscript")
+        _require("onnx", "onnx")
+        if exporter == "dynamo":
+            dynamic = ({0: torch.export.Dim.AUTO, **{a: torch.export.Dim.AUTO for a in range(2, inputs[0].ndim)}},)
+            torch.onnx.export(wrapped, (inputs[0],), str(target), dynamic_shapes=dynamic, dynamo=True, verbose=False)
+        else:
+            axes = {"image": {0: "batch", **{a: f"axis{a - 1}" for a in range(2, inputs[0].ndim)}}, "logits": {0: "batch"}}
+            torch.onnx.export(wrapped, (inputs[0],), str(target), dynamo=False, input_names=["image"],
+                              output_names=["logits"], dynamic_axes=axes, opset_version=18)
+        if quantize == "int8":
+            _require("onnxruntime", "onnxruntime")
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = target.with_name("model.int8.onnx")
+            quantize_dynamic(str(target), str(quantized), weight_type=QuantType.QUInt8)
+            quantized.replace(target)
+
+
+def _parity(folder: Path, info: dict, fmt: str, wrapped: torch.nn.Module, inputs: list[torch.Tensor]) -> float:
+    """Largest |logit difference| between the exported network in ``folder`` and PyTorch over ``inputs``."""
+    from medseg.inference.backends import load_backend
+
+    backend = load_backend(folder, "auto", torch.device("cpu"), info={**info, "format": fmt})
+    with torch.no_grad():
+        return max(float((backend(x) - wrapped(x)).abs().max()) for x in inputs)
+
+
 def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None, quantize: str | None = None,
                  tolerance: float = 1e-4) -> Path:
     """Exports a model folder.
@@ -66,7 +105,7 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
 
     Raises:
         ModelError: ``MODEL_NOT_FOUND``/``MODEL_DIR_INVALID``, ``EXPORT_FORMAT_UNKNOWN``, ``EXPORT_UNSUPPORTED``,
-            ``BACKEND_UNAVAILABLE``,
+            ``BACKEND_UNAVAILABLE``, ``EXPORT_FAILED`` (no exporter could write a working graph),
             ``EXPORT_PARITY_FAILED``.
         OutputError: ``OUTPUT_EXISTS``.
     """
@@ -94,32 +133,31 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     target = tmp / FORMATS[fmt]
-    with torch.no_grad():
-        if fmt == "torchscript":
-            torch.jit.trace(wrapped, inputs[0]).save(str(target))
-        else:
-            _require("onnxscript", "onnxscript")
-            _require("onnx", "onnx")
-            dynamic = ({0: torch.export.Dim.AUTO, **{a: torch.export.Dim.AUTO for a in range(2, inputs[0].ndim)}},)
-            torch.onnx.export(wrapped, (inputs[0],), str(target), dynamic_shapes=dynamic, dynamo=True, verbose=False)
-            if quantize == "int8":
-                _require("onnxruntime", "onnxruntime")
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                quantized = tmp / "model.int8.onnx"
-                quantize_dynamic(str(target), str(quantized), weight_type=QuantType.QUInt8)
-                quantized.replace(target)
     for name in (CONFIG, PLAN):
         shutil.copy2(model_dir / name, tmp / name)
-    from medseg.inference.backends import load_backend
-
-    backend = load_backend(tmp, "auto", torch.device("cpu"), info={**info, "format": fmt})
-    with torch.no_grad():
-        diff = max(float((backend(x) - wrapped(x)).abs().max()) for x in inputs)
+    # ONNX: the dynamo exporter first; a network whose shape arithmetic torch.export cannot keep symbolic either
+    # fails to export or bakes one input size into its graph (SegFormer's reshapes). Both show in the parity check
+    # over several sizes, and such a network goes through the TorchScript-based exporter instead.
+    exporters = ["dynamo", "torchscript"] if fmt == "onnx" else ["trace"]
+    for exporter in exporters:
+        try:
+            _write(fmt, exporter, wrapped, inputs, target, quantize)
+            diff = _parity(tmp, info, fmt, wrapped, inputs)
+        except ModelError:  # a missing package: no other exporter helps
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except Exception as error:  # noqa: BLE001 - any exporter or runtime failure moves on to the next exporter
+            if exporter == exporters[-1]:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ModelError("EXPORT_FAILED", f"{fmt} export of {cfg.model.name} failed: {type(error).__name__}: {error}"[:2000],
+                                 "predict with the model folder itself (--backend torch)") from error
+            continue
+        if quantize is not None or diff <= tolerance or exporter == exporters[-1]:
+            break
     source = {k: v for k, v in info.items() if k != "weights_sha256"}
     exported_info = {**source, "labels": {str(k): v for k, v in info["labels"].items()}, "format": fmt,
                      NETWORK_HASH: sha256_file(target), "source_weights_sha256": info.get("weights_sha256"),
-                     "quantization": quantize, "exported_from": model_dir.resolve().name,
+                     "quantization": quantize, "exporter": exporter, "exported_from": model_dir.resolve().name,
                      "parity": {"max_abs_logit_diff": diff, "inputs": [list(x.shape) for x in inputs]}}
     (tmp / INFO).write_text(json.dumps(exported_info, indent=2) + "\n", encoding="utf-8")
     if quantize is None and diff > tolerance:
