@@ -7,6 +7,7 @@
 #
 # make lock          re-resolve the newest releases within pyproject.toml's ranges and rewrite the lock
 # make test-latest   the suite against the newest releases, in a scratch venv (not CI's path); prints what moved
+# make test-torchvision  the model tests with torchvision (smp, deeplabv3) beside a CUDA torch; CI runs it after make test
 PYTHON ?= python3
 VENV ?= .venv
 LOCK ?= requirements/lock.txt
@@ -15,11 +16,18 @@ TORCH_INDEX ?=
 LATEST_VENV ?= .venv-latest
 LATEST_TORCH_SPEC ?= torch
 PYTEST_ARGS ?=
+# medseg[networks] without torchvision, whose PyPI build does not load beside the CPU torch: transformers (segformer),
+# and nnU-Net's dynamic-network-architectures without its timm -> torchvision dependency (resenc_unet never imports
+# timm). smp and deeplabv3 need torchvision: `make test-torchvision` tests them beside a CUDA build of torch.
+CPU_NETWORKS := transformers
+NO_DEPS := dynamic-network-architectures
+TV_VENV ?= .venv-torchvision
+TV_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
 PIP = $(1)/bin/python -m pip install -q
 
-.PHONY: demo test install lock test-latest clean
+.PHONY: demo test install lock test-latest test-torchvision clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +38,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK)
 	$(call PIP,$(VENV)) -c $(LOCK) pip setuptools wheel
 	$(call PIP,$(VENV)) -c $(LOCK) $(TORCH_FLAGS) "$(TORCH_SPEC)"
-	$(call PIP,$(VENV)) -c $(LOCK) --build-constraint $(LOCK) -e ".[test]"
+	$(call PIP,$(VENV)) -c $(LOCK) --build-constraint $(LOCK) -e ".[test]" $(CPU_NETWORKS)
+	$(call PIP,$(VENV)) -c $(LOCK) --no-deps $(NO_DEPS)
 	$(BIN)/python tools/lock.py check $(LOCK)
 	touch $@
 
@@ -48,8 +57,22 @@ $(LATEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(call PIP,$(LATEST_VENV)) --upgrade pip setuptools wheel
 	$(call PIP,$(LATEST_VENV)) $(TORCH_FLAGS) "$(LATEST_TORCH_SPEC)"
-	$(call PIP,$(LATEST_VENV)) --upgrade --upgrade-strategy eager -e ".[test]"
+	$(call PIP,$(LATEST_VENV)) --upgrade --upgrade-strategy eager -e ".[test,networks]" "$(LATEST_TORCH_SPEC)"
 	touch $@
+
+# The networks that need torchvision (smp, deeplabv3), and every model test beside them, with a CUDA build of torch
+# and its torchvision (what a GPU user installs; both lie on the CI machines' disk) and the lock for the rest.
+$(TV_VENV)/.installed: pyproject.toml $(LOCK)
+	rm -rf $(TV_VENV)
+	$(PYTHON) -m venv $(TV_VENV)
+	$(call PIP,$(TV_VENV)) -c $(LOCK) pip setuptools wheel
+	$(call PIP,$(TV_VENV)) -c $(LOCK) $(TV_TORCH_SPEC)
+	$(call PIP,$(TV_VENV)) -c $(LOCK) --build-constraint $(LOCK) -e ".[test,networks]"
+	$(TV_VENV)/bin/python tools/lock.py check $(LOCK)
+	touch $@
+
+test-torchvision: $(TV_VENV)/.installed
+	MEDSEG_REQUIRE_ALL_NETWORKS=1 $(TV_VENV)/bin/python -m pytest tests/models $(PYTEST_ARGS)
 
 lock:
 	rm -rf $(LATEST_VENV)
@@ -64,4 +87,4 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output .pytest_cache $(TV_VENV)

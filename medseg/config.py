@@ -97,6 +97,9 @@ class ModelConfig(_Strict):
     dropout: float = Field(ge=0, lt=1)
     deep_supervision: bool
     pretrained: str | None = Field(description="local checkpoint (.safetensors or torch state dict) to start from; never downloaded")
+    size: str | None = Field(description="architecture size (resenc_unet: M, L, cpu; segformer: b0, b1, b2); null = its default")
+    arch: str | None = Field(description="smp architecture: Unet (null), UnetPlusPlus, DeepLabV3Plus, FPN")
+    encoder: str | None = Field(description="encoder / backbone: smp encoder name (null = resnet34); deeplabv3: resnet50 (null), resnet101, mobilenet_v3_large")
 
 
 class PlanConfig(_Strict):
@@ -214,6 +217,13 @@ class TrackingConfig(_Strict):
     system_metrics: bool = Field(description="log CPU/GPU/memory use during training")
 
 
+class DistillConfig(_Strict):
+    """``medseg distill``: the student's loss is (1 - weight) * its own loss + weight * T^2 * KL to the teachers."""
+
+    temperature: float = Field(gt=0, description="softens teacher and student probabilities (Hinton et al. 2015)")
+    weight: float = Field(ge=0, le=1, description="share of the distillation term; 0 = plain training")
+
+
 class Config(_Strict):
     """The complete, validated configuration of a run."""
 
@@ -227,6 +237,7 @@ class Config(_Strict):
     inference: InferenceConfig
     evaluation: EvaluationConfig
     tracking: TrackingConfig
+    distill: DistillConfig
 
 
 def presets_dir() -> Path:

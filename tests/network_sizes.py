@@ -1,5 +1,16 @@
 """The smallest sensible network of each registered model (``--set`` overrides of the smoke preset), shared by the
-model tests."""
+model tests, and which entries this environment can build.
+
+Networks built from torchvision (``smp``, ``deeplabv3``) cannot run beside the CPU build of torch that ``make test``
+installs here (no CPU torchvision wheel is reachable; PyPI's is built for CUDA torch). Their tests skip there and run
+under ``make test-torchvision`` (a CUDA build of torch with its torchvision, as a GPU user installs), where
+``MEDSEG_REQUIRE_ALL_NETWORKS=1`` turns a skip into a failure; CI runs both.
+"""
+
+import importlib
+import os
+
+import pytest
 
 SMALL = {
     "unet": ["model.channels=[4, 8]", "model.strides=[2]"],
@@ -7,4 +18,41 @@ SMALL = {
     "unetpp": ["model.channels=[4, 4, 8, 8, 8]", "model.strides=[2, 2, 2, 2]"],
     "segresnet": ["model.channels=[4, 8, 16]", "model.strides=[2, 2]"],
     "swinunetr": ["model.channels=[12, 24, 48, 96, 192, 384]", "model.strides=[2, 2, 2, 2, 2]"],
+    "resenc_unet": ["model.channels=[4, 8, 8]", "model.strides=[2, 2]"],  # size null = cpu blocks (1, 2, 2)
+    "segformer": ["model.channels=[4, 4, 4, 4, 4, 4]", "model.strides=[2, 2, 2, 2, 2]"],  # size null = b0; channels unread
+    "smp": ["model.channels=[4, 4, 4, 4, 4, 4]", "model.strides=[2, 2, 2, 2, 2]", "model.encoder=tu-mobilenetv3_small_050"],
+    "deeplabv3": ["model.channels=[4, 4, 4, 4, 4]", "model.strides=[2, 2, 2, 2]", "model.encoder=mobilenet_v3_large"],
 }
+
+
+def dims_of(name: str) -> tuple[int, ...]:
+    """The spatial dimensions a registry entry supports (its ``dims`` attribute; 2D and 3D unless it says)."""
+    from medseg.models import MODELS
+
+    return tuple(getattr(MODELS.get(name), "dims", (2, 3)))
+
+
+def missing_package(name: str) -> str | None:
+    """The first package of the entry's ``requires`` that does not import here, or None."""
+    from medseg.models import MODELS
+
+    for module in getattr(MODELS.get(name), "requires", ()):
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - a torchvision built for another torch raises RuntimeError
+            return module
+    return None
+
+
+def needs(name: str) -> pytest.MarkDecorator:
+    """Skips a test of an entry whose package does not import here, unless MEDSEG_REQUIRE_ALL_NETWORKS=1."""
+    missing = missing_package(name)
+    return pytest.mark.skipif(missing is not None and os.environ.get("MEDSEG_REQUIRE_ALL_NETWORKS") != "1",
+                              reason=f"{name} needs {missing}, which does not import here: run `make test-torchvision`")
+
+
+def entries(names=None) -> list:
+    """``(name, dims)`` parameters over every registry entry and the dimensions it supports, with :func:`needs`."""
+    from medseg.models import MODELS
+
+    return [pytest.param(n, d, marks=needs(n), id=f"{n}-{d}") for n in (names or MODELS.names()) for d in dims_of(n)]

@@ -1,7 +1,7 @@
 """The install lock: write it from an environment, check an environment against it, or list what moved.
 
 ``requirements/lock.txt`` is a pip *constraints* file: the exact version of every package the set-up commands
-install, except torch (its build, CPU or CUDA, is chosen by ``TORCH_SPEC`` in the Makefile) and the CUDA-only
+install, except torch and torchvision (their build, CPU or CUDA, is chosen in the Makefile) and the CUDA-only
 packages a CUDA torch brings with it (``nvidia-*``, ``triton``, ``cuda-*``), which that torch pins itself.
 
     python tools/lock.py freeze -o requirements/lock.txt   # from the running environment (make lock)
@@ -20,8 +20,9 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-#: Never locked: medseg itself, torch (``TORCH_SPEC``) and what a CUDA build of torch pins on its own.
-UNLOCKED = re.compile(r"^(medseg|torch|triton|nvidia-.*|cuda-.*)$")
+#: Never locked: medseg itself, torch (``TORCH_SPEC``), torchvision (its build is torch's pair: ``TV_TORCH_SPEC``) and
+#: what a CUDA build of torch pins on its own.
+UNLOCKED = re.compile(r"^(medseg|torch|torchvision|triton|nvidia-.*|cuda-.*)$")
 
 
 def normalise(name: str) -> str:
@@ -66,7 +67,7 @@ def freeze(out: Path) -> None:
         "# medseg install lock: pip constraints (`pip install -c requirements/lock.txt ...`), written by `make lock`.",
         f"# Resolved {_dt.date.today().isoformat()} on Python {platform.python_version()}, {sys.platform} {platform.machine()},"
         f" beside torch {_torch_version()}.",
-        "# torch is not here: TORCH_SPEC in the Makefile pins it (CPU or CUDA build); nor are the nvidia-*/triton",
+        "# torch and torchvision are not here: TORCH_SPEC / TV_TORCH_SPEC in the Makefile pin them (CPU or CUDA build); nor are the nvidia-*/triton",
         "# packages a CUDA torch pins itself. Do not edit by hand: run `make lock`, then `make test`.",
     ]
     lines = [f"{name}=={pins[name]}" for name in sorted(pins)]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from torch import nn
 
 from medseg.config import ModelConfig
@@ -35,3 +38,29 @@ def refuse_deep_supervision(cfg: ModelConfig) -> None:
     if cfg.deep_supervision:
         raise ConfigError("CONFIG_INVALID_VALUE", f"model {cfg.name} has no deep supervision",
                           "use model.name=dynunet or unetpp for deep supervision")
+
+
+def require_package(module: str, network: str, package: str) -> ModuleType:
+    """Imports the third-party package a network is built from.
+
+    Raises:
+        ConfigError: ``MODEL_DEPENDENCY_MISSING`` naming what to install (also when the package is installed but
+            does not import, e.g. a torchvision built for another torch).
+    """
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or RuntimeError from a torchvision/torch mismatch
+        raise ConfigError("MODEL_DEPENDENCY_MISSING", f"{network} needs the {package} package, which "
+                          f"{'is not installed' if isinstance(exc, ModuleNotFoundError) else 'does not import: ' + str(exc)[:200]}",
+                          f"pip install 'medseg[networks]' (torchvision must be the build that matches your torch)") from None
+
+
+def require_dims(name: str, spatial_dims: int, dims: tuple[int, ...]) -> None:
+    """For networks of one dimension (``dims``, e.g. ``(2,)``): another is an error naming the networks that have it.
+
+    Raises:
+        ConfigError: ``CONFIG_INVALID_VALUE``.
+    """
+    if spatial_dims not in dims:
+        raise ConfigError("CONFIG_INVALID_VALUE", f"{name} is a {'/'.join(f'{d}D' for d in dims)} network",
+                          "for 3D use resenc_unet, segresnet, swinunetr, dynunet or unet")

@@ -67,7 +67,8 @@ def estimate_memory_gb(patch: list[int], batch: int, base_channels: int) -> floa
     return batch * float(np.prod(patch)) * base_channels * BYTES_PER_VOXEL_PER_BASE_CHANNEL / 1e9
 
 
-def make_plan(fp: Fingerprint, cfg: PlanConfig, on_gpu: bool, fixed_levels: int | None = None) -> Plan:
+def make_plan(fp: Fingerprint, cfg: PlanConfig, on_gpu: bool, fixed_levels: int | None = None,
+              memory_factor: float = 1.0) -> Plan:
     """Derives a plan from a fingerprint.
 
     Args:
@@ -75,6 +76,8 @@ def make_plan(fp: Fingerprint, cfg: PlanConfig, on_gpu: bool, fixed_levels: int 
         cfg: The ``plan`` section of the configuration (memory budgets, channel widths).
         on_gpu: Plan for the GPU memory budget (else the CPU one).
         fixed_levels: Downsampling steps of a network with a fixed depth (UNet++: 4); None = from the patch.
+        memory_factor: Training memory per voxel of the network relative to medseg's residual UNet (the model's
+            ``memory_factor`` attribute, measured by ``benchmarks/models.py``); scales the memory estimate.
     """
     notes: list[str] = []
     spacings = np.array(fp.spacings, dtype=float)  # (N, D)
@@ -92,7 +95,7 @@ def make_plan(fp: Fingerprint, cfg: PlanConfig, on_gpu: bool, fixed_levels: int 
         levels = fixed_levels or _levels([int(p) for p in patch])
         divisor = 2**levels
         rounded = [_round_up(p, divisor) for p in patch]
-        if estimate_memory_gb(rounded, batch, cfg.base_channels) <= budget or max(rounded) <= divisor * 2:
+        if memory_factor * estimate_memory_gb(rounded, batch, cfg.base_channels) <= budget or max(rounded) <= divisor * 2:
             break
         extent = [p * s for p, s in zip(patch, spacing)]
         axis = int(np.argmax(extent))
@@ -100,7 +103,7 @@ def make_plan(fp: Fingerprint, cfg: PlanConfig, on_gpu: bool, fixed_levels: int 
     patch_size = rounded
     notes.append(f"patch {patch_size} (median image {np.round(median_size).astype(int).tolist()}), budget {budget} GB")
     covers = all(p >= m for p, m in zip(patch_size, median_size))
-    while covers and batch < 8 and estimate_memory_gb(patch_size, batch * 2, cfg.base_channels) <= budget:
+    while covers and batch < 8 and memory_factor * estimate_memory_gb(patch_size, batch * 2, cfg.base_channels) <= budget:
         batch *= 2
     channels = [min(cfg.base_channels * 2**i, cfg.max_channels) for i in range(levels + 1)]
     modality = [fp.modality.get(str(c), "").upper() for c in range(fp.channels)]

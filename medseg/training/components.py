@@ -87,6 +87,12 @@ def check_resolved(cfg: Config) -> None:
             "CONFIG_INVALID_VALUE",
             f"data.patch_size {list(cfg.data.patch_size)} must be divisible by {divisor} (product of model.strides)",
         )
+    from medseg.models.registry import MODELS
+
+    min_batch = getattr(MODELS.get(cfg.model.name), "min_batch", 1)
+    if cfg.train.batch_size < min_batch:
+        raise ConfigError("CONFIG_INVALID_VALUE", f"{cfg.model.name} trains with train.batch_size of at least {min_batch} "
+                          f"(found {cfg.train.batch_size}): its BatchNorm needs more than one sample", f"set train.batch_size={min_batch}")
 
 
 def final_output(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:

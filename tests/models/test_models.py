@@ -6,10 +6,13 @@ import torch
 from medseg.config import load_config
 from medseg.errors import ConfigError
 from medseg.models import MODELS, build_model
-from network_sizes import SMALL
+from network_sizes import SMALL, dims_of, entries, needs
+
+ENTRIES = entries()
 
 
-SIZE = {"unet": 16, "dynunet": 16, "unetpp": 32, "segresnet": 16, "swinunetr": 64}  # bottleneck of > 1 voxel
+SIZE = {"unet": 16, "dynunet": 16, "unetpp": 32, "segresnet": 16, "swinunetr": 64, "resenc_unet": 16, "segformer": 64, "smp": 64,
+        "deeplabv3": 32}  # bottleneck of > 1 voxel
 
 
 def _shape(name: str, spatial_dims: int) -> list[int]:
@@ -20,11 +23,18 @@ def _shape(name: str, spatial_dims: int) -> list[int]:
 
 
 def test_every_registered_model_has_contract_settings():
-    assert set(SMALL) == set(MODELS.names())
+    assert set(SMALL) == set(MODELS.names()) == set(SIZE)
 
 
-@pytest.mark.parametrize("name", MODELS.names())
-@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs(n)) for n in MODELS.names() if dims_of(n) != (2, 3)])
+def test_single_dimension_networks_refuse_the_other(name: str):
+    other = ({2, 3} - set(dims_of(name))).pop()
+    with pytest.raises(ConfigError) as info:
+        build_model(load_config("smoke", [f"model.name={name}", *SMALL[name]]).model, other, 1, 2)
+    assert info.value.code == "CONFIG_INVALID_VALUE" and f"{dims_of(name)[0]}D" in info.value.message
+
+
+@pytest.mark.parametrize("name,spatial_dims", ENTRIES)
 def test_forward_backward_shape_contract(name: str, spatial_dims: int):
     cfg = load_config("smoke", [f"model.name={name}", *SMALL[name]]).model
     torch.manual_seed(0)
@@ -80,8 +90,7 @@ def test_dynunet_deep_supervision_outputs(spatial_dims: int):
     assert torch.allclose(net.eval()(x), outputs[-1], atol=1e-5)  # the last one is the network's final output
 
 
-@pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name,spatial_dims", ENTRIES)
 def test_odd_sizes_the_plan_allows(name: str, spatial_dims: int):
     """Patches are multiples of the network divisor but need not be powers of two or equal per axis."""
     cfg = load_config("smoke", [f"model.name={name}", *SMALL[name]]).model
