@@ -171,14 +171,9 @@ def train(
     """Train a model, then evaluate it on the validation cases; all tracked in MLflow. Works under torchrun."""
     from medseg.config import load_config
     from medseg.training.folds import parse_folds
-    from medseg.workflow import check_inputs, cross_validate, open_run_tracker, resume_config, train_and_validate
+    from medseg.workflow import cross_validate, resume_config
 
-    _claim_threads(threads)
-    if resume and out is None:
-        raise MedsegError("CONFIG_MISSING_KEY", "--resume needs -o RUN, the run folder to continue")
-    if config is None and not resume:
-        raise MedsegError("CONFIG_MISSING_KEY", "give a config with -c (a preset name or a YAML file)")
-    run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = _start_run(threads, resume, out, config, "a config")
     if fold is not None or folds is not None:
         cfg = load_config(config, set_) if config else resume_config(run_dir / "fold_0", set_)
         selected = parse_folds(fold if fold is not None else folds, cfg.data.folds)
@@ -190,20 +185,62 @@ def train(
         typer.echo(f"summary: {result.summary_path}")
         return
     cfg = resume_config(run_dir, set_) if resume else load_config(config, set_)
+    _train_tracked(cfg, run_dir, resume, "model")
+
+
+def _start_run(threads: str, resume: bool, out: Path | None, config: str | None, what: str) -> Path:
+    """Common start of train and distill: the CPU share, the argument checks, the run folder."""
+    _claim_threads(threads)
+    if resume and out is None:
+        raise MedsegError("CONFIG_MISSING_KEY", "--resume needs -o RUN, the run folder to continue")
+    if config is None and not resume:
+        raise MedsegError("CONFIG_MISSING_KEY", f"give {what} with -c (a preset name or a YAML file)")
+    return out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _train_tracked(cfg, run_dir: Path, resume: bool, name: str, teachers: list[Path] | None = None) -> None:
+    """Checks the inputs (a new run), trains and validates in the run's MLflow run, and prints where things are."""
+    from medseg.workflow import check_inputs, open_run_tracker, train_and_validate
+
     if not resume:
         check_inputs(cfg, run_dir)  # every training case checked before anything of the run is written
     tracker = open_run_tracker(cfg, run_dir, run_dir.name, resume)
     try:
-        result, validation = train_and_validate(cfg, run_dir, tracker, resume=resume)
+        result, validation = train_and_validate(cfg, run_dir, tracker, resume=resume, teachers=teachers)
     except BaseException:
         tracker.close("FAILED")
         raise
     tracker.close("FINISHED")
     if validation is None:  # a non-zero torchrun rank
         return
-    typer.echo(f"model: {result.model_dir} (best validation Dice {result.best_metric:.3f} at epoch {result.best_epoch})")
+    extra = f"; {len(teachers)} teacher(s)" if teachers else ""
+    typer.echo(f"{name}: {result.model_dir} (best validation Dice {result.best_metric:.3f} at epoch {result.best_epoch}{extra})")
     typer.echo(f"validation report: {validation.report}")
     typer.echo(f"MLflow: {tracker.uri} run {tracker.run_id}")
+
+
+@app.command()
+def distill(
+    model: List[Path] = typer.Option([], "--model", "-m", help="Teacher model folder; repeat for an ensemble (e.g. the folds of a cross-validation)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="The student: a preset name or YAML path (its model section is the student network)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<time>)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint (teachers from its teachers.json)."),
+    threads: str = _threads_option(),
+) -> None:
+    """Distil one or more trained models into one student: it learns the teachers' averaged softened predictions
+    (temperature-scaled KL, distill section) besides the labels. Same tracking, checkpoints, resume and model
+    folder as train; the model folder records its teachers."""
+    from medseg.config import load_config
+    from medseg.training.distill import saved_teacher_paths, student_config
+    from medseg.workflow import resume_config
+
+    run_dir = _start_run(threads, resume, out, config, "the student's config")
+    teachers = list(model) or (saved_teacher_paths(run_dir) if resume else [])
+    if not teachers:
+        raise MedsegError("CONFIG_MISSING_KEY", "give at least one teacher with -m MODEL_DIR")
+    cfg = resume_config(run_dir, set_) if resume else student_config(teachers, load_config(config, set_))
+    _train_tracked(cfg, run_dir, resume, "student", teachers)
 
 
 @app.command()

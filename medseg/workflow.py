@@ -116,12 +116,14 @@ def train_and_validate(
     show_progress: bool = True,
     resume: bool = False,
     split: tuple[list[str], list[str]] | None = None,
+    teachers: list[Path] | None = None,
 ) -> tuple[FitResult, EvaluationResult | None]:
-    """Trains (or resumes), then evaluates the best model on the validation cases (``run_dir/validation``).
+    """Trains (or resumes; with ``teachers``, distils them), then evaluates the best model on the validation
+    cases (``run_dir/validation``).
 
     Under ``torchrun`` only rank 0 evaluates; other ranks get ``None``.
     """
-    result = fit(cfg, run_dir, tracker, show_progress=show_progress, resume=resume, split=split)
+    result = fit(cfg, run_dir, tracker, show_progress=show_progress, resume=resume, split=split, teachers=teachers)
     if not result.is_main:
         return result, None
     resolved = load_config(run_dir / "config.yaml")

@@ -76,8 +76,13 @@ def plan_run(cfg: Config, dataset: Dataset, run_dir: Path, device: torch.device,
     from medseg.models.registry import MODELS
 
     fingerprint = load_or_compute(dataset, run_dir / "fingerprint.json")
-    levels = getattr(MODELS.get(cfg.model.name), "fixed_levels", None)
-    plan = make_plan(fingerprint, cfg.plan, on_gpu=device.type == "cuda", fixed_levels=levels)
+    builder = MODELS.get(cfg.model.name)
+    levels = getattr(builder, "fixed_levels", None)
+    hints = builder.plan_hints(cfg.model, fingerprint.dims) if hasattr(builder, "plan_hints") else {}
+    plan = make_plan(fingerprint, cfg.plan.model_copy(update=hints), on_gpu=device.type == "cuda", fixed_levels=levels,
+                     memory_factor=getattr(builder, "memory_factor", 1.0))
+    if hints:
+        plan.notes.append(f"{cfg.model.name} (size {cfg.model.size}): plan settings {hints}")
     if write:
         (run_dir / "plan.json").write_text(plan.to_json())
     return apply_plan(cfg, plan), plan
@@ -156,13 +161,19 @@ def _select_split(dataset: Dataset, cfg: Config, split: tuple[list[str], list[st
     return [by_id[i] for i in split[0]], [by_id[i] for i in split[1]]
 
 
-def _step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg: Config, device, use_amp, amp_dtype) -> torch.Tensor:
+def _step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg: Config, device, use_amp, amp_dtype,
+          teachers=None) -> torch.Tensor:
     image = batch[IMAGE].as_tensor().to(device)  # (B, C, *patch)
     label = batch[LABEL].as_tensor().to(device)  # (B, 1, *patch)
     optimizer.zero_grad(set_to_none=True)
     try:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            loss = deep_supervision_loss(loss_fn, model(image), label, cfg.train.deep_supervision_decay)
+            output = model(image)
+            loss = deep_supervision_loss(loss_fn, output, label, cfg.train.deep_supervision_decay)
+            if teachers is not None:  # medseg distill: the frozen teachers' softened probabilities of this patch
+                from medseg.training.distill import combined_loss
+
+                loss = combined_loss(loss, output, teachers.soft_targets(image), cfg.distill.temperature, cfg.distill.weight)
         if torch.isfinite(loss):
             scaler.scale(loss).backward()
             if cfg.train.grad_clip is not None:
@@ -193,6 +204,7 @@ def fit(
     show_progress: bool = True,
     resume: bool = False,
     split: tuple[list[str], list[str]] | None = None,
+    teachers: list[Path] | None = None,
 ) -> FitResult:
     """Trains a model as configured and writes the run folder.
 
@@ -204,6 +216,8 @@ def fit(
         resume: Continue from ``RUN/checkpoints/last.pt`` (model, optimizer, scheduler, scaler, RNG states);
             ``train.epochs`` may be larger than when the run started.
         split: ``(train IDs, validation IDs)``; default: a seeded split by ``data.val_fraction``.
+        teachers: Model folders to distil (``medseg distill``; :mod:`medseg.training.distill`): the student
+            learns their averaged softened predictions besides the labels; ``RUN/teachers.json`` records them.
 
     Returns:
         A :class:`FitResult` naming the best model folder and its validation Dice.
@@ -222,6 +236,14 @@ def fit(
     if rank.enabled and device.type == "cuda":
         device = torch.device("cuda", rank.local_rank)
     tracker = tracker if (tracker is not None and rank.is_main) else NullTracker()
+    distiller = None
+    if teachers is not None:
+        from medseg.training.distill import Teachers, check_same_teachers, student_config
+
+        distiller = Teachers.load(list(teachers), device, cfg.distill.temperature)
+        if resume:
+            check_same_teachers(distiller, run_dir)
+        cfg = student_config(list(teachers), cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank.is_main:
         cfg, plan = plan_run(cfg, dataset, run_dir, device)
@@ -250,6 +272,10 @@ def fit(
 
     in_channels = int(val_ds[0][IMAGE].shape[0])
     spatial_dims = len(cfg.data.spacing)
+    if distiller is not None:
+        distiller.check_student(cfg, plan, dataset.labels, spatial_dims, in_channels)
+        if rank.is_main and not resume:
+            distiller.save(run_dir)
     net = build_model(cfg.model, spatial_dims, in_channels, len(labels)).to(device)
     pretrained = _pretrained(net, cfg, run_dir, resume, rank.is_main)
     model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if rank.enabled else net
@@ -298,11 +324,15 @@ def fit(
             "git_commit": git_commit() or "unknown",
             **{f"version.{k}": v for k, v in versions().items()},
             **({f"pretrained.{k}": pretrained[k] for k in ("file", "sha256", "loaded", "total")} if pretrained else {}),
+            **({"distill.teachers": len(distiller.members),
+                "distill.teacher_sha256": ",".join(str(r["weights_sha256"])[:16] for r in distiller.records())}
+               if distiller is not None else {}),
         })
 
     model_info = {"labels": dataset.labels, "spatial_dims": spatial_dims, "in_channels": in_channels,
                   "modality": dataset.modality, "dataset": dataset.name, "qc": _qc_reference(run_dir),
-                  **({"pretrained": {k: pretrained[k] for k in ("file", "sha256", "loaded", "total")}} if pretrained else {})}
+                  **({"pretrained": {k: pretrained[k] for k in ("file", "sha256", "loaded", "total")}} if pretrained else {}),
+                  **({"teachers": distiller.records(), "distill": cfg.distill.model_dump()} if distiller is not None else {})}
     from medseg.inference.predictor import Predictor
 
     validator = Predictor.for_network(net, cfg, plan, model_info, device)  # what validation predicts with
@@ -316,7 +346,7 @@ def fit(
             start, losses = time.perf_counter(), []
             progress.update(iterations, completed=0, description=f"epoch {epoch} iterations")
             for batch in loader:
-                loss = _step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg, device, use_amp, amp_dtype)
+                loss = _step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg, device, use_amp, amp_dtype, distiller)
                 if ddp.any_rank(not bool(torch.isfinite(loss)), rank):
                     raise TrainingError(
                         "TRAIN_NONFINITE_LOSS",
