@@ -5,7 +5,8 @@ downloaded (a local checkpoint goes in through ``model.pretrained``). 2D only.
 
 Config keys read: ``model.encoder`` (``resnet50`` (null), ``resnet101``, ``mobilenet_v3_large``). A first
 convolution for ``in_channels`` other than 3 replaces the backbone's (grey X-ray, multi-channel inputs).
-``model.channels`` and ``model.strides`` are not read (the plan's four levels keep patches multiples of 16, the
+Every BatchNorm uses PyTorch's momentum 0.1 (MobileNetV3 comes with
+0.01, whose running statistics lag far behind after a short run). ``model.channels`` and ``model.strides`` are not read (the plan's four levels keep patches multiples of 16, the
 backbone's coarsest stride). No auxiliary head, no deep supervision, no dropout beyond torchvision's own.
 
 Needs ``torchvision`` (``pip install medseg[networks]``); BatchNorm trains with batches of at least 2 (``min_batch``;
@@ -62,6 +63,9 @@ def deeplabv3(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channel
             net.backbone.conv1 = new
         else:
             net.backbone["0"][0] = new
+    for module in net.modules():  # MobileNetV3's TF-style momentum 0.01 leaves the running statistics far from the
+        if isinstance(module, nn.BatchNorm2d):  # batch statistics after the few thousand steps of a medseg run:
+            module.momentum = 0.1  # measured, all-background predictions in eval mode; PyTorch's default 0.1 instead
     return DeepLabV3(net)
 
 
