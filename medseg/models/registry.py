@@ -13,6 +13,15 @@ from medseg.registry import Registry
 
 MODELS: Registry = Registry("model", "model.name")
 
+#: Training memory per voxel of each network relative to medseg's UNet of the same dimension, for the planner (which
+#: shrinks patch and batch until its estimate fits the budget). Measured by ``benchmarks/models.py`` on a CPU (peak
+#: RSS of three training steps at the benchmark's sizes; ``benchmarks/results/models.json``); a network missing here
+#: plans as the UNet. Fixed-width networks (segformer, smp, deeplabv3) were measured at their default sizes.
+MEMORY_FACTOR: dict[str, float] = {
+    "dynunet": 4.05, "segresnet": 3.57, "resenc_unet": 4.3, "swinunetr": 9.91,
+    "unetpp": 7.24, "segformer": 2.08, "smp": 3.04, "deeplabv3": 2.72,
+}
+
 
 def build_model(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """Builds the network named by ``cfg.name``.

@@ -76,8 +76,8 @@ def make_plan(fp: Fingerprint, cfg: PlanConfig, on_gpu: bool, fixed_levels: int 
         cfg: The ``plan`` section of the configuration (memory budgets, channel widths).
         on_gpu: Plan for the GPU memory budget (else the CPU one).
         fixed_levels: Downsampling steps of a network with a fixed depth (UNet++: 4); None = from the patch.
-        memory_factor: Training memory per voxel of the network relative to medseg's residual UNet (the model's
-            ``memory_factor`` attribute, measured by ``benchmarks/models.py``); scales the memory estimate.
+        memory_factor: Training memory per voxel of the network relative to medseg's UNet
+            (``medseg.models.registry.MEMORY_FACTOR``, measured by ``benchmarks/models.py``); scales the memory estimate.
     """
     notes: list[str] = []
     spacings = np.array(fp.spacings, dtype=float)  # (N, D)

@@ -73,14 +73,14 @@ class FitResult:
 
 def plan_run(cfg: Config, dataset: Dataset, run_dir: Path, device: torch.device, write: bool = True) -> tuple[Config, Plan]:
     """Fingerprints the dataset (``RUN/fingerprint.json``), plans, fills unpinned config values, saves ``plan.json``."""
-    from medseg.models.registry import MODELS
+    from medseg.models.registry import MEMORY_FACTOR, MODELS
 
     fingerprint = load_or_compute(dataset, run_dir / "fingerprint.json")
     builder = MODELS.get(cfg.model.name)
     levels = getattr(builder, "fixed_levels", None)
     hints = builder.plan_hints(cfg.model, fingerprint.dims) if hasattr(builder, "plan_hints") else {}
     plan = make_plan(fingerprint, cfg.plan.model_copy(update=hints), on_gpu=device.type == "cuda", fixed_levels=levels,
-                     memory_factor=getattr(builder, "memory_factor", 1.0))
+                     memory_factor=MEMORY_FACTOR.get(cfg.model.name, 1.0))
     if hints:
         plan.notes.append(f"{cfg.model.name} (size {cfg.model.size}): plan settings {hints}")
     if write:

@@ -128,3 +128,21 @@ def test_fingerprint_of_sample_data_matches_direct_measurement(tiny_dataset):
     assert all(2.0 <= s[2] <= 5.0 and s[0] < 1.0 for s in fp.spacings)
     assert sum(fp.class_frequency.values()) == pytest.approx(1.0)
     assert Fingerprint.from_json(fp.to_json()) == fp
+
+
+def test_network_memory_factors_are_the_measured_ones_and_shrink_the_patch():
+    """The planner's per-network memory factors are those of benchmarks/results/models.json (peak training memory
+    relative to the UNet of the same dimension), and a larger factor gives a smaller patch x batch."""
+    from pathlib import Path
+
+    from medseg.models.registry import MEMORY_FACTOR
+
+    measured = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "models.json").read_text())["networks"]
+    assert set(MEMORY_FACTOR) == {key.rsplit("_", 1)[0] for key in measured} - {"unet"}
+    for name, factor in MEMORY_FACTOR.items():
+        key = f"{name}_3d" if f"{name}_3d" in measured else f"{name}_2d"
+        assert factor == measured[key]["memory_factor_vs_unet"], name
+    fp = _fp([[1.0, 1.0, 1.0]] * 3, [[256, 256, 160]] * 3)
+    plain = make_plan(fp, PLAN_CFG, on_gpu=False)
+    heavy = make_plan(fp, PLAN_CFG, on_gpu=False, memory_factor=MEMORY_FACTOR["swinunetr"])
+    assert np.prod(heavy.patch_size) * heavy.batch_size < np.prod(plain.patch_size) * plain.batch_size
