@@ -145,12 +145,14 @@ def main() -> None:
     parser.add_argument("--budget-2d", type=float, default=90.0, help="training seconds per 2D network")
     parser.add_argument("--only", nargs="*", default=None, help="network names (unet, smp, ...) to run")
     args = parser.parse_args()
+    from medseg.models.registry import missing_package
+
     keys = [k for k in NETWORKS if args.only is None or k.rsplit("_", 1)[0] in args.only]
     path = RESULTS / "models.json"
     results = json.loads(path.read_text()) if path.is_file() else {"networks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for key in keys:
-            missing = _missing_package(key.rsplit("_", 1)[0])
+            missing = missing_package(key.rsplit("_", 1)[0])
             if missing:
                 print(f"{key}: skipped, {missing} does not import here (run it with .venv-torchvision/bin/python)")
                 continue
@@ -158,19 +160,6 @@ def main() -> None:
             results["networks"][key] = run_one(key, budget, Path(tmp))
             print(key, json.dumps(results["networks"][key]), flush=True)
             _save(results, path)  # after every network: a later failure keeps what was measured
-
-
-def _missing_package(name: str) -> str | None:
-    import importlib
-
-    from medseg.models import MODELS
-
-    for module in getattr(MODELS.get(name), "requires", ()):
-        try:
-            importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - a torchvision built for another torch raises RuntimeError
-            return module
-    return None
 
 
 def _save(results: dict, path: Path) -> None:

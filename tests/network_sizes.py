@@ -7,7 +7,6 @@ under ``make test-torchvision`` (a CUDA build of torch with its torchvision, as 
 ``MEDSEG_REQUIRE_ALL_NETWORKS=1`` turns a skip into a failure; CI runs both.
 """
 
-import importlib
 import os
 
 import pytest
@@ -32,20 +31,10 @@ def dims_of(name: str) -> tuple[int, ...]:
     return tuple(getattr(MODELS.get(name), "dims", (2, 3)))
 
 
-def missing_package(name: str) -> str | None:
-    """The first package of the entry's ``requires`` that does not import here, or None."""
-    from medseg.models import MODELS
-
-    for module in getattr(MODELS.get(name), "requires", ()):
-        try:
-            importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - a torchvision built for another torch raises RuntimeError
-            return module
-    return None
-
-
 def needs(name: str) -> pytest.MarkDecorator:
     """Skips a test of an entry whose package does not import here, unless MEDSEG_REQUIRE_ALL_NETWORKS=1."""
+    from medseg.models.registry import missing_package
+
     missing = missing_package(name)
     return pytest.mark.skipif(missing is not None and os.environ.get("MEDSEG_REQUIRE_ALL_NETWORKS") != "1",
                               reason=f"{name} needs {missing}, which does not import here: run `make test-torchvision`")

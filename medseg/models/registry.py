@@ -73,3 +73,13 @@ def require_dims(name: str, spatial_dims: int, dims: tuple[int, ...]) -> None:
     if spatial_dims not in dims:
         raise ConfigError("CONFIG_INVALID_VALUE", f"{name} is a {'/'.join(f'{d}D' for d in dims)} network",
                           "for 3D use resenc_unet, segresnet, swinunetr, dynunet or unet")
+
+
+def missing_package(name: str) -> str | None:
+    """The first package of a registry entry's ``requires`` that does not import here, or None when it can be built."""
+    for module in getattr(MODELS.get(name), "requires", ()):
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - a torchvision built for another torch raises RuntimeError
+            return module
+    return None

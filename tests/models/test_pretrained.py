@@ -19,7 +19,8 @@ from medseg.config import load_config
 from medseg.errors import InputError, ModelError
 from medseg.models import MODELS, build_model
 from medseg.models.pretrained import load_pretrained
-from network_sizes import SMALL, dims_of, missing_package
+from medseg.models.registry import missing_package
+from network_sizes import SMALL, dims_of
 
 
 
