@@ -66,27 +66,29 @@ def _refuse_difference(mine: dict, theirs: dict) -> None:
                           "leave data.spacing and data.intensity as the teachers had them (null spacing takes theirs)")
 
 
-def student_config(teacher_dirs: list[Path], cfg: Config) -> Config:
+def student_config(teacher_dirs: list[Path], cfg: Config, teacher_cfg: Config | None = None) -> Config:
     """Before anything of the run is written: the student config with the teachers' spacing where it left it null,
-    refused when its configured preprocessing is not the teachers' (read from their ``config.yaml`` only).
+    refused when its configured preprocessing is not the teachers'. The teachers' config is ``teacher_cfg`` when
+    they are loaded already, else read from the first folder's ``config.yaml`` (nothing else is read).
 
     Raises:
         ModelError: ``MODEL_NOT_FOUND`` / ``MODEL_DIR_INVALID`` for a folder that is not a model folder.
         ConfigError: ``DISTILL_TEACHER_MISMATCH``.
     """
-    from medseg.config import load_config
-    from medseg.errors import ModelError
-    from medseg.models.folder import CONFIG
+    if teacher_cfg is None:
+        from medseg.config import load_config
+        from medseg.errors import ModelError
+        from medseg.models.folder import CONFIG
 
-    for path in map(Path, teacher_dirs):
-        if not (path / CONFIG).is_file():
-            raise ModelError("MODEL_NOT_FOUND" if not path.is_dir() else "MODEL_DIR_INVALID",
-                             f"teacher {path.name} is not a model folder (no {CONFIG})", "pass the folder written by `medseg train`")
-    first = load_config(Path(teacher_dirs[0]) / CONFIG)
-    if cfg.data.spacing is None and first.data.spacing is not None:
-        data = cfg.data.model_copy(update={"spacing": tuple(first.data.spacing)})
+        for path in map(Path, teacher_dirs):
+            if not (path / CONFIG).is_file():
+                raise ModelError("MODEL_NOT_FOUND" if not path.is_dir() else "MODEL_DIR_INVALID",
+                                 f"teacher {path.name} is not a model folder (no {CONFIG})", "pass the folder written by `medseg train`")
+        teacher_cfg = load_config(Path(teacher_dirs[0]) / CONFIG)
+    if cfg.data.spacing is None and teacher_cfg.data.spacing is not None:
+        data = cfg.data.model_copy(update={"spacing": tuple(teacher_cfg.data.spacing)})
         cfg = Config.model_validate(cfg.model_copy(update={"data": data}).model_dump())
-    _refuse_difference(config_identity(cfg), config_identity(first))
+    _refuse_difference(config_identity(cfg), config_identity(teacher_cfg))
     return cfg
 
 

@@ -53,6 +53,7 @@ from medseg.training.components import (
     validate,
 )
 from medseg.training.data import CaseDataset, PreprocessedCache, preprocessing_spec
+from medseg.training.distill import combined_loss
 from medseg.transforms.pipeline import IMAGE, LABEL, build_augment_transforms, build_preprocess_transforms
 
 log = logging.getLogger(__name__)
@@ -171,8 +172,6 @@ def _step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg: Config, devi
             output = model(image)
             loss = deep_supervision_loss(loss_fn, output, label, cfg.train.deep_supervision_decay)
             if teachers is not None:  # medseg distill: the frozen teachers' softened probabilities of this patch
-                from medseg.training.distill import combined_loss
-
                 loss = combined_loss(loss, output, teachers.soft_targets(image), cfg.distill.temperature, cfg.distill.weight)
         if torch.isfinite(loss):
             scaler.scale(loss).backward()
@@ -243,7 +242,7 @@ def fit(
         distiller = Teachers.load(list(teachers), device, cfg.distill.temperature)
         if resume:
             check_same_teachers(distiller, run_dir)
-        cfg = student_config(list(teachers), cfg)
+        cfg = student_config(list(teachers), cfg, teacher_cfg=distiller.members[0].cfg)  # loaded: no second read
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank.is_main:
         cfg, plan = plan_run(cfg, dataset, run_dir, device)
