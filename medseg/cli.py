@@ -71,7 +71,8 @@ def _root(
 
     handler = RichHandler(show_path=False, show_time=False, markup=False, console=_stderr_console())
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", handlers=[handler])
-    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "onnxscript", "onnx_ir", "torch.onnx"):
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "onnxscript", "onnx_ir", "torch.onnx", "pynetdicom",
+                  "dicomweb_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -243,12 +244,32 @@ def distill(
     _train_tracked(cfg, run_dir, resume, "student", teachers)
 
 
+def _pacs_option():
+    return typer.Option([], "--pacs", metavar="KEY=VALUE", help=(
+        "DICOM networking setting (repeatable): uid_root, token_env, timeout_s, retries, backoff_s, max_series_mb, "
+        "idle_s, max_queue, max_incoming_mb, allowed_calling_aets, send_retries; defaults: the model's pacs section."))
+
+
+def _select_option():
+    return typer.Option([], "--select", metavar="KEY=VALUE", help=(
+        "Series selection rule (repeatable): modalities, description_regex, min_slices, orientation; defaults: the "
+        "model's inference.series_selection."))
+
+
+def _pacs_settings(cfg, pacs: List[str], select: List[str]):
+    """The model's config with the command's --pacs and --select overrides (validated)."""
+    from medseg.config import with_overrides
+
+    cfg = with_overrides(cfg, "pacs", pacs, "--pacs")
+    return with_overrides(cfg, "inference.series_selection", select, "--select")
+
+
 @app.command()
 def predict(
-    input: Path = typer.Option(..., "--input", "-i", help="An image file, a DICOM series folder, or a folder of cases (image files and DICOM series)."),
+    input: str = typer.Option(..., "--input", "-i", help="An image file, a DICOM series folder, a folder of cases (image files and DICOM series), or a DICOMweb study URL http(s)://host:port/dicom-web/studies/<StudyInstanceUID>."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: not inside an input folder, nor the folder of an input file (a folder beside it is fine)."),
     model: List[Path] = typer.Option(..., "--model", "-m", help="Model folder from `medseg train`; repeat for an ensemble (probabilities averaged)."),
-    output_type: str = typer.Option("nifti", "--output-type", "-t", help="nifti, or dicom-seg for DICOM inputs."),
+    output_type: str = typer.Option("nifti", "--output-type", "-t", help="nifti; for DICOM inputs dicom-seg, rtstruct, or dicom-seg,rtstruct (both)."),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
@@ -265,15 +286,29 @@ def predict(
     threads: str = _threads_option(),
     qc: Optional[bool] = typer.Option(None, "--qc/--no-qc", help="Quality control per case: verdict ok/review with reasons in manifest.json (default: the model's inference.qc.enabled)."),
     save_uncertainty: bool = typer.Option(False, "--save-uncertainty", help="Also write the voxel uncertainty map (uncertainty/, NIfTI 0..1) on the input grid; --preview then shows it."),
+    push: Optional[str] = typer.Option(None, "--push", metavar="[URL]", help="DICOMweb input: store the DICOM results by STOW-RS on the same server (--push alone) or on another DICOMweb root (--push URL)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="DICOMweb bearer token from this file (first line); otherwise from $MEDSEG_DICOMWEB_TOKEN (pacs.token_env). Never give a token on the command line."),
+    ca_bundle: Optional[Path] = typer.Option(None, "--ca-bundle", help="CA certificates (PEM) that sign the DICOMweb server's TLS certificate; verification is always on."),
+    pacs: List[str] = _pacs_option(),
+    select: List[str] = _select_option(),
 ) -> None:
-    """Segment a file, a DICOM series or a folder of cases; writes labels on each input's grid, manifest.json and
-    provenance.json. Exit code 1 when any case failed."""
+    """Segment a file, a DICOM series, a folder of cases or a DICOMweb study; writes labels on each input's grid,
+    manifest.json and provenance.json. Exit code 1 when any case failed (or a push failed)."""
     from medseg.errors import require_exists
     from medseg.inference.discovery import parse_shard
     from medseg.inference.predictor import Predictor
     from medseg.inference.runner import RunOptions, predict_folder
+    from medseg.pacs.dicomweb import is_url, parse_endpoint, predict_study, read_token
 
-    require_exists(input, "input")
+    web = is_url(input)
+    if web:
+        parse_endpoint(input, need_study=True)
+        if push not in (None, "same"):
+            parse_endpoint(push, need_study=False)
+    else:
+        require_exists(Path(input), "input")
+        if push is not None:
+            raise MedsegError("DICOMWEB_URL_INVALID", "--push needs a DICOMweb study URL as input (-i http(s)://...)")
     _claim_threads(threads)
     options = RunOptions(
         overwrite=overwrite, resume=resume, shard=parse_shard(shard), output_type=output_type,
@@ -283,14 +318,29 @@ def predict(
     predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta, fast=fast,
                                          overlap=overlap)
     options.dicom = _dicom_tolerances(predictor.cfg, dicom)
-    results = predict_folder(predictor, input, out, options=options)
+    settings = _pacs_settings(predictor.cfg, pacs, select)
+    options.uid_root = settings.pacs.uid_root
+    if web:
+        results = predict_study(predictor, input, out, options, settings.pacs, settings.inference.series_selection,
+                                token=read_token(settings.pacs, token_file), ca_bundle=ca_bundle, push=push)
+    else:
+        results = predict_folder(predictor, Path(input), out, options=options)
+    _report_cases(results, out)
+
+
+def _report_cases(results, out: Path) -> None:
+    """The console summary of a prediction run; exit code 1 when a case (or its delivery) failed."""
     failed = [r for r in results if r.status == "failed"]
     skipped = [r for r in results if r.status == "skipped"]
+    undelivered = [r for r in results if r.delivery and r.delivery["status"] == "failed"]
     resumed = sum(r.resumed for r in results)
     typer.echo(
         f"{len(results) - len(failed) - len(skipped)} of {len(results)} case(s) written to {out}"
         + (f" ({resumed} already complete)" if resumed else "")
     )
+    delivered = [r for r in results if r.delivery and r.delivery["status"] == "ok"]
+    if delivered:
+        typer.echo(f"{len(delivered)} case(s) stored to {delivered[0].delivery['to']}")
     review = [r for r in results if r.qc and r.qc["verdict"] == "review"]
     if review:
         typer.echo(f"{len(review)} case(s) flagged for review (manifest.json; `medseg report {out}`): "
@@ -300,8 +350,59 @@ def predict(
         typer.echo(f"skipped: {r.case_id}: {r.error}", err=True)
     for r in failed:
         typer.echo(f"failed: {r.case_id}: {r.error}", err=True)
-    if failed:
+    for r in undelivered:
+        typer.echo(f"not delivered: {r.case_id}: {r.delivery['error']}", err=True)
+    if failed or undelivered:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: List[Path] = typer.Option(..., "--model", "-m", help="Model folder; repeat for an ensemble."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: results, manifest.json, and .incoming/ (received, unprocessed instances)."),
+    port: int = typer.Option(11112, "--port", "-p", min=0, max=65535, help="DICOM port to listen on (0: any free port, printed)."),
+    ae_title: str = typer.Option("MEDSEG", "--ae-title", help="This listener's AE title."),
+    dest: Optional[str] = typer.Option(None, "--dest", metavar="AE@HOST:PORT", help="C-STORE each series' DICOM results to this peer (e.g. the PACS)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 listens on every interface (see README 'PACS' security notes)."),
+    output_type: str = typer.Option("dicom-seg", "--output-type", "-t", help="dicom-seg, rtstruct, dicom-seg,rtstruct or nifti."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
+    allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted series instead of refusing them."),
+    dicom: List[str] = _dicom_option(),
+    threads: str = _threads_option(),
+    pacs: List[str] = _pacs_option(),
+    select: List[str] = _select_option(),
+) -> None:
+    """A DICOM listener (C-STORE SCP): segments each received series once it has been idle for pacs.idle_s seconds
+    and C-STOREs the results to --dest. Runs until SIGTERM/SIGINT, then finishes the case in progress."""
+    import signal
+
+    from medseg.inference.predictor import Predictor
+    from medseg.inference.runner import RunOptions
+    from medseg.pacs.listener import Listener, parse_dest
+
+    target = parse_dest(dest) if dest else None
+    _claim_threads(threads)
+    predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta)
+    settings = _pacs_settings(predictor.cfg, pacs, select)
+    options = RunOptions(overwrite=True, output_type=output_type, allow_tilt=allow_tilt, progress=False,
+                         dicom=_dicom_tolerances(predictor.cfg, dicom), uid_root=settings.pacs.uid_root)
+    from medseg.inference.outputs import parse_output_type
+
+    parse_output_type(output_type)
+    listener = Listener(predictor, out, settings.pacs, settings.inference.series_selection, options, ae_title=ae_title,
+                        host=host, port=port, dest=target)
+    listener.start()
+    typer.echo(f"listening as {ae_title} on {host}:{listener.port}" + (f"; results to {target}" if target else ""))
+    signal.signal(signal.SIGTERM, listener.request_stop)
+    signal.signal(signal.SIGINT, listener.request_stop)
+    listener.wait()
+    typer.echo("stopping: finishing the case in progress")
+    listener.stop()
+    c = listener.counts
+    typer.echo(f"stopped: {c['received']} instance(s) received, {c['series_done']} series processed, "
+               f"{c['refused']} refused, {c['malformed']} malformed, {c['aborted']} aborted association(s)")
 
 
 @app.command()
@@ -462,10 +563,21 @@ def demo(
         raise typer.Exit(1)
 
 
+def optional_push_value(args: List[str]) -> List[str]:
+    """``--push`` given without a URL (last, or followed by another option) means the input's own server: it is
+    passed on as ``--push same``."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg == "--push" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("same")
+    return out
+
+
 def main() -> None:
     """Console-script entry point: runs the app, turning medseg errors into one line and exit code 2."""
     try:
-        app()
+        app(args=optional_push_value(sys.argv[1:]))
     except MedsegError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         sys.exit(2)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medseg.errors import ConfigError, InputError
 
@@ -176,6 +176,27 @@ class QcConfig(_Strict):
     spacing_factor: float = Field(ge=1, description="a spacing outside [min / f, max * f] of training is reviewed")
 
 
+class SeriesSelectionConfig(_Strict):
+    """Which series of a study (DICOMweb, listener) are segmented; every series is recorded with the reason."""
+
+    modalities: list[str] = Field(description="DICOM Modality values accepted; empty = any")
+    description_regex: str = Field(description="regex searched (case-insensitive) in SeriesDescription; empty = any")
+    min_slices: int = Field(ge=1, description="image instances a series needs")
+    orientation: Literal["any", "axial", "coronal", "sagittal"] = Field(
+        description="main axis of the slice normal (from ImageOrientationPatient)")
+
+    @field_validator("description_regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+
 class InferenceConfig(_Strict):
     overlap: float = Field(ge=0, lt=1)
     sw_batch_size: int = Field(ge=1)
@@ -184,6 +205,7 @@ class InferenceConfig(_Strict):
     fast_overlap: float = Field(ge=0, lt=1, description="overlap used by --fast (which also turns TTA off)")
     amp: bool = Field(description="mixed precision for the network on CUDA")
     dicom: DicomConfig
+    series_selection: SeriesSelectionConfig
     postprocess: PostprocessConfig
     qc: QcConfig
 
@@ -224,6 +246,33 @@ class DistillConfig(_Strict):
     weight: float = Field(ge=0, le=1, description="share of the distillation term; 0 = plain training")
 
 
+class PacsConfig(_Strict):
+    """DICOM networking (``medseg predict -i URL``, ``--push``, ``medseg serve``) and the identity of derived DICOM
+    objects; ``--pacs KEY=VALUE`` overrides a key for one command."""
+
+    uid_root: str = Field(description="new SEG/RTSTRUCT UIDs are generated under this prefix (your organisation's root)")
+    token_env: str = Field(description="environment variable holding a DICOMweb bearer token (or --token-file)")
+    timeout_s: float = Field(gt=0, description="seconds without an answer before a DICOMweb request fails")
+    retries: int = Field(ge=0, description="retries of a failed connection or a 502/503/504 answer")
+    backoff_s: float = Field(ge=0, description="first wait between retries, doubled each time")
+    max_series_mb: float = Field(gt=0, description="a series larger than this is refused (download or listener)")
+    idle_s: float = Field(gt=0, description="listener: a series is complete when no instance came for this long")
+    max_queue: int = Field(ge=1, description="listener: complete series waiting for segmentation; more are refused")
+    max_incoming_mb: float = Field(gt=0, description="listener: disk held by received, unprocessed instances")
+    allowed_calling_aets: list[str] = Field(description="listener: calling AE titles accepted; empty = any")
+    send_retries: int = Field(ge=0, description="listener: retries of the C-STORE of a result to --dest")
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.", value) or len(value) > 40:
+            raise ValueError("not a UID prefix: digits and dots ending in '.', at most 40 characters "
+                             "(the generated part needs the rest of the 64)")
+        return value
+
+
 class Config(_Strict):
     """The complete, validated configuration of a run."""
 
@@ -238,6 +287,7 @@ class Config(_Strict):
     evaluation: EvaluationConfig
     tracking: TrackingConfig
     distill: DistillConfig
+    pacs: PacsConfig
 
 
 def presets_dir() -> Path:
@@ -387,13 +437,23 @@ def dicom_settings(cfg: Config | None, assignments: Sequence[str] = ()) -> Dicom
     Raises:
         ConfigError: ``CONFIG_BAD_OVERRIDE``, ``CONFIG_UNKNOWN_KEY`` or ``CONFIG_INVALID_VALUE``.
     """
+    return with_overrides(cfg, "inference.dicom", assignments, "--dicom").inference.dicom
+
+
+def with_overrides(cfg: Config | None, section: str, assignments: Sequence[str], flag: str) -> Config:
+    """``cfg`` (``base.yaml``'s when ``None``) with ``KEY=VALUE`` overrides of one dotted ``section`` (a command's
+    ``--dicom``, ``--pacs`` or ``--select`` flag), validated by the schema.
+
+    Raises:
+        ConfigError: ``CONFIG_BAD_OVERRIDE``, ``CONFIG_UNKNOWN_KEY`` or ``CONFIG_INVALID_VALUE``.
+    """
     tree = config_to_dict(cfg if cfg is not None else load_config())
     for assignment in assignments:
-        tree = apply_override(tree, f"inference.dicom.{assignment.strip()}")
+        tree = apply_override(tree, f"{section}.{assignment.strip()}")
     try:
-        return Config.model_validate(tree).inference.dicom
+        return Config.model_validate(tree)
     except ValidationError as exc:
-        raise _format_validation_error(exc, "--dicom") from None
+        raise _format_validation_error(exc, flag) from None
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

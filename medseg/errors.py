@@ -50,9 +50,9 @@ CODES: dict[str, str] = {
     "DICOM_DUPLICATE_POSITION": "Two slices of a series at one position (echoes, phases or repeats mixed).",
     "DICOM_SLICE_GAP": "A slice step more than 5 % (or 0.1 mm, never half a step) off the median: a missing slice.",
     "DICOM_GANTRY_TILT": "A sheared stack (a slice more than a quarter pixel off the normal); --allow-tilt resamples.",
-    "DICOM_SEG_NO_SOURCE": "DICOM-SEG output asked for an input that is not a DICOM series.",
-    "DICOM_SEG_GRID_MISMATCH": "A label map that is not on its source series' grid, writing DICOM-SEG.",
-    "DICOM_SEG_LABELS": "A label value without a name, writing DICOM-SEG.",
+    "DICOM_SEG_NO_SOURCE": "DICOM-SEG or RTSTRUCT output asked for an input that is not a DICOM series.",
+    "DICOM_SEG_GRID_MISMATCH": "A label map that is not on its source series' grid, writing DICOM-SEG or RTSTRUCT.",
+    "DICOM_SEG_LABELS": "A label value without a name, writing DICOM-SEG or RTSTRUCT.",
     # datasets
     "DATASET_JSON_MISSING": "A dataset folder in none of the known layouts (dataset.json, dataset.csv, images/+labels/).",
     "DATASET_JSON_INVALID": "A dataset.json or CSV manifest that cannot be parsed or lacks required entries.",
@@ -116,6 +116,28 @@ CODES: dict[str, str] = {
     "EVAL_UNKNOWN_CASES": "Cases asked for that have no reference label.",
     "EVAL_DIR_INVALID": "An evaluation folder without the files `medseg report` needs.",
     "PREDICTION_DIR_INVALID": "A prediction folder for `medseg report` without a readable manifest.json.",
+    # PACS: DICOMweb (predict -i URL, --push) and the DICOM listener (medseg serve)
+    "DICOMWEB_URL_INVALID": "An input or --push URL that is not http(s)://host[:port]/<root>/studies/<StudyInstanceUID> (or a DICOMweb root for --push).",
+    "DICOMWEB_TOKEN_INVALID": "A --token-file that cannot be read or is empty.",
+    "DICOMWEB_UNREACHABLE": "A DICOMweb server that refused or dropped the connection after every retry.",
+    "DICOMWEB_TIMEOUT": "A DICOMweb server that stopped answering (pacs.timeout_s), also in the middle of a download.",
+    "DICOMWEB_TLS": "A DICOMweb server whose TLS certificate is not trusted (--ca-bundle names a hospital CA).",
+    "DICOMWEB_UNAUTHORIZED": "HTTP 401: the server wants credentials, or the bearer token is wrong or expired.",
+    "DICOMWEB_FORBIDDEN": "HTTP 403: the credentials are valid but may not read (or store) this study.",
+    "DICOMWEB_STUDY_NOT_FOUND": "A StudyInstanceUID the DICOMweb server does not hold.",
+    "DICOMWEB_HTTP_ERROR": "Any other HTTP error status from a DICOMweb server.",
+    "DICOMWEB_PUSH_REJECTED": "A STOW-RS store the server refused, wholly or for some instances (the local outputs stay).",
+    "SERIES_NOT_SELECTED": "A series of a study left out by inference.series_selection (the reason is recorded).",
+    "SERIES_TOO_LARGE": "A series larger than pacs.max_series_mb (refused before download, or while receiving).",
+    "NO_SERIES_MATCHED": "A study in which no series matched inference.series_selection.",
+    "DEST_INVALID": "A --dest that is not AE@host:port, or a listener AE title/port that DICOM does not allow.",
+    "LISTENER_PORT_IN_USE": "A listener port that cannot be bound (in use, or privileged).",
+    "LISTENER_MALFORMED": "A received object that is not a usable DICOM instance (no SOP/series UID, undecodable); refused, recorded.",
+    "LISTENER_QUEUE_FULL": "A store refused because pacs.max_queue series wait for segmentation.",
+    "LISTENER_DISK_FULL": "A store refused because received instances hold pacs.max_incoming_mb of disk.",
+    "LISTENER_ABORTED": "An association aborted by the sender: what arrived is kept and processed when its series goes idle.",
+    "LISTENER_STOPPED": "A series received but not segmented when the listener stopped; kept for the next start.",
+    "DICOM_SEND_FAILED": "A result the listener could not C-STORE to --dest after its retries (the local output stays).",
 }
 
 #: Upper-case strings in medseg's code that are not error codes (environment variables, library settings).
@@ -123,6 +145,7 @@ NOT_CODES = frozenset({
     "MEDSEG_DEBUG", "MEDSEG_THREADS", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "LOCAL_RANK", "WORLD_SIZE",
     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "LPS_TO_RAS",
+    "MEDSEG_DICOMWEB_TOKEN", "CLOSED_PLANAR", "AUTOMATIC", "RTSTRUCT", "MEDSEG",
 })
 
 

@@ -1,4 +1,4 @@
-"""What the folder runner writes for one case: the label map (NIfTI, PNG for 2D pictures, or DICOM-SEG),
+"""What the folder runner writes for one case: the label map (NIfTI, PNG for 2D pictures, DICOM-SEG and/or RTSTRUCT),
 optional float16 probabilities, a three-plane preview and label volumes. Every file is written atomically.
 """
 
@@ -13,27 +13,53 @@ from medseg.io.image2d import is_image2d
 from medseg.io.nifti import write_nifti
 from medseg.io.volume import Volume
 
-OUTPUT_TYPES = ("nifti", "dicom-seg")
+FORMATS = ("nifti", "dicom-seg", "rtstruct")
+OUTPUT_TYPES = ("nifti", "dicom-seg", "rtstruct", "dicom-seg,rtstruct")  # the documented values of --output-type
+RTSTRUCT_SUFFIX = ".rtstruct.dcm"
 
 
-def label_path(out_dir: Path, case_id: str, source: Path, dicom: bool, output_type: str) -> Path:
-    """Where a case's label map goes: ``<case>.dcm`` (DICOM-SEG for DICOM inputs when asked), ``<case>.png``
-    for 2D pictures, else ``<case>.nii.gz``."""
-    if dicom and output_type == "dicom-seg":
-        return out_dir / f"{case_id}.dcm"
+def parse_output_type(text: str) -> tuple[str, ...]:
+    """``"dicom-seg,rtstruct"`` -> ``("dicom-seg", "rtstruct")``.
+
+    Raises:
+        InputError: ``OUTPUT_TYPE_INVALID`` for an unknown or empty format.
+    """
+    from medseg.errors import InputError
+
+    formats = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
+    if not formats or any(f not in FORMATS for f in formats) or ("nifti" in formats and len(formats) > 1):
+        raise InputError("OUTPUT_TYPE_INVALID", f"unknown output type {text!r}", f"use one of {', '.join(OUTPUT_TYPES)}")
+    return formats
+
+
+def label_paths(out_dir: Path, case_id: str, source: Path, dicom: bool, output_type: str) -> dict[str, Path]:
+    """Where a case's label maps go, by kind: ``labels`` is ``<case>.dcm`` (DICOM-SEG) or ``<case>.rtstruct.dcm``
+    (RTSTRUCT only) for DICOM series when asked, ``<case>.png`` for 2D pictures, else ``<case>.nii.gz``; with both
+    DICOM formats the RTSTRUCT is ``rtstruct``."""
+    formats = parse_output_type(output_type)
+    if dicom and "dicom-seg" in formats:
+        paths = {"labels": out_dir / f"{case_id}.dcm"}
+        if "rtstruct" in formats:
+            paths["rtstruct"] = out_dir / f"{case_id}{RTSTRUCT_SUFFIX}"
+        return paths
+    if dicom and "rtstruct" in formats:
+        return {"labels": out_dir / f"{case_id}{RTSTRUCT_SUFFIX}"}
     if not dicom and isinstance(source, Path) and is_image2d(source):
-        return out_dir / f"{case_id}.png"
-    return out_dir / f"{case_id}.nii.gz"
+        return {"labels": out_dir / f"{case_id}.png"}
+    return {"labels": out_dir / f"{case_id}.nii.gz"}
 
 
-def write_labels(labels: Volume, target: Path, source_volume: Volume, label_names: dict[int, str], model_name: str) -> None:
-    """Writes the label map to ``target`` in the format its ending names."""
-    if target.suffix == ".dcm":
+def write_labels(labels: Volume, target: Path, source_volume: Volume, label_names: dict[int, str], producer) -> None:
+    """Writes the label map to ``target`` in the format its ending names (``producer``: the
+    :class:`medseg.io.dicom_derived.Producer` recorded in DICOM outputs)."""
+    if target.name.endswith(RTSTRUCT_SUFFIX):
+        from medseg.io.rtstruct import write_rtstruct
+
+        write_rtstruct(labels, source_volume, target, label_names, producer)
+    elif target.suffix == ".dcm":
         from medseg.io.dicom_seg import write_dicom_seg
 
-        import medseg
-
-        write_dicom_seg(labels, source_volume, target, label_names, algorithm=model_name, algorithm_version=medseg.__version__)
+        write_dicom_seg(labels, source_volume, target, label_names, producer)
     elif target.suffix == ".png":
         from PIL import Image
 

@@ -29,10 +29,11 @@ from medseg.errors import InputError, MedsegError, OutputError
 from medseg.fsutil import atomic_write, sha256_file, versions
 from medseg.inference.discovery import CaseInput, discover, shard
 from medseg.inference.outputs import (
-    OUTPUT_TYPES, hashes, label_path, label_volumes_ml, write_labels, write_preview, write_probabilities,
+    hashes, label_paths, label_volumes_ml, parse_output_type, write_labels, write_preview, write_probabilities,
     write_uncertainty,
 )
 from medseg.inference.predictor import Prediction, Predictor
+from medseg.io.dicom_derived import PYDICOM_ROOT, producer_for
 from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, DicomTolerances
 from medseg.io.readers import case_id as case_id_of
 from medseg.io.readers import read_channels, read_volume
@@ -58,6 +59,7 @@ class RunOptions:
     dicom: DicomTolerances = DEFAULT_TOLERANCES  # when a slice stack is one volume
     save_uncertainty: bool = False  # uncertainty/<case>.nii.gz: normalised entropy on the input grid
     qc: bool | None = None  # QC verdict per case (None: the model's inference.qc.enabled)
+    uid_root: str = PYDICOM_ROOT  # new DICOM-SEG / RTSTRUCT UIDs under this prefix (pacs.uid_root)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class CaseResult:
     resumed: bool = False
     notes: list[str] = field(default_factory=list)
     qc: dict | None = None  # verdict ("ok" | "review"), score, reasons, signals (medseg.qc)
+    delivery: dict | None = None  # results sent on (STOW-RS --push, the listener's C-STORE): status, code, seconds
 
 
 @dataclass
@@ -161,8 +164,7 @@ def predict_folder(predictor: Predictor, inputs: Path, out_dir: Path, overwrite:
         OutputError: ``OUTPUT_INSIDE_INPUT``.
     """
     options = options or RunOptions(overwrite=overwrite)
-    if options.output_type not in OUTPUT_TYPES:
-        raise InputError("OUTPUT_TYPE_INVALID", f"unknown output type {options.output_type!r}", f"use one of {OUTPUT_TYPES}")
+    parse_output_type(options.output_type)
     found = discover(inputs)
     check_output_location(Path(inputs), out_dir)
     cases = shard(found.cases, *options.shard)
@@ -212,18 +214,23 @@ def _load(case: CaseInput, options: RunOptions) -> tuple[Volume, float]:
 
 
 def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, options: RunOptions,
-              ignored: dict[str, int] | None = None) -> list[CaseResult]:
+              ignored: dict[str, int] | None = None, *, prior: list[CaseResult] | None = None,
+              extra: dict | None = None) -> list[CaseResult]:
     """Predicts ``cases`` into ``out_dir``; writes the manifest after each case and ``provenance.json``.
 
+    Args:
+        prior: Results of earlier calls kept at the head of the manifest (the listener's cumulative manifest).
+        extra: More top-level manifest entries (``source`` of a DICOMweb study, the listener's ``events``).
+
     Returns:
-        One :class:`CaseResult` per case, in order.
+        One :class:`CaseResult` per case, in order (``prior`` first).
     """
     from medseg.progress import progress_bar
 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     previous = _previous(out_dir, options)
-    results: list[CaseResult] = []
+    results: list[CaseResult] = list(prior or [])
     todo: list[tuple[CaseInput, CaseResult]] = []
     for case in cases:
         result = CaseResult(case.case_id, case.recorded or case.path.name, case.status,
@@ -237,7 +244,7 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
         todo.append((case, result))
 
     def save_manifest() -> None:
-        _write_manifest(out_dir, options, predictor, results, ignored or {})
+        write_manifest(out_dir, options, predictor, results, ignored or {}, extra)
 
     pending_writes: list[tuple[Future, CaseResult]] = []
 
@@ -264,12 +271,14 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
                 if case.series is not None:
                     result.series_instance_uid = volume.meta.get("series_instance_uid")
                     result.slice_geometry = volume.meta.get("slice_geometry")
-                target = label_path(out_dir, case.case_id, case.path,
-                                    case.is_dicom, options.output_type)
-                if target.exists() and not (options.overwrite or case.case_id in previous):
-                    raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it (or --resume)")
-                if options.output_type == "dicom-seg" and not case.is_dicom:
-                    result.notes.append("DICOM-SEG needs a DICOM input: wrote NIfTI")
+                targets = label_paths(out_dir, case.case_id, case.path, case.is_dicom, options.output_type)
+                for target in targets.values():
+                    if target.exists() and not (options.overwrite or case.case_id in previous):
+                        raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it (or --resume)")
+                if options.output_type != "nifti" and not case.is_dicom:
+                    kinds = " and ".join({"dicom-seg": "DICOM-SEG", "rtstruct": "RTSTRUCT"}[f]
+                                         for f in parse_output_type(options.output_type))
+                    result.notes.append(f"{kinds} needs a DICOM input: wrote NIfTI")
                 t = time.perf_counter()
                 prediction = predictor.predict_case(volume, probabilities=options.save_probabilities, on_window=on_window,
                                                     qc=options.qc, uncertainty=options.save_uncertainty)
@@ -281,7 +290,7 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
                     result.notes.append(f"post-processing: {prediction.stats['postprocess']}")
                 if options.stats:
                     result.volumes_ml = label_volumes_ml(prediction.labels, predictor.labels)
-                pending_writes.append((writer.submit(_write_case, predictor, volume, prediction, target, case.case_id,
+                pending_writes.append((writer.submit(_write_case, predictor, volume, prediction, targets, case.case_id,
                                                      options, start), result))
             except MedsegError as exc:
                 result.status, result.error_code, result.error = "failed", exc.code, exc.one_line()
@@ -300,14 +309,16 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
     return results
 
 
-def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, target: Path, case: str,
+def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, targets: dict[str, Path], case: str,
                 options: RunOptions, start: float) -> WriteOutcome:
     """Writes one case's outputs (background thread) and returns what happened; it never touches a result."""
     try:
         t = time.perf_counter()
-        name = predictor.members[0].model_dir.name
-        write_labels(prediction.labels, target, volume, predictor.labels, name)
-        written = {"labels": target}
+        producer = producer_for(predictor, options.uid_root)
+        for target in targets.values():
+            write_labels(prediction.labels, target, volume, predictor.labels, producer)
+        written = dict(targets)
+        target = targets["labels"]
         if prediction.probabilities is not None:
             written["probabilities"] = target.parent / "probabilities" / f"{case}.npz"
             write_probabilities(prediction.probabilities, written["probabilities"], predictor.labels)
@@ -328,8 +339,8 @@ def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, ta
     return WriteOutcome("failed", round(time.perf_counter() - start, 3), code, error)
 
 
-def _write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, results: list[CaseResult],
-                    ignored: dict[str, int]) -> None:
+def write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, results: list[CaseResult],
+                    ignored: dict[str, int], extra: dict | None = None) -> None:
     manifest = {
         "model": [m.model_dir.resolve().name for m in predictor.members],  # folder names only
         "shard": list(options.shard),
@@ -338,7 +349,9 @@ def _write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, re
         "n_skipped": sum(r.status == "skipped" for r in results),
         "n_pending": sum(r.status == "pending" for r in results),
         "n_review": sum(bool(r.qc) and r.qc["verdict"] == "review" for r in results),
+        "n_delivery_failed": sum(bool(r.delivery) and r.delivery["status"] == "failed" for r in results),
         "ignored_files": ignored,
+        **(extra or {}),
         "cases": [asdict(r) for r in results],
     }
     text = json.dumps(manifest, indent=2) + "\n"
