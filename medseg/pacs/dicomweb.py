@@ -205,11 +205,16 @@ def pull_study(endpoint: Endpoint, out_dir: Path, settings: PacsConfig, rules: S
                 raise error from None
             info = SeriesInfo(uid, "", "", 0, 0, None, 0)
             pulled.failed.append((info, error))
+            pulled.series.append({"series": info.uid_hash, "status": "failed", "code": error.code, "reason": error.message})
             continue
         info = info_from_json(uid, metadata)
         code, reason = verdict(info, rules, max_bytes)
         record = {"series": info.uid_hash, "modality": info.modality, "images": info.n_images,
                   "instances": info.n_instances, "orientation": info.orientation}
+        if code == "SERIES_TOO_LARGE":  # it matched the rules: a failure, not a choice
+            pulled.failed.append((info, InputError(code, reason, "raise pacs.max_series_mb (--pacs max_series_mb=...)")))
+            pulled.series.append({**record, "status": "failed", "code": code, "reason": reason})
+            continue
         if code:
             pulled.skipped.append((info, code, reason))
             pulled.series.append({**record, "status": "skipped", "code": code, "reason": reason})

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_helpers import CANARY_ID, CANARY_NAME
+from dicom_helpers import CANARY_ID, CANARY_NAME, tool
 from pacs_helpers import rtstruct_masks, write_study
 
 from medseg.io.dicom import read_dicom
@@ -89,6 +89,11 @@ def test_pull_predict_push_reads_back_seg_and_rtstruct(orthanc_server, tiny_data
     assert rt.PatientID == CANARY_ID  # the required patient module is copied (and nothing outside the module list)
     assert "InstitutionName" not in rt and "InstitutionName" not in seg
     (tmp_path / "rt.dcm").write_bytes(orthanc_server.file(rt_instances[0]["id"]))
+    (tmp_path / "seg.dcm").write_bytes(orthanc_server.file(seg_instances[0]["id"]))
+    if tool("dciodvfy"):  # both, as stored in the PACS, are valid to an independent checker
+        for name in ("rt.dcm", "seg.dcm"):
+            check = subprocess.run([tool("dciodvfy"), str(tmp_path / name)], capture_output=True, text=True)
+            assert "Error" not in check.stdout + check.stderr, (name, check.stderr)
     masks = rtstruct_masks(study.ct_folder, tmp_path / "rt.dcm")
     for value, name in ((1, "organ"), (2, "lesion")):
         reference = expected == value
