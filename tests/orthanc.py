@@ -21,6 +21,19 @@ def available() -> bool:
     return shutil.which(BINARY) is not None or Path("/usr/sbin/Orthanc").is_file()
 
 
+def require() -> None:
+    """Skips the calling test where Orthanc is not installed; fails it instead with MEDSEG_REQUIRE_ORTHANC=1 (CI)."""
+    import os
+
+    import pytest
+
+    if not available():
+        message = "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)"
+        if os.environ.get("MEDSEG_REQUIRE_ORTHANC") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,6 @@ with MEDSEG_REQUIRE_ORTHANC=1 as in CI)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import orthanc
@@ -12,10 +11,7 @@ import pytest
 
 @pytest.fixture
 def orthanc_server(tmp_path: Path):
-    if not orthanc.available():
-        if os.environ.get("MEDSEG_REQUIRE_ORTHANC") == "1":
-            pytest.fail("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
-        pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    orthanc.require()
     server = orthanc.start(tmp_path / "orthanc")
     yield server
     server.stop()

@@ -130,8 +130,7 @@ def test_missing_slice_and_size_cap_are_failed_cases_and_nothing_is_left_behind(
 
 
 def test_401_from_a_server_that_wants_credentials(tmp_path: Path, predictor):
-    if not orthanc.available():
-        pytest.skip("Orthanc is not installed")
+    orthanc.require()
     server = orthanc.start(tmp_path / "orthanc", users={"alice": "secret"})
     try:
         url = f"{server.dicomweb}/studies/1.2.3"
