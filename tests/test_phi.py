@@ -6,8 +6,9 @@ all run over canary-carrying inputs, given by absolute paths as users type them,
 read the way its format stores text: gzip and zip members (.nii.gz, .npz, .pt) decompressed, PDF streams
 inflated, PNG text chunks decoded, the SQLite MLflow store read raw.
 
-Two deliberate exceptions, both tested elsewhere: DICOM-SEG outputs repeat their source's patient module so that
-a PACS files them with the right patient (tests/io/test_dicom.py); the run folder's own ``config.yaml`` keeps
+Two deliberate exceptions, both tested elsewhere: DICOM-SEG and RTSTRUCT outputs repeat their source's patient module
+so that a PACS files them with the right patient (tests/io/test_dicom.py, tests/io/test_rtstruct.py; the PACS
+tests check manifests and consoles for the canary); the run folder's own ``config.yaml`` keeps
 ``data.dataset`` as the user gave it, so that ``--resume`` finds the data (here: asserted to be the only place,
 and absent from the model folder, MLflow params and artifacts)."""
 
