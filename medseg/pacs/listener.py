@@ -174,14 +174,24 @@ class Listener:
 
     def _recover(self) -> None:
         """Series left in ``.incoming`` by an earlier run (stopped, crashed) are processed after ``idle_s``."""
+        import pydicom
+
         self.incoming.mkdir(parents=True, exist_ok=True)
         for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
             files = [f for f in folder.iterdir() if f.suffix == ".dcm"]
             for f in folder.glob(".*.partial"):
                 f.unlink()
+            key = None
+            for f in files:  # keyed by its series UID, so that more instances of it join this folder
+                try:
+                    key = str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                              .SeriesInstanceUID)
+                    break
+                except Exception:  # noqa: BLE001 - an unreadable leftover is processed (and recorded) as it is
+                    continue
             if files:
-                self._series[f"recovered:{folder.name}"] = _Series(folder, time.monotonic(), len(files),
-                                                                   sum(f.stat().st_size for f in files))
+                self._series[key or f"recovered:{folder.name}"] = _Series(folder, time.monotonic(), len(files),
+                                                                          sum(f.stat().st_size for f in files))
             else:
                 shutil.rmtree(folder, ignore_errors=True)
 

@@ -148,6 +148,9 @@ def test_listener_bounds_queue_and_disk_rejects_unknown_callers_and_resumes_afte
     assert pending["status"] == "pending" and pending["error_code"] == "LISTENER_STOPPED"
     assert len(list((out / ".incoming").glob("*/*.dcm"))) == len(study.ct)  # kept for the next start
 
+    probe = listener(predictor, out)
+    probe._recover()  # a left-over series is keyed by its UID: more of its instances would join it
+    assert list(probe._series) == [pydicom.dcmread(study.ct[0]).SeriesInstanceUID]
     second = listener(predictor, out, idle_s=0.2, max_incoming_mb=0.001)
     second.start()
     try:
