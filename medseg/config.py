@@ -256,10 +256,11 @@ class PacsConfig(_Strict):
     retries: int = Field(ge=0, description="retries of a failed connection or a 502/503/504 answer")
     backoff_s: float = Field(ge=0, description="first wait between retries, doubled each time")
     max_series_mb: float = Field(gt=0, description="a series larger than this is refused (download or listener)")
+    max_study_mb: float = Field(gt=0, description="DICOMweb: selected series larger than this together are not downloaded")
     idle_s: float = Field(gt=0, description="listener: a series is complete when no instance came for this long")
     max_queue: int = Field(ge=1, description="listener: complete series waiting for segmentation; more are refused")
     max_incoming_mb: float = Field(gt=0, description="listener: disk held by received, unprocessed instances")
-    allowed_calling_aets: list[str] = Field(description="listener: calling AE titles accepted; empty = any")
+    allowed_calling_aets: list[str] = Field(description="listener: calling AE titles accepted; empty = any (others: LISTENER_CALLER_REJECTED)")
     send_retries: int = Field(ge=0, description="listener: retries of the C-STORE of a result to --dest")
 
     @field_validator("uid_root")

@@ -174,7 +174,8 @@ def _series_uid(item: dict) -> str:
 def pull_study(endpoint: Endpoint, out_dir: Path, settings: PacsConfig, rules: SeriesSelectionConfig,
                http_session) -> PulledStudy:
     """Searches the study's series, applies ``rules`` and downloads every selected series into
-    ``out_dir/.dicomweb-download/<uid hash>/``.
+    ``out_dir/.dicomweb-download/<uid hash>/`` (none when together they exceed ``pacs.max_study_mb``: each is then
+    a ``STUDY_TOO_LARGE`` failure).
 
     Raises:
         InputError: ``DICOMWEB_*`` for a server that cannot be used at all (unreachable, 401, 403, TLS, timeout);
@@ -195,6 +196,7 @@ def pull_study(endpoint: Endpoint, out_dir: Path, settings: PacsConfig, rules: S
     folder.mkdir(parents=True)
     pulled = PulledStudy(folder)
     max_bytes = settings.max_series_mb * 2**20
+    selected: list[tuple[SeriesInfo, dict]] = []
     for item in sorted(found, key=_series_uid):
         uid = _series_uid(item)
         try:
@@ -219,6 +221,16 @@ def pull_study(endpoint: Endpoint, out_dir: Path, settings: PacsConfig, rules: S
             pulled.skipped.append((info, code, reason))
             pulled.series.append({**record, "status": "skipped", "code": code, "reason": reason})
             continue
+        selected.append((info, record))
+    total = sum(info.bytes_estimate for info, _ in selected)
+    if total > settings.max_study_mb * 2**20:  # refused before any download
+        reason = (f"the selected series hold {total / 2**20:.0f} MB of pixels, more than pacs.max_study_mb "
+                  f"{settings.max_study_mb:g}")
+        for info, record in selected:
+            pulled.failed.append((info, InputError("STUDY_TOO_LARGE", reason, "raise pacs.max_study_mb or narrow --select")))
+            pulled.series.append({**record, "status": "failed", "code": "STUDY_TOO_LARGE", "reason": reason})
+        selected = []
+    for info, record in selected:
         t = time.perf_counter()
         try:
             size = _download_series(web, endpoint, info, folder / info.uid_hash, settings, max_bytes)

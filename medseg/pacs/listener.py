@@ -251,7 +251,7 @@ class Listener:
     def on_rejected(self, event) -> None:
         with self._lock:
             self.counts["rejected_associations"] += 1
-        self._event("DEST_INVALID", f"association from calling AE {str(event.assoc.requestor.ae_title).strip()!r} "
+        self._event("LISTENER_CALLER_REJECTED", f"association from calling AE {str(event.assoc.requestor.ae_title).strip()!r} "
                     "rejected (not in pacs.allowed_calling_aets)")
 
     # ------------------------------------------------------------------------------------------- processing

@@ -127,6 +127,9 @@ def test_missing_slice_and_size_cap_are_failed_cases_and_nothing_is_left_behind(
     assert not (tmp_path / "a" / ".dicomweb-download").exists() and not list((tmp_path / "a").glob("*.dcm"))
     [result] = run(predictor, url, tmp_path / "b", "pacs.max_series_mb=0.01")
     assert result.status == "failed" and result.error_code == "SERIES_TOO_LARGE"
+    [result] = run(predictor, url, tmp_path / "c", "pacs.max_study_mb=0.01")
+    assert result.status == "failed" and result.error_code == "STUDY_TOO_LARGE"
+    assert not list((tmp_path / "c").glob("*.dcm")) and not (tmp_path / "c" / ".dicomweb-download").exists()
 
 
 def test_401_from_a_server_that_wants_credentials(tmp_path: Path, predictor):

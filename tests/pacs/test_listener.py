@@ -143,7 +143,7 @@ def test_listener_bounds_queue_and_disk_rejects_unknown_callers_and_resumes_afte
         first.stop()
     record = manifest(out)
     codes = [e["code"] for e in record["listener"]["events"]]
-    assert "LISTENER_QUEUE_FULL" in codes and "DEST_INVALID" in codes, codes
+    assert "LISTENER_QUEUE_FULL" in codes and "LISTENER_CALLER_REJECTED" in codes, codes
     [pending] = record["cases"]
     assert pending["status"] == "pending" and pending["error_code"] == "LISTENER_STOPPED"
     assert len(list((out / ".incoming").glob("*/*.dcm"))) == len(study.ct)  # kept for the next start
