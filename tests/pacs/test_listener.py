@@ -53,13 +53,13 @@ def malformed() -> Dataset:
     return ds
 
 
-def wait_for(condition, timeout: float, what: str):
+def wait_for(condition, timeout: float, what: str, interval: float = 0.25):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.25)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -171,3 +171,20 @@ def test_parse_dest():
         with pytest.raises(Exception) as info:
             parse_dest(bad)
         assert getattr(info.value, "code", None) == "DEST_INVALID"
+
+
+def test_stop_finishes_the_case_in_progress(predictor, tiny_dataset, tmp_path: Path):
+    study = write_study(tmp_path / "study", tiny_dataset)
+    out = tmp_path / "out"
+    server = listener(predictor, out, idle_s=0.1)
+    server.start()
+    try:
+        assert set(send(server.port, [pydicom.dcmread(f) for f in study.ct])) == {0x0000}
+        wait_for(lambda: server._busy is not None, 30, "the series to be taken up", interval=0.002)
+    finally:
+        busy = server._busy is not None
+        server.request_stop()  # what SIGTERM does
+        server.stop()
+    assert busy  # the stop came while the series was being segmented
+    cases = manifest(out)["cases"]
+    assert [c["status"] for c in cases] == ["ok"] and (out / cases[0]["output"]).is_file()
