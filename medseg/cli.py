@@ -382,15 +382,15 @@ def serve(
     from medseg.inference.runner import RunOptions
     from medseg.pacs.listener import Listener, parse_dest
 
+    from medseg.inference.outputs import parse_output_type
+
+    parse_output_type(output_type)
     target = parse_dest(dest) if dest else None
     _claim_threads(threads)
     predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta)
     settings = _pacs_settings(predictor.cfg, pacs, select)
     options = RunOptions(overwrite=True, output_type=output_type, allow_tilt=allow_tilt, progress=False,
                          dicom=_dicom_tolerances(predictor.cfg, dicom), uid_root=settings.pacs.uid_root)
-    from medseg.inference.outputs import parse_output_type
-
-    parse_output_type(output_type)
     listener = Listener(predictor, out, settings.pacs, settings.inference.series_selection, options, ae_title=ae_title,
                         host=host, port=port, dest=target)
     listener.start()

@@ -103,7 +103,6 @@ def start(folder: Path, *, aet: str = "ORTHANC", users: dict[str, str] | None = 
         "StableAge": 1, "ConcurrentJobs": 1, "HttpVerbose": False, "StorageCompression": False,
         "SaveJobs": False, "LimitFindResults": 0, "OverwriteInstances": True,
     }
-    config = {k: v for k, v in config.items() if v is not None}
     (folder / "orthanc.json").write_text(json.dumps(config), encoding="utf-8")
     binary = shutil.which(BINARY) or "/usr/sbin/Orthanc"
     log = open(folder / "orthanc.log", "wb")

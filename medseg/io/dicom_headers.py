@@ -96,6 +96,11 @@ class Skipped:
     reason: str
 
 
+def uid_hash(uid: str, n: int = 10) -> str:
+    """Short, non-identifying name of a UID: the first ``n`` hex digits of its SHA-256."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:n]
+
+
 @dataclass
 class DicomSeries:
     """Slices sharing a SeriesInstanceUID, orientation and matrix size."""
@@ -107,7 +112,7 @@ class DicomSeries:
     @property
     def uid_hash(self) -> str:
         """Short, non-identifying name of the series (first 10 hex digits of SHA-256 of its UID)."""
-        return hashlib.sha256(self.uid.encode()).hexdigest()[:10]
+        return uid_hash(self.uid)
 
     @property
     def name(self) -> str:

@@ -22,7 +22,6 @@ instances), select its series, predict them as a folder would be, and push the r
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -33,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from medseg.config import PacsConfig, SeriesSelectionConfig
 from medseg.errors import InputError, MedsegError, OutputError
+from medseg.io.dicom_headers import uid_hash
 from medseg.pacs.selection import SeriesInfo, info_from_json, verdict
 
 log = logging.getLogger(__name__)
@@ -308,9 +308,6 @@ def series_case_id(info: SeriesInfo) -> str:
     return f"series_{info.uid_hash}"
 
 
-def study_label(study_uid: str) -> str:
-    """Short, non-identifying name of a study for logs (SHA-256 of its UID)."""
-    return hashlib.sha256(study_uid.encode()).hexdigest()[:10]
 
 
 def result_files(result, out_dir: Path) -> list[Path]:
@@ -350,7 +347,7 @@ def predict_study(predictor, url: str, out_dir: Path, options, settings: PacsCon
         for info, error in pulled.failed:
             cases.append(CaseInput(series_case_id(info), Path(info.uid_hash), status="failed", error_code=error.code,
                                    error=error.one_line(), recorded=f"DICOMweb series {info.uid_hash}"))
-        source = {"dicomweb": {"server": endpoint.display, "study": study_label(endpoint.study_uid),
+        source = {"dicomweb": {"server": endpoint.display, "study": uid_hash(endpoint.study_uid),
                                "download_s": pulled.seconds, "download_mb": round(pulled.bytes / 2**20, 3),
                                "series": pulled.series}}
         if target is not None:

@@ -28,7 +28,6 @@ malformed and aborted, and the recent events (each with its code, never patient 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from medseg.config import PacsConfig, SeriesSelectionConfig
 from medseg.errors import InputError, MedsegError
+from medseg.io.dicom_headers import uid_hash
 
 log = logging.getLogger(__name__)
 INCOMING = ".incoming"
@@ -79,10 +79,6 @@ def parse_dest(text: str) -> Destination:
     if not match or not 0 < int(match.group(3)) < 65536:
         raise InputError("DEST_INVALID", f"--dest {text!r} is not AE@host:port", "e.g. --dest ORTHANC@127.0.0.1:4242")
     return Destination(check_ae_title(match.group(1), "--dest AE title"), match.group(2).strip("[]"), int(match.group(3)))
-
-
-def _hash(text: str, n: int = 16) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
 def send_files(files: list[Path], dest: Destination, calling_ae: str, retries: int, backoff_s: float = 1.0) -> dict:
@@ -223,9 +219,9 @@ class Listener:
                 refusal = ("LISTENER_DISK_FULL", f"received files hold pacs.max_incoming_mb ({self.settings.max_incoming_mb:g} MB)")
             elif state is not None and state.bytes + size > self.settings.max_series_mb * 2**20:
                 state.refused = "SERIES_TOO_LARGE"
-                refusal = ("SERIES_TOO_LARGE", f"series {_hash(series_uid, 10)} exceeds pacs.max_series_mb")
+                refusal = ("SERIES_TOO_LARGE", f"series {uid_hash(series_uid)} exceeds pacs.max_series_mb")
             if refusal is None and state is None:
-                state = self._series[series_uid] = _Series(self.incoming / _hash(series_uid), time.monotonic())
+                state = self._series[series_uid] = _Series(self.incoming / uid_hash(series_uid, 16), time.monotonic())
             if refusal is None:
                 state.instances += 1
                 state.bytes += size
@@ -237,7 +233,7 @@ class Listener:
             self._event(refusal[0], f"refused an instance from {calling}: {refusal[1]}")
             return OUT_OF_RESOURCES
         state.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(state.folder / f"{_hash(sop_uid)}.dcm", lambda tmp: tmp.write_bytes(data))
+        atomic_write(state.folder / f"{uid_hash(sop_uid, 16)}.dcm", lambda tmp: tmp.write_bytes(data))
         with self._lock:
             state.last = time.monotonic()
         return SUCCESS
@@ -266,36 +262,38 @@ class Listener:
 
         write_manifest(self.out_dir, self.run_options, self.predictor, self.results, {}, self._extra())
 
-    def process(self, key: str, state: _Series) -> None:
+    def process(self, state: _Series) -> None:
         """Segments one complete series, sends its results and removes its received files."""
         from medseg.inference.discovery import CaseInput, discover
         from medseg.inference.runner import run_cases
         from medseg.pacs.dicomweb import result_files
-        from medseg.pacs.selection import info_from_headers, verdict
+        from medseg.pacs.selection import info_from_series, verdict
 
         import pydicom
 
         name = f"series_{state.folder.name[:10]}"
+
+        def unpredicted(status: str, code: str, error: str) -> list[CaseInput]:
+            return [CaseInput(name, state.folder, status=status, error_code=code, error=error, recorded=f"DICOM {name}")]
+
         try:
             if state.refused:
-                cases = [CaseInput(name, state.folder, status="failed", error_code=state.refused,
-                                   error=f"{state.refused}: series over pacs.max_series_mb; its instances were refused",
-                                   recorded=f"DICOM {name}")]
+                cases = unpredicted("failed", state.refused,
+                                    f"{state.refused}: series over pacs.max_series_mb; its instances were refused")
             else:
-                headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(state.folder.glob("*.dcm"))]
-                uid = str(headers[0].SeriesInstanceUID) if headers else key
-                code, reason = verdict(info_from_headers(uid, headers), self.rules, self.settings.max_series_mb * 2**20)
-                if code:
-                    cases = [CaseInput(name, state.folder, status="skipped", error_code=code, error=f"{code}: {reason}",
-                                       recorded=f"DICOM {name}")]
-                else:
-                    cases = discover(state.folder).cases
+                cases = discover(state.folder).cases
+                for case in cases:
+                    if case.series is None or case.status != "pending":
+                        continue
+                    header = pydicom.dcmread(case.path, stop_before_pixels=True, specific_tags=["SeriesDescription"])
+                    info = info_from_series(case.series, str(header.get("SeriesDescription", "")))
+                    code, reason = verdict(info, self.rules, self.settings.max_series_mb * 2**20)
+                    if code:
+                        case.status, case.error_code, case.error = "skipped", code, f"{code}: {reason}"
         except MedsegError as exc:
-            cases = [CaseInput(name, state.folder, status="failed", error_code=exc.code, error=exc.one_line(),
-                               recorded=f"DICOM {name}")]
+            cases = unpredicted("failed", exc.code, exc.one_line())
         except Exception as exc:  # noqa: BLE001 - the listener keeps going
-            cases = [CaseInput(name, state.folder, status="failed", error_code="INTERNAL_ERROR",
-                               error=f"INTERNAL_ERROR: {type(exc).__name__}", recorded=f"DICOM {name}")]
+            cases = unpredicted("failed", "INTERNAL_ERROR", f"INTERNAL_ERROR: {type(exc).__name__}")
         prior = list(self.results)
         try:
             self.results = run_cases(self.predictor, cases, self.out_dir, self.run_options, prior=prior, extra=self._extra())
@@ -317,23 +315,23 @@ class Listener:
         self._write_manifest()
         shutil.rmtree(state.folder, ignore_errors=True)
 
-    def _next_idle(self) -> tuple[str, _Series] | None:
+    def _next_idle(self) -> _Series | None:
         now = time.monotonic()
         with self._lock:
             for key, state in sorted(self._series.items(), key=lambda kv: kv[1].last):
                 if now - state.last >= self.settings.idle_s:
                     self._busy = key
-                    return key, self._series.pop(key)
+                    return self._series.pop(key)
         return None
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            item = self._next_idle()
-            if item is None:
+            state = self._next_idle()
+            if state is None:
                 self._stop.wait(0.2)
                 continue
             try:
-                self.process(*item)
+                self.process(state)
             finally:
                 with self._lock:
                     self._busy = None
@@ -399,8 +397,3 @@ class Listener:
 
     def request_stop(self, *_args) -> None:
         self._stop.set()
-
-    @property
-    def held_series(self) -> int:
-        with self._lock:
-            return len(self._series) + (self._busy is not None)

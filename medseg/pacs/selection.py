@@ -1,6 +1,6 @@
 """Which series of a study are segmented (``inference.series_selection``): modality, a description regex, a
 minimum number of image instances and the slice orientation. Every series gets a verdict with its reason, so the
-manifest says why a series was left out. Works on DICOM JSON metadata (DICOMweb) and on pydicom headers (listener).
+manifest says why a series was left out. Works on DICOM JSON metadata (DICOMweb) and on scanned series (listener).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ class SeriesInfo:
 
     @property
     def uid_hash(self) -> str:
-        import hashlib
+        from medseg.io.dicom_headers import uid_hash
 
-        return hashlib.sha256(self.uid.encode()).hexdigest()[:10]
+        return uid_hash(self.uid)
 
 
 def orientation_of(cosines) -> str | None:
@@ -70,19 +70,14 @@ def info_from_json(uid: str, instances: list[dict]) -> SeriesInfo:
     return SeriesInfo(uid, modality, description, n_images, len(instances), orientation, total)
 
 
-def info_from_headers(uid: str, headers: list) -> SeriesInfo:
-    """A :class:`SeriesInfo` from pydicom datasets (the listener's received instances)."""
-    modality = description = ""
-    n_images, orientation, total = 0, None, 0
-    for ds in headers:
-        modality = modality or str(ds.get("Modality", ""))
-        description = description or str(ds.get("SeriesDescription", ""))
-        if "Rows" in ds and "ImageOrientationPatient" in ds:
-            n_images += 1
-            orientation = orientation or orientation_of(ds.ImageOrientationPatient)
-            total += int(ds.Rows) * int(ds.Columns) * max(int(ds.get("BitsAllocated", 16)) // 8, 1) \
-                * int(ds.get("SamplesPerPixel", 1)) * int(ds.get("NumberOfFrames", 1) or 1)
-    return SeriesInfo(uid, modality, description, n_images, len(headers), orientation, total)
+def info_from_series(series, description: str) -> SeriesInfo:
+    """A :class:`SeriesInfo` from a scanned :class:`medseg.io.dicom_headers.DicomSeries` (the listener's received
+    series) and its SeriesDescription, which the scan does not keep."""
+    files = series.files
+    total = sum(f.rows * f.columns * max(f.bits_allocated // 8, 1) * f.samples * f.frames for f in files)
+    orientation = orientation_of(files[0].orientation) if files and files[0].orientation is not None else None
+    return SeriesInfo(series.uid, files[0].modality if files else "", description, len(files), len(files),
+                      orientation, total)
 
 
 def verdict(info: SeriesInfo, rules: SeriesSelectionConfig, max_bytes: float | None = None) -> tuple[str | None, str]:
