@@ -8,6 +8,11 @@ for them. Messages must never contain patient identifiers: name files by path or
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
 #: Every error code medseg reports, declared once with its meaning (``docs/errors.md`` is generated from it:
 #: ``python -m medseg.errors > docs/errors.md``; a test fails when code raises a code missing here).
 CODES: dict[str, str] = {
@@ -29,6 +34,10 @@ CODES: dict[str, str] = {
     "NIFTI_CORRUPT": "A NIfTI file that cannot be read: truncated, bad gzip stream, bad header.",
     "NIFTI_NONFINITE": "A NIfTI file with NaN or Inf voxels.",
     "METADATA_INVALID": "A subgroup metadata CSV for evaluation without a 'case' column.",
+    "INPUT_UNREADABLE": "An input that exists by name but cannot be read: a broken symbolic link, a link loop, a device, pipe or other non-regular file, or no read permission.",
+    "IMAGE_DTYPE_UNSUPPORTED": "An image whose voxel type medseg does not segment (complex, RGB24/RGBA32 records, float128, ...): refused, never silently converted.",
+    "AFFINE_NONFINITE": "An image whose voxel-to-world transform holds NaN or Inf (a damaged sform/qform or direction).",
+    "MODEL_GRID_TOO_LARGE": "An image that, resampled to the model's spacing, would exceed the memory cap (e.g. 1000 mm voxels): refused before resampling.",
     # DICOM
     "DICOM_UNREADABLE": "A DICOM file whose header cannot be parsed.",
     "DICOM_NOT_DICOM": "A file in a DICOM folder that is not DICOM (counted, not listed).",
@@ -53,6 +62,7 @@ CODES: dict[str, str] = {
     "DICOM_SEG_NO_SOURCE": "DICOM-SEG or RTSTRUCT output asked for an input that is not a DICOM series.",
     "DICOM_SEG_GRID_MISMATCH": "A label map that is not on its source series' grid, writing DICOM-SEG or RTSTRUCT.",
     "DICOM_SEG_LABELS": "A label value without a name, writing DICOM-SEG or RTSTRUCT.",
+    "DICOM_RESCALE_INVALID": "A DICOM slice whose RescaleSlope is 0, NaN or Inf, or whose RescaleIntercept is NaN or Inf (the voxels would be meaningless).",
     # datasets
     "DATASET_JSON_MISSING": "A dataset folder in none of the known layouts (dataset.json, dataset.csv, images/+labels/).",
     "DATASET_JSON_INVALID": "A dataset.json or CSV manifest that cannot be parsed or lacks required entries.",
@@ -68,13 +78,15 @@ CODES: dict[str, str] = {
     "LABEL_VALUES_UNEXPECTED": "A label map with values the dataset does not declare.",
     "SPLITS_MISMATCH": "A saved splits.json that does not fit the dataset or data.folds.",
     # configuration
-    "CONFIG_YAML_INVALID": "A config file that is not valid YAML.",
+    "CONFIG_YAML_INVALID": "A config file that is not valid YAML (or not UTF-8 text).",
+    "CONFIG_TOO_COMPLEX": "A config file (or --set value) beyond the parser's budget: larger than 1 MiB, nested more than 64 levels, or expanding through YAML aliases to more than 100,000 nodes (a 'billion laughs' file).",
     "CONFIG_UNKNOWN_KEY": "A config key (in a file or --set) that the schema does not know; the valid keys are listed.",
     "CONFIG_UNKNOWN_NAME": "An unknown name for a registry entry (model, loss, ...); the valid names are listed.",
     "CONFIG_MISSING_KEY": "A required setting or option that was not given.",
     "CONFIG_INVALID_VALUE": "A config or option value of the wrong type or out of range.",
     "CONFIG_BAD_OVERRIDE": "A --set that is not of the form key.sub=value.",
     "THREADS_INVALID": "A --threads (MEDSEG_THREADS) value that is neither 'auto' nor a positive integer.",
+    "OPTION_INVALID": "A command-line option or argument that is unknown, missing, malformed or out of range (the command's -h lists them).",
     "DEVICE_UNAVAILABLE": "A device (cuda, mps) that this machine does not have.",
     # training
     "TRAIN_NONFINITE_LOSS": "A NaN/Inf training loss (epoch, step and case IDs named); the best model is kept.",
@@ -103,9 +115,14 @@ CODES: dict[str, str] = {
     "EXPORT_PARITY_FAILED": "An exported network whose logits differ from PyTorch's by more than the tolerance.",
     "SHARD_INVALID": "A --shard that is not i/n with 0 <= i < n.",
     "PREDICTION_FAILED": "A workflow in which no case could be predicted.",
+    "OUT_OF_MEMORY": "The machine ran out of memory (an allocation failed) for this case or command.",
+    "RUN_INTERRUPTED": "The command was stopped by SIGINT (Ctrl-C) or SIGTERM; what was complete is recorded (--resume continues).",
     "INTERNAL_ERROR": "An unexpected error (a bug): one line; MEDSEG_DEBUG=1 shows the traceback.",
     # outputs
-    "OUTPUT_EXISTS": "An output that exists already; --overwrite replaces it (or --resume keeps it).",
+    "OUTPUT_EXISTS": "An output that exists already (or an output folder holding a finished run's manifest); --overwrite replaces it, --resume completes the run.",
+    "OUTPUT_IS_FILE": "An output folder (-o) that is an existing file, or an output file whose place is taken by a folder.",
+    "OUTPUT_NOT_WRITABLE": "An output location that cannot be written (read-only file system, no permission); checked before any work.",
+    "DISK_FULL": "The disk (or quota) holding the outputs is full; what was complete is kept and recorded.",
     "OUTPUT_INSIDE_INPUT": "An output folder inside an input folder, or the folder of an input file itself.",
     "OUTPUT_NAME_INVALID": "An output file name of a format that cannot be written there.",
     "OUTPUT_PATH_UNSAFE": "An output path that would leave the output folder.",
@@ -147,7 +164,7 @@ NOT_CODES = frozenset({
     "MEDSEG_DEBUG", "MEDSEG_THREADS", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "LOCAL_RANK", "WORLD_SIZE",
     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "LPS_TO_RAS",
-    "MEDSEG_DICOMWEB_TOKEN", "CLOSED_PLANAR", "AUTOMATIC", "RTSTRUCT", "MEDSEG",
+    "MEDSEG_DICOMWEB_TOKEN", "CLOSED_PLANAR", "AUTOMATIC", "RTSTRUCT", "MEDSEG", "SC_CLK_TCK",
 })
 
 
@@ -169,12 +186,13 @@ class MedsegError(Exception):
     def __reduce__(self):  # keep code and hint when raised in a worker process
         return (self.__class__, (self.code, self.message, self.hint))
 
-    def one_line(self) -> str:
-        """Returns the error as a single line: ``CODE: message (hint: ...)``."""
+    def one_line(self, roots: "Sequence[str | os.PathLike]" = ()) -> str:
+        """Returns the error as a single line: ``CODE: message (hint: ...)``, scrubbed of folder names
+        (:func:`scrub_paths`; paths under ``roots`` shown relative to them)."""
         text = f"{self.code}: {self.message}"
         if self.hint:
             text += f" (hint: {self.hint})"
-        return " ".join(text.split())
+        return scrub_paths(" ".join(text.split()), roots)
 
 
 class ConfigError(MedsegError):
@@ -201,6 +219,134 @@ class TrainingError(MedsegError):
     """Training cannot continue (non-finite loss, out of memory, ...)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (the CLI turns SIGTERM into this, so both stop alike): the command records what
+    is complete, then exits ``128 + signal``."""
+
+    def __init__(self, signum: int = 2) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# a quoted path (any quotes a library puts around a file name; spaces allowed inside) and a bare absolute path
+_QUOTED_PATH = re.compile(r"""(['"`])((?:[A-Za-z]:)?[^'"`\n]*[/\\][^'"`\n]*)\1""")
+_BARE_PATH = re.compile(r"""(?<![\w.~$/:-])(?:~|[A-Za-z]:)?/(?:[^\s'"`:;,()\[\]{}<>]+/?)*""")
+
+
+def _path_forms(path: "str | os.PathLike") -> set[str]:
+    forms = {str(path), os.path.abspath(path)}
+    try:
+        forms.add(str(Path(path).resolve()))
+    except (OSError, RuntimeError):  # a link loop
+        pass
+    return {f.rstrip("/\\") for f in forms if f and f not in (".", "/")}
+
+
+def _last_part(text: str) -> str:
+    name = re.split(r"[/\\]", text.rstrip("/\\"))[-1]
+    return name or "<path>"
+
+
+def scrub_paths(text: str, roots: "Sequence[str | os.PathLike]" = (), files: "Sequence[str | os.PathLike]" = ()) -> str:
+    """``text`` without folder names: what every message medseg records or shows passes through.
+
+    Input folders are often named after patients (PACS exports: ``DOE^JANE_19010203/``), and third-party libraries
+    put whole paths into their messages. A file in ``files`` becomes its name; a path under one of ``roots``
+    becomes relative to it (``roots`` themselves become ``<input>``); any other path (quoted, or absolute) keeps only
+    its last part.
+
+    >>> scrub_paths('cannot open "/data/DOE^JANE_19010203/ct 1.nii.gz": bad gzip', roots=["/data/DOE^JANE_19010203"])
+    'cannot open "ct 1.nii.gz": bad gzip'
+    >>> scrub_paths("No such file: '/srv/exports/SMITH^J/x.nrrd'")
+    "No such file: 'x.nrrd'"
+    """
+    for path in files:
+        for form in sorted(_path_forms(path), key=len, reverse=True):
+            text = text.replace(form, Path(path).name)
+    for root in roots:
+        for form in sorted(_path_forms(root), key=len, reverse=True):
+            text = text.replace(form + "/", "").replace(form + "\\", "").replace(form, "<input>")
+    text = _QUOTED_PATH.sub(lambda m: m.group(0) if "://" in m.group(2) else m.group(1) + _last_part(m.group(2)) + m.group(1),
+                            text)
+    return _BARE_PATH.sub(lambda m: _last_part(m.group(0)) if len(m.group(0)) > 1 else m.group(0), text)
+
+
+def describe(exc: BaseException, *files: "str | os.PathLike", roots: "Sequence[str | os.PathLike]" = (),
+             limit: int = 300) -> str:
+    """The one way a third-party exception's text enters medseg's messages and records: ``Type: first line``,
+    scrubbed of paths (:func:`scrub_paths`; ``files`` become their names) and cut to ``limit`` characters.
+
+    >>> describe(FileNotFoundError(2, "No such file or directory", "/home/DOE^JANE/scan.nii"))
+    "FileNotFoundError: [Errno 2] No such file or directory: 'scan.nii'"
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return scrub_paths(text, roots, files)[:limit]
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The medseg error (or allocation failure) that ``exc`` wraps, if any, else ``exc``: MONAI's ``Compose`` and
+    data loaders re-raise what a transform raised as ``RuntimeError(...) from error``, which must still reach the
+    user as the original coded error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (MedsegError, MemoryError)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return exc
+
+
+def require_file(path: "str | os.PathLike", what: str) -> Path:
+    """``path`` as a :class:`Path` when it is a regular, readable file.
+
+    Raises:
+        InputError: ``PATH_NOT_FOUND`` when nothing is there; ``INPUT_UNREADABLE`` for a broken symbolic link, a
+            link loop, a folder, device, pipe or socket, or a file this process may not read.
+    """
+    import stat
+
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise InputError("INPUT_UNREADABLE", f"{what} {p.name} is a broken symbolic link",
+                             "restore the file it points to, or remove the link") from None
+        raise InputError("PATH_NOT_FOUND", f"{what} not found: {p.name}", "check the path") from None
+    except OSError as exc:
+        raise InputError("INPUT_UNREADABLE", f"{what} {p.name} cannot be opened: {describe(exc, p)}",
+                         "a symbolic link loop or an unreachable mount?") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)"
+        raise InputError("INPUT_UNREADABLE", f"{what} {p.name} is {kind}", "give an image file")
+    if not os.access(p, os.R_OK):
+        raise InputError("INPUT_UNREADABLE", f"{what} {p.name} cannot be read (permission denied)",
+                         "check the file's permissions")
+    return p
+
+
+def from_os_error(exc: OSError, name: str | None = None) -> "MedsegError":
+    """An ``OSError`` met while writing ``name`` (default: the error's own file name), as the coded error a user
+    can act on (``DISK_FULL``, ``OUTPUT_NOT_WRITABLE``, ``OUTPUT_IS_FILE``; anything else ``OUTPUT_NOT_WRITABLE``
+    with the system's reason). Only the file's name is shown."""
+    import errno
+
+    name = name or (Path(str(exc.filename)).name if getattr(exc, "filename", None) else "output")
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG):
+        return OutputError("DISK_FULL", f"no space left writing {name}",
+                           "free disk space (or raise the quota), then rerun with --resume to keep what is complete")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return OutputError("OUTPUT_IS_FILE", f"cannot write {name}: {os.strerror(exc.errno).lower()}",
+                           "-o must name a folder (or a new file) where no file or folder of that name is in the way")
+    if exc.errno == errno.ENOMEM:
+        return MedsegError("OUT_OF_MEMORY", f"out of memory writing {name}", "free memory or use a smaller input")
+    reason = os.strerror(exc.errno).lower() if exc.errno else describe(exc)
+    return OutputError("OUTPUT_NOT_WRITABLE", f"cannot write {name}: {reason}",
+                       "choose an output folder on a writable disk where you have write permission")
+
+
 def require_exists(path: "str | object", what: str) -> None:
     """Raises :class:`InputError` ``PATH_NOT_FOUND`` when ``path`` does not exist.
 
@@ -215,6 +361,9 @@ def require_exists(path: "str | object", what: str) -> None:
 
     p = Path(str(path))
     if not p.exists():
+        if p.is_symlink():
+            raise InputError("INPUT_UNREADABLE", f"{what} {p.name} is a broken symbolic link",
+                             "restore the file it points to, or remove the link")
         raise InputError("PATH_NOT_FOUND", f"{what} not found: {p}", "check the path and the current directory")
 
 
