@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.errors import InputError, MedsegError, OutputError, require_exists
+from medseg.fsutil import check_output_dir, check_output_file
 from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, DicomTolerances
 from medseg.io.dicom_headers import is_dicom_file
 from medseg.io.nifti import is_nifti, strip_nifti_suffix, write_nifti
@@ -96,9 +97,14 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
     inputs, out = Path(inputs), Path(out)
     require_exists(inputs, "input")
     layout = _split(out)
+    roots = [inputs if inputs.is_dir() else inputs.parent]
+    if layout is None:
+        check_output_dir(out)
+    else:
+        check_output_file(out)
     if not (inputs.is_dir() or is_dicom_file(inputs)):
         if layout is None:
-            raise OutputError("OUTPUT_NAME_INVALID", f"-o must name a .nii.gz, .nii, .nrrd or .mha file, not {out}")
+            raise OutputError("OUTPUT_NAME_INVALID", f"-o must name a .nii.gz, .nii, .nrrd or .mha file, not {out.name}")
         result = Converted(inputs.name, "failed")
         try:
             if out.exists() and not overwrite:
@@ -107,8 +113,9 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
             _write(volume, out)
             result.status, result.output = "ok", str(out)
             result.shape, result.spacing = volume.spatial_shape, tuple(round(s, 4) for s in volume.spacing)
+            result.notes.extend(volume.meta.get("notes", []))
         except MedsegError as exc:
-            result.error_code, result.error = exc.code, exc.one_line()
+            result.error_code, result.error = exc.code, exc.one_line(roots)
         return ConvertReport([result], {})
 
     scan = scan_dicom(inputs)
@@ -141,11 +148,13 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
                 result.notes.append(f"slice positions within tolerance: in-plane drift {g['inplane_drift_mm']} mm "
                                     f"({g['inplane_drift_px']} pixel), step spread {g['step_spread_pct']} %")
         except MedsegError as exc:
-            result.error_code, result.error = exc.code, exc.one_line()
+            if exc.code == "DISK_FULL":  # every further series would fail too; the outputs so far are complete
+                raise
+            result.error_code, result.error = exc.code, exc.one_line(roots)
             if exc.code in SKIP_CODES:
                 result.status = "skipped"
                 log.info("%s skipped: %s", series.name, exc.message)
             else:
-                log.error("%s: %s", series.name, exc.one_line())
+                log.error("%s: %s", series.name, result.error)
         results.append(result)
     return ConvertReport(results, scan.skipped_summary())

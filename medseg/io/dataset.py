@@ -26,12 +26,11 @@ Case IDs come from file names or the CSV, never from image headers.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medseg.errors import DatasetError, require_exists
+from medseg.errors import DatasetError, describe, require_exists
 from medseg.io.readers import case_id as file_case_id
 from medseg.io.readers import duplicate_id
 from medseg.io.readers import is_supported
@@ -70,10 +69,9 @@ class Dataset:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError("DATASET_JSON_INVALID", f"{path}: cannot parse ({exc})") from None
+    from medseg.fsutil import read_json
+
+    data = read_json(path, "DATASET_JSON_INVALID", "dataset description", error=DatasetError)
     if not isinstance(data, dict):
         raise DatasetError("DATASET_JSON_INVALID", f"{path}: expected a JSON object")
     return data
@@ -147,7 +145,7 @@ def _labels_from_msd(meta: dict, path: Path) -> dict[int, str]:
     try:
         return {int(k): str(v) for k, v in meta["labels"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise DatasetError("DATASET_JSON_INVALID", f"{path}: 'labels' must map integers to names ({exc})") from None
+        raise DatasetError("DATASET_JSON_INVALID", f"{path.name}: 'labels' must map integers to names ({describe(exc)})") from None
 
 
 def _load_msd(root: Path, meta: dict) -> Dataset:
@@ -162,13 +160,15 @@ def _load_msd(root: Path, meta: dict) -> Dataset:
             image = (root / (entry["image"] if isinstance(entry, dict) else entry)).resolve()
             label = root / "labelsTs" / image.name
             test.append(Case(file_case_id(image), image, label.resolve() if label.is_file() else None))
-    except (KeyError, TypeError) as exc:
-        raise DatasetError("DATASET_JSON_INVALID", f"{root / 'dataset.json'}: bad training/test entry ({exc})") from None
+        modality = {str(k): str(v) for k, v in meta.get("modality", {}).items()}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DatasetError("DATASET_JSON_INVALID", f"dataset.json: bad training/test/modality entry ({describe(exc)})") from None
+    declared = meta.get("numTraining")
+    if declared is not None and (not isinstance(declared, int) or isinstance(declared, bool)):
+        raise DatasetError("DATASET_JSON_INVALID", f"dataset.json: numTraining must be a whole number, found {declared!r:.40}")
     return Dataset(
-        root=root.resolve(), name=str(meta.get("name", root.name)),
-        modality={str(k): str(v) for k, v in meta.get("modality", {}).items()},
-        labels=labels, training=training, test=test, layout="msd",
-        declared_training=meta.get("numTraining"),
+        root=root.resolve(), name=str(meta.get("name", root.name)), modality=modality,
+        labels=labels, training=training, test=test, layout="msd", declared_training=declared,
     )
 
 
@@ -186,14 +186,13 @@ def _channel_groups(folder: Path, ending: str) -> dict[str, dict[int, Path]]:
 
 
 def _load_nnunet(root: Path, meta: dict) -> Dataset:
-    path = root / "dataset.json"
     try:
         channels = {str(k): str(v) for k, v in meta["channel_names"].items()}
         labels = {int(v): str(k) for k, v in meta["labels"].items() if not isinstance(v, (list, tuple))}
         ending = str(meta.get("file_ending", ".nii.gz"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise DatasetError("DATASET_JSON_INVALID", f"{path}: nnU-Net dataset.json needs channel_names, labels "
-                           f"(name: int) and file_ending ({exc})") from None
+        raise DatasetError("DATASET_JSON_INVALID", "dataset.json: nnU-Net dataset.json needs channel_names, labels "
+                           f"(name: int) and file_ending ({describe(exc)})") from None
     n_channels = len(channels)
     problems: list[tuple[str, str, str]] = []
 
@@ -254,7 +253,7 @@ def _load_csv(path: Path) -> Dataset:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError("DATASET_JSON_INVALID", f"{path}: cannot read the CSV manifest ({exc})") from None
+        raise DatasetError("DATASET_JSON_INVALID", f"{path.name}: cannot read the CSV manifest ({describe(exc, path)})") from None
     if not rows or not {"case_id", "image"} <= set(rows[0]):
         raise DatasetError("DATASET_JSON_INVALID", f"{path}: needs columns case_id,image[,label,split]")
     training, test, seen = [], [], set()

@@ -26,7 +26,7 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, LPS_TO_RAS, DicomTolerances, stack_geometry, untilt
-from medseg.io.dicom_headers import DicomFile, DicomScan, DicomSeries, floats, read_header, scan_dicom
+from medseg.io.dicom_headers import DicomFile, DicomScan, DicomSeries, check_rescale, floats, number, read_header, scan_dicom
 from medseg.io.dicom_pixels import check_decodable, native_dtype, read_frame_into, read_pixels, rescale_dtype
 from medseg.io.volume import MAX_VOLUME_BYTES, Volume
 
@@ -68,6 +68,7 @@ def load_series(
         raise InputError("DICOM_TOO_LARGE", f"{what}: {nbytes / 1e9:.1f} GB exceeds the cap of {max_bytes / 1e9:.1f} GB")
     for f in files:
         check_decodable(f)  # preflight: refuse before reading any pixels
+        check_rescale(f)
     ordered = [files[i] for i in geometry.order]
     array, slopes, intercepts = _read_stack(ordered, workers)
     return _finish(array, geometry, _meta(series, first, n, slopes, intercepts), ordered, what)
@@ -177,8 +178,9 @@ def _load_multiframe(
         spacing = spacing or (float(ps[0]), float(ps[1]))
         slope = item(group, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = item(group, "PixelValueTransformationSequence", "RescaleIntercept")
-        slopes.append(float(slope) if slope is not None else f.slope)
-        intercepts.append(float(intercept) if intercept is not None else f.intercept)
+        slopes.append(number(slope, f.slope))
+        intercepts.append(number(intercept, f.intercept))
+        check_rescale(DicomFile(**{**vars(f), "slope": slopes[-1], "intercept": intercepts[-1]}))
     assert spacing is not None
     geometry = stack_geometry(
         np.stack(positions), np.stack(orientations), spacing, what=what, tolerances=tolerances,
@@ -214,6 +216,7 @@ def read_dicom_image(path: str | Path) -> Volume:
 def _image(f: DicomFile) -> Volume:
     if f.frames > 1:
         return load_series(DicomSeries(0, f.series_uid, [f]))
+    check_rescale(f)
     raw = read_pixels(f)[0]
     plane = raw[None] if raw.ndim == 2 else np.moveaxis(raw, -1, 0)
     plane = plane.transpose(0, 2, 1)  # (C, X=col, Y=row)

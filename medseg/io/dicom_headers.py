@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import InputError, require_exists
+from medseg.errors import InputError, describe, require_exists
 
 NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
@@ -94,6 +95,7 @@ class Skipped:
     path: Path
     code: str
     reason: str
+    series_uid: str | None = None  # images left out (DICOM_NO_GEOMETRY): the series they belong to
 
 
 def uid_hash(uid: str, n: int = 10) -> str:
@@ -142,8 +144,11 @@ class DicomScan:
 
 
 def is_dicom_file(path: Path) -> bool:
-    """True when the file has the DICOM preamble (``DICM`` at byte 128). No guessing (no ``force=True``)."""
+    """True when the file has the DICOM preamble (``DICM`` at byte 128). No guessing (no ``force=True``); a pipe or
+    device is never opened."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as fh:
             fh.seek(128)
             return fh.read(4) == b"DICM"
@@ -183,12 +188,53 @@ def read_header(path: Path) -> DicomFile:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    if not is_dicom_file(path):
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe or device would block or never end
+            raise InputError("INPUT_UNREADABLE", f"{file_label(path)} is not a regular file (a pipe, socket or device)")
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            preamble = fh.read(4)
+    except OSError as exc:
+        raise InputError("INPUT_UNREADABLE", f"{file_label(path)} cannot be opened: {describe(exc, path)}",
+                         "a broken symbolic link, a link loop or a permission problem?") from None
+    if preamble != b"DICM":
         raise InputError("DICOM_NOT_DICOM", f"{file_label(path)} has no DICOM preamble ('DICM' at byte 128)")
     try:
         ds = pydicom.dcmread(path, defer_size=1024)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        raise InputError("DICOM_UNREADABLE", f"cannot parse the header of {file_label(path)}: {scrub(str(exc), path)}") from None
+        raise InputError("DICOM_UNREADABLE", f"cannot parse the header of {file_label(path)}: {scrub(describe(exc, path), path)}") from None
+    try:
+        return _dicom_file(path, ds)
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as exc:
+        raise InputError("DICOM_UNREADABLE", f"{file_label(path)}: a malformed header value: {scrub(describe(exc, path), path)}",
+                         "re-export the file from the PACS/modality") from None
+
+
+def number(value: Any, default: float) -> float:
+    """A DICOM decimal (RescaleSlope, RescaleIntercept) as a float: ``default`` when absent or empty, NaN when
+    unparsable (refused when the series is loaded, as are a slope of 0 and non-finite values: :func:`check_rescale`)."""
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def check_rescale(f: "DicomFile") -> None:
+    """Refuses a slice whose stored values cannot be turned into real ones.
+
+    Raises:
+        InputError: ``DICOM_RESCALE_INVALID``.
+    """
+    if not (np.isfinite(f.slope) and f.slope != 0 and np.isfinite(f.intercept)):
+        raise InputError("DICOM_RESCALE_INVALID", f"{f.label}: RescaleSlope {f.slope:g} / RescaleIntercept "
+                         f"{f.intercept:g} (a slope must be a finite non-zero number, an intercept finite)",
+                         "the header is damaged; re-export the series")
+
+
+def _dicom_file(path: Path, ds: Any) -> "DicomFile":
+    """The header facts of a parsed dataset (see :func:`read_header`)."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if not ts:
         raise InputError(
@@ -223,8 +269,8 @@ def read_header(path: Path) -> DicomFile:
         orientation=orientation,
         position=position,
         pixel_spacing=spacing,
-        slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-        intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        slope=number(ds.get("RescaleSlope"), 1.0),
+        intercept=number(ds.get("RescaleIntercept"), 0.0),
         instance_number=instance,
         modality=str(ds.get("Modality", "")),
         pixel_offset=offset,
@@ -282,9 +328,8 @@ def scan_paths(root: Path, paths: list[Path], workers: int = 4) -> DicomScan:
         if isinstance(item, Skipped):
             scan.skipped.append(item)
         elif item.frames == 1 and (item.position is None or item.orientation is None):
-            scan.skipped.append(
-                Skipped(item.path, "DICOM_NO_GEOMETRY", "single-frame image without ImagePositionPatient/Orientation")
-            )
+            scan.skipped.append(Skipped(item.path, "DICOM_NO_GEOMETRY",
+                                        "single-frame image without ImagePositionPatient/Orientation", item.series_uid))
         else:
             key = (item.series_uid, _orientation_key(item), item.rows, item.columns, item.samples, item.frames > 1)
             if item.frames > 1:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medseg.errors import InputError
+from medseg.errors import InputError, describe
 from medseg.io.dicom_headers import NATIVE_LITTLE_ENDIAN, DicomFile, scrub
 
 # the pylibjpeg plugin that decodes each family of compressed transfer syntaxes (medseg depends on all of them)
@@ -78,9 +78,9 @@ def _decoded(f: DicomFile) -> np.ndarray:
         ds = pydicom.dcmread(f.path)
         arr = ds.pixel_array
     except (ValueError, EOFError, OSError, RuntimeError, NotImplementedError, AttributeError, KeyError) as exc:
-        text = str(exc)
+        text = describe(exc, f.path, limit=200)
         code = "DICOM_TRUNCATED" if "less than expected" in text or "truncat" in text.lower() else "DICOM_DECODE_FAILED"
-        raise InputError(code, f"{f.label}: cannot decode pixel data: {scrub(text.splitlines()[0], f.path)[:200]}") from None
+        raise InputError(code, f"{f.label}: cannot decode pixel data: {scrub(text, f.path)}") from None
     arr = np.asarray(arr)
     arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # big-endian sources become native
     if f.frames == 1:

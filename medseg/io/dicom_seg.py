@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import OutputError
-from medseg.io.dicom_derived import SERIES_NUMBER_OFFSET, Producer, contributing_equipment, label_colour
+from medseg.io.dicom_derived import PATIENT_STUDY, SERIES_NUMBER_OFFSET, Producer, contributing_equipment, label_colour
 from medseg.io.volume import Volume
 
 
@@ -43,6 +43,12 @@ def source_datasets(labels: Volume, source: Volume, what: str) -> list:
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1:
         raise OutputError("DICOM_SEG_NO_SOURCE", f"{what} for multi-frame sources is not supported yet")
+    for ds in sources:  # type 2 attributes a scanner left out are present and empty in a derived object
+        if not ds.get("StudyInstanceUID") or not ds.get("SeriesInstanceUID"):
+            raise OutputError("DICOM_SEG_NO_SOURCE", f"the source series of the {what} lacks its study or series UID")
+        for keyword in PATIENT_STUDY:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
     return sources
 
 

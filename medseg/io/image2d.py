@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from medseg.errors import InputError
-from medseg.io.volume import MAX_VOLUME_BYTES, Volume
+from medseg.errors import InputError, describe, require_file
+from medseg.io.volume import MAX_VOLUME_BYTES, Volume, check_allocation, check_voxel_dtype
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -32,22 +32,19 @@ def read_image2d(path: str | Path) -> Volume:
         InputError: ``PATH_NOT_FOUND``; ``IMAGE_CORRUPT`` when the file cannot be decoded; ``IMAGE_TOO_LARGE``
             when its header announces more than ``MAX_VOLUME_BYTES`` (checked before decoding).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("PATH_NOT_FOUND", f"image not found: {path}")
+    path = require_file(path, "image")
     try:
         with Image.open(path) as img:
             width, height = img.size
             nbytes = width * height * max(len(img.getbands()), 1) * (2 if img.mode.startswith("I;16") else 4 if img.mode in ("I", "F") else 1)
-            if nbytes > MAX_VOLUME_BYTES:
-                raise InputError("IMAGE_TOO_LARGE", f"{path.name}: {width}x{height} pixels ({nbytes / 1e9:.1f} GB) exceed the cap of "
-                                 f"{MAX_VOLUME_BYTES / 1e9:.1f} GB", "refused before decoding (corrupt header or decompression bomb?)")
+            check_allocation(nbytes, f"{path.name} ({width}x{height} pixels)", MAX_VOLUME_BYTES)
             if img.mode in ("RGBA", "P", "CMYK", "LA"):
                 img = img.convert("RGB" if img.mode != "LA" else "L")
             data = np.asarray(img)
     except Image.DecompressionBombError as exc:
-        raise InputError("IMAGE_TOO_LARGE", f"{path.name}: {exc}", "refused before decoding") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError("IMAGE_CORRUPT", f"cannot decode {path.name}: {exc}") from None
+        raise InputError("IMAGE_TOO_LARGE", f"{path.name}: {describe(exc, path)}", "refused before decoding") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError("IMAGE_CORRUPT", f"cannot decode {path.name}: {describe(exc, path)}") from None
+    check_voxel_dtype(data.dtype, path.name)
     array = data[None] if data.ndim == 2 else np.moveaxis(data[..., :3], -1, 0)
     return Volume(np.ascontiguousarray(array), np.eye(4), {"source_format": path.suffix.lower().lstrip(".")})

@@ -14,13 +14,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medseg.errors import InputError
+from medseg.errors import InputError, describe, require_file
 from medseg.fsutil import atomic_write
-from medseg.io.volume import MAX_VOLUME_BYTES, Volume, is_orthogonal
+from medseg.io.volume import MAX_VOLUME_BYTES, Volume, check_announced_size, check_voxel_dtype, is_orthogonal
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TORCH_COPYABLE = tuple(np.dtype(t) for t in ("bool", "uint8", "int8", "int16", "int32", "int64", "float32", "float64"))
 GZIP_LEVEL = 2  # zlib-ng level 2: faster than zlib's level 1 at the same size (zlib-ng's level 1 is 40 % larger)
+#: What nibabel raises for a damaged header (HeaderDataError is not a ValueError).
+HEADER_ERRORS = (OSError, EOFError, ValueError, TypeError, OverflowError, zlib.error, gzip.BadGzipFile,
+                 nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
 log = logging.getLogger(__name__)
 
 
@@ -100,43 +103,42 @@ def read_nifti(path: str | Path, max_bytes: int = MAX_VOLUME_BYTES) -> Volume:
             ``SHAPE_INVALID`` (zero-size axis, >4D); ``IMAGE_TOO_LARGE``; ``AFFINE_SHEARED``. A qform/sform
             disagreement is logged and recorded in ``meta["qform_sform_disagree"]`` (the sform is used).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("PATH_NOT_FOUND", f"NIfTI file not found: {path}")
+    path = require_file(path, "NIfTI file")
     try:
         img = nib.load(str(path))  # header only; voxels are read below
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
-        raise InputError("NIFTI_CORRUPT", f"cannot read {path.name}: {exc}", "re-export or re-copy the file") from None
-    header = img.header
-    shape = tuple(int(s) for s in img.shape)
-    if not 2 <= len(shape) <= 4 or 0 in shape:
+        header = img.header
+        shape = tuple(int(s) for s in img.shape)
+        dtype = img.get_data_dtype()
+    except HEADER_ERRORS as exc:
+        raise InputError("NIFTI_CORRUPT", f"cannot read {path.name}: {describe(exc, path)}", "re-export or re-copy the file") from None
+    if not 2 <= len(shape) <= 4 or min(shape) <= 0:
         raise InputError("SHAPE_INVALID", f"{path.name}: expected 2D, 3D or 4D data with no empty axis, found {shape}")
-    nbytes = int(np.prod(shape)) * img.get_data_dtype().itemsize
-    if nbytes > max_bytes:
-        raise InputError(
-            "IMAGE_TOO_LARGE", f"{path.name}: header announces {nbytes / 1e9:.1f} GB, above the cap of "
-            f"{max_bytes / 1e9:.1f} GB", "refused before allocating (corrupt header or decompression bomb?)",
-        )
-    if not path.name.lower().endswith(".gz"):
-        needed = int(getattr(img.dataobj, "offset", header.get_data_offset())) + nbytes
-        if path.stat().st_size < needed:
-            raise InputError(
-                "NIFTI_CORRUPT", f"{path.name}: the header announces {needed} bytes, the file has {path.stat().st_size}",
-                "the file is truncated; re-copy it",
-            )
+    check_voxel_dtype(dtype, path.name)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
+    check_announced_size(path, nbytes, offset, compressed=path.name.lower().endswith(".gz"), max_bytes=max_bytes,
+                         code="NIFTI_CORRUPT")
+    sform_code = int(header["sform_code"])
+    qform_code = int(header["qform_code"])
+    used = "sform" if sform_code > 0 else ("qform" if qform_code > 0 else "fallback")
+    try:
+        with np.errstate(all="ignore"):
+            affine = img.affine.astype(np.float64)
+    except HEADER_ERRORS as exc:
+        raise InputError("NIFTI_CORRUPT", f"{path.name}: the {used} transform cannot be read: {describe(exc, path)}",
+                         "re-export the image") from None
+    if not np.isfinite(affine).all():
+        raise InputError("AFFINE_NONFINITE", f"{path.name}: the {used} transform holds NaN or Inf",
+                         "the header is damaged; re-export the image")
     try:
         if path.name.lower().endswith(".gz"):
             data = _read_gz_voxels(path, img)
         else:
             data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
-        raise InputError("NIFTI_CORRUPT", f"cannot read {path.name}: {exc}", "re-export or re-copy the file") from None
+    except HEADER_ERRORS as exc:
+        raise InputError("NIFTI_CORRUPT", f"cannot read {path.name}: {describe(exc, path)}", "re-export or re-copy the file") from None
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise InputError("NIFTI_NONFINITE", f"{path.name} contains NaN or Inf voxels", "fix the file before use")
-    sform_code = int(header["sform_code"])
-    qform_code = int(header["qform_code"])
-    used = "sform" if sform_code > 0 else ("qform" if qform_code > 0 else "fallback")
-    affine = img.affine.astype(np.float64)
     if not is_orthogonal(affine):
         raise InputError(
             "AFFINE_SHEARED", f"{path.name}: the {used} affine is sheared or degenerate (axes not orthogonal)",
@@ -144,7 +146,9 @@ def read_nifti(path: str | Path, max_bytes: int = MAX_VOLUME_BYTES) -> Volume:
         )
     disagree = False
     if sform_code > 0 and qform_code > 0:
-        disagree = bool(np.abs(header.get_sform() - header.get_qform()).max() > 1e-3)
+        with np.errstate(invalid="ignore"):
+            difference = np.abs(header.get_sform() - header.get_qform()).max()
+        disagree = not bool(difference <= 1e-3)  # NaN in the qform disagrees too
         if disagree:
             log.warning("%s: qform and sform disagree; using the sform", path.name)
     # no copy into C order: the (X, Y, Z) array stays in the file's (Fortran) order and is viewed channel-first
@@ -152,6 +156,7 @@ def read_nifti(path: str | Path, max_bytes: int = MAX_VOLUME_BYTES) -> Volume:
     meta = {"source_format": "nifti", "nifti_transform": used, "source_dtype": str(img.get_data_dtype())}
     if disagree:
         meta["qform_sform_disagree"] = True
+        meta["notes"] = ["the NIfTI qform and sform disagree; the sform was used"]
     return Volume(data, affine, meta)
 
 

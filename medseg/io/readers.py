@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import DatasetError, InputError
+from medseg.errors import DatasetError, InputError, require_file
 from medseg.io.dicom_headers import is_dicom_file
 from medseg.io.image2d import IMAGE_2D_SUFFIXES, is_image2d, read_image2d
 from medseg.io.nifti import NIFTI_SUFFIXES, is_nifti, read_nifti
@@ -88,19 +88,25 @@ def read_volume(path: str | Path, **dicom_options: Any) -> Volume:
         from medseg.io.dicom import read_dicom
 
         return read_dicom(path, **dicom_options)
-    if not path.exists():
-        raise InputError("PATH_NOT_FOUND", f"input not found: {path}")
+    require_file(path, "input")
     raise InputError("FORMAT_UNSUPPORTED", f"cannot read {path.name}: expected {FORMATS}")
 
 
+def image_entries(folder: Path) -> list[Path]:
+    """Entries directly inside ``folder`` named like a supported image file, folders excepted: regular files, and
+    also what cannot be read (a broken link, a link loop, a device): those are cases whose reading fails with a
+    code, never inputs that silently vanish. Sorted."""
+    return sorted(p for p in Path(folder).iterdir() if is_supported(p) and not p.is_dir())
+
+
 def files_by_id(folder: Path) -> dict[str, Path]:
-    """Supported files directly inside ``folder``, keyed by case ID (sorted).
+    """Supported files directly inside ``folder`` (:func:`image_entries`), keyed by case ID (sorted).
 
     Raises:
         DatasetError: ``DATASET_DUPLICATE_ID`` when two files have one case ID.
     """
     folder = Path(folder)
-    return unique_ids([p for p in folder.iterdir() if p.is_file() and is_supported(p)], f"folder {folder.name}")
+    return unique_ids(image_entries(folder), f"folder {folder.name}")
 
 
 def read_channels(paths: "list[Path] | tuple[Path, ...] | list[str]", **dicom_options: Any) -> Volume:

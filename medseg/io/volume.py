@@ -14,6 +14,71 @@ from medseg.errors import InputError
 # DICOM, ITK formats and 2D pictures all refuse, before allocating, an image that would need more.
 MAX_VOLUME_BYTES = 16 * 1024**3
 
+#: Deflate (gzip, zlib) expands a byte into at most 1032 bytes: a compressed file smaller than its announced voxels
+#: divided by this cannot hold them (a tiny file announcing gigabytes), refused before any buffer is allocated.
+MAX_DEFLATE_RATIO = 1032
+#: Voxel types medseg segments; anything else (complex, RGB24/RGBA32 records, float16, float128) is refused.
+SUPPORTED_DTYPES = tuple(np.dtype(t) for t in ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64",
+                                              "int64", "float32", "float64"))
+
+
+def check_voxel_dtype(dtype: np.dtype, name: str) -> None:
+    """Refuses voxel types medseg cannot segment as numbers (complex, structured RGB, long double ...).
+
+    Raises:
+        InputError: ``IMAGE_DTYPE_UNSUPPORTED``.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
+        kind = {"c": "complex", "V": "a record (e.g. RGB24)"}.get(dtype.kind, str(dtype))
+        raise InputError("IMAGE_DTYPE_UNSUPPORTED", f"{name}: voxels of type {kind} ({dtype.str}) cannot be segmented",
+                         "convert to a real scalar type (int16, float32, ...), one channel per colour or component")
+
+
+def available_bytes() -> int:
+    """Memory this machine can give a new allocation now (psutil's ``available``)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_allocation(nbytes: int, what: str, max_bytes: int = MAX_VOLUME_BYTES, code: str = "IMAGE_TOO_LARGE",
+                     hint: str = "refused before allocating (corrupt header or decompression bomb?)") -> None:
+    """Refuses, before allocating, a buffer above the cap or above the memory available now.
+
+    Raises:
+        InputError: ``code`` (``IMAGE_TOO_LARGE`` by default).
+    """
+    if nbytes > max_bytes:
+        raise InputError(code, f"{what}: {nbytes / 1e9:.1f} GB of voxels, above the cap of {max_bytes / 1e9:.1f} GB", hint)
+    free = available_bytes()
+    if nbytes > free:
+        raise InputError(code, f"{what}: {nbytes / 1e9:.1f} GB of voxels, more than the {free / 1e9:.1f} GB of memory "
+                         "available", "free memory, or process the image on a larger machine")
+
+
+def check_announced_size(path, nbytes: int, offset: int, *, compressed: bool, max_bytes: int = MAX_VOLUME_BYTES,
+                         code: str = "IMAGE_CORRUPT", file_size: int | None = None) -> None:
+    """Compares the voxel bytes a header announces with what the data file can hold, before allocating: a raw file
+    must be at least ``offset + nbytes`` long, a deflate-compressed one at least ``nbytes / 1032``.
+
+    Raises:
+        InputError: ``IMAGE_TOO_LARGE`` (cap, available memory); ``code`` when the file is too small.
+    """
+    from pathlib import Path
+
+    name = Path(path).name
+    check_allocation(nbytes, name, max_bytes)
+    size = Path(path).stat().st_size if file_size is None else file_size
+    if not compressed and size < offset + nbytes:
+        raise InputError(code, f"{name}: the header announces {offset + nbytes} bytes, the file has {size}",
+                         "the file is truncated (or its header is damaged); re-copy it")
+    if compressed and size * MAX_DEFLATE_RATIO + (1 << 20) < offset + nbytes:
+        raise InputError(code, f"{name}: the header announces {nbytes / 1e6:.1f} MB of voxels, but {size} compressed "
+                         f"bytes cannot hold more than {size * MAX_DEFLATE_RATIO / 1e6:.1f} MB",
+                         "the header is damaged, or the file a decompression bomb; re-copy it")
+
+
 # DICOM and ITK describe positions in LPS (x to the patient's left, y posterior); Volume affines are RAS+.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -49,6 +114,9 @@ class Volume:
         self.affine = np.asarray(self.affine, dtype=np.float64)
         if self.affine.shape != (4, 4):
             raise InputError("AFFINE_INVALID", f"affine must be 4x4, found shape {self.affine.shape}")
+        if not np.isfinite(self.affine).all():
+            raise InputError("AFFINE_NONFINITE", "the image's voxel-to-world transform holds NaN or Inf",
+                             "the file's geometry is damaged; re-export it")
         if self.array.ndim not in (3, 4):
             raise InputError(
                 "SHAPE_INVALID", f"array must be channel-first (C, X, Y[, Z]), found {self.array.ndim} dimensions"

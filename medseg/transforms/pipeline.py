@@ -45,6 +45,26 @@ from medseg.transforms.intensity import normalization
 IMAGE, LABEL = "image", "label"
 
 
+class Pipeline(Compose):
+    """MONAI ``Compose`` that lets medseg's coded errors through: MONAI re-raises anything a transform raises as
+    ``RuntimeError("applying transform ...")`` (and logs the data's statistics); a :class:`MedsegError` or an
+    allocation failure raised inside comes out as itself, so a caller sees the input's code, not a wrapper."""
+
+    def __init__(self, transforms: list) -> None:
+        super().__init__(transforms, log_stats=False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from medseg.errors import MedsegError, unwrap
+
+        try:
+            return super().__call__(*args, **kwargs)
+        except RuntimeError as exc:
+            inner = unwrap(exc)
+            if isinstance(inner, (MedsegError, MemoryError)):
+                raise inner from None
+            raise
+
+
 def volume_to_metatensor(volume: Volume) -> MetaTensor:
     """Converts a :class:`Volume` to a float32 MONAI ``MetaTensor`` ``(C, *spatial)`` carrying its affine."""
     data = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
@@ -65,11 +85,45 @@ class LoadVolumed(MapTransform):
         return d
 
 
+def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:
+    """The grid size of ``shape`` at ``spacing`` resampled to ``target`` spacing (each axis covers the same extent)."""
+    return tuple(max(1, math.ceil(n * s / t - 1e-6)) for n, s, t in zip(shape, spacing, target))
+
+
+class GridCapd(MapTransform):
+    """Refuses, before resampling, an image whose grid at the model's spacing would not fit in memory (a header
+    with 1000 mm voxels resampled to 1 mm: 10^9 times the voxels), naming both spacings.
+
+    Raises:
+        InputError: ``MODEL_GRID_TOO_LARGE``.
+    """
+
+    def __init__(self, keys, spacing: tuple[float, ...]) -> None:
+        super().__init__(keys)
+        self.spacing = tuple(float(s) for s in spacing)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from medseg.io.volume import check_allocation
+
+        d = dict(data)
+        image = d[IMAGE]
+        dims = len(self.spacing)
+        affine = np.asarray(image.affine, dtype=np.float64)
+        current = tuple(float(v) for v in np.linalg.norm(affine[:dims, :dims], axis=0))
+        shape = resampled_shape(tuple(int(n) for n in image.shape[1:]), current, self.spacing)
+        nbytes = int(np.prod(shape, dtype=np.float64)) * int(image.shape[0]) * 4 * len(self.keys)
+        check_allocation(nbytes, f"the image at the model's spacing {list(self.spacing)} mm (its own: "
+                         f"{[round(c, 4) for c in current]} mm) would be {'x'.join(map(str, shape))} voxels",
+                         code="MODEL_GRID_TOO_LARGE", hint="check the voxel spacing in the image's header")
+        return d
+
+
 def _preprocess(cfg: Config, plan: Plan, keys: tuple[str, ...]) -> list:
     spacing = cfg.data.spacing or tuple(plan.spacing)
     modes = ("bilinear", "nearest") if LABEL in keys else ("bilinear",)
     steps: list = [
         Orientationd(keys=keys, axcodes="RAS"[: len(spacing)], labels=None),
+        GridCapd(keys, spacing),
         Spacingd(keys=keys, pixdim=spacing, mode=modes),
     ]
     clahe = cfg.data.clahe
@@ -81,13 +135,13 @@ def _preprocess(cfg: Config, plan: Plan, keys: tuple[str, ...]) -> list:
 
 def build_infer_transforms(cfg: Config, plan: Plan) -> Compose:
     """Preprocessing of an image MetaTensor already in memory (key ``image``)."""
-    return Compose(_preprocess(cfg, plan, (IMAGE,)))
+    return Pipeline(_preprocess(cfg, plan, (IMAGE,)))
 
 
 def build_preprocess_transforms(cfg: Config, plan: Plan) -> Compose:
     """Deterministic part for training and validation: reads image and label files and preprocesses both."""
     keys = (IMAGE, LABEL)
-    return Compose([LoadVolumed(keys=keys), *_preprocess(cfg, plan, keys)])
+    return Pipeline([LoadVolumed(keys=keys), *_preprocess(cfg, plan, keys)])
 
 
 class RandRotateZoomd(RandomizableTransform, MapTransform):
@@ -178,4 +232,4 @@ def build_augment_transforms(cfg: Config) -> Compose:
     if aug.lowres_prob:
         steps.append(RandSimulateLowResolutiond(keys=IMAGE, prob=aug.lowres_prob, zoom_range=aug.lowres_zoom,
                                                 upsample_mode="trilinear" if dims == 3 else "bilinear"))
-    return Compose(steps)
+    return Pipeline(steps)
