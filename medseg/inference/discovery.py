@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import InputError, require_exists
-from medseg.io.dicom_headers import DicomSeries, file_label, is_dicom_file, scan_paths, walk_files
+from medseg.io.dicom_headers import DicomSeries, file_label, is_dicom_file, scan_paths, uid_hash, walk_files
 from medseg.io.readers import case_id as file_case_id
-from medseg.io.readers import is_supported, unique_ids
+from medseg.io.readers import image_entries, is_supported, unique_ids
 
 NOT_CASES = ("DICOM_NOT_DICOM",)  # counted, not listed
-SKIPPED = ("DICOM_NOT_IMAGE", "DICOM_NO_GEOMETRY")  # listed as skipped (RELIABILITY.md 3, 6)
+SKIPPED = ("DICOM_NOT_IMAGE",)  # listed as skipped (RELIABILITY.md 3); images without geometry fail (11)
 
 
 @dataclass
@@ -76,7 +76,7 @@ def discover(path: str | Path) -> Discovery:
             raise InputError("NO_INPUTS", f"{path.name} is neither a supported image file nor DICOM")
         files, images = [path], []
     else:
-        images = sorted(p for p in path.iterdir() if p.is_file() and is_supported(p))
+        images = image_entries(path)  # unreadable ones too: each becomes a failed case, never a silent loss
         files = [p for p in walk_files(path) if not (p.parent == path and is_supported(p))]
     cases = [CaseInput(cid, p, recorded=p.name) for cid, p in unique_ids(images, "the input folder").items()]
     ignored: dict[str, int] = {}
@@ -84,7 +84,19 @@ def discover(path: str | Path) -> Discovery:
         scan = scan_paths(path, files)
         for series in scan.series:
             cases.append(CaseInput(series.name, series.files[0].path, series, recorded=f"DICOM {series.name}"))
+        placeless: dict[str, list[Path]] = {}  # images without geometry: one failed case per series
         for skipped in scan.skipped:
+            if skipped.code == "DICOM_NO_GEOMETRY" and skipped.series_uid is not None:
+                placeless.setdefault(skipped.series_uid, []).append(skipped.path)
+        for uid, paths in placeless.items():
+            name = f"series_nogeometry_{uid_hash(uid)}"
+            cases.append(CaseInput(name, paths[0], None, "failed", "DICOM_NO_GEOMETRY",
+                                   f"DICOM_NO_GEOMETRY: {len(paths)} image(s) without ImagePositionPatient/"
+                                   "ImageOrientationPatient (hint: positions are never assumed; re-export the series "
+                                   "with its geometry)", recorded=f"DICOM {name}"))
+        for skipped in scan.skipped:
+            if skipped.code == "DICOM_NO_GEOMETRY" and skipped.series_uid is not None:
+                continue
             if skipped.code in NOT_CASES:
                 ignored[skipped.code] = ignored.get(skipped.code, 0) + 1
                 continue

@@ -147,6 +147,37 @@ def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict
     plt.close(fig)
 
 
+def verify_output(path: Path) -> bool:
+    """True when an output file is there and reads back in full in its format (NIfTI with its gzip CRC, DICOM,
+    PNG, ``.npz`` with its zip CRCs): how a run whose manifest was lost tells complete outputs from others."""
+    if not path.is_file():
+        return False
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            from medseg.io.nifti import read_nifti
+
+            read_nifti(path)
+        elif name.endswith(".dcm"):
+            import pydicom
+
+            pydicom.dcmread(path).get("PixelData", b"")
+        elif name.endswith(".png"):
+            from PIL import Image
+
+            with Image.open(path) as img:
+                img.load()
+        elif name.endswith(".npz"):
+            with np.load(path) as archive:
+                for key in archive.files:
+                    archive[key]
+        else:
+            return False
+    except Exception:  # noqa: BLE001 - any failure to read it back means: not complete
+        return False
+    return True
+
+
 def hashes(paths: dict[str, Path], root: Path) -> dict[str, dict[str, str]]:
     """``{kind: {"file": path relative to root, "sha256": hex}}`` of written outputs."""
     return {kind: {"file": p.relative_to(root).as_posix(), "sha256": sha256_file(p)} for kind, p in paths.items()}

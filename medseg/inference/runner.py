@@ -1,11 +1,21 @@
 """Folder inference: many inputs -> one label file each, ``manifest.json`` and ``provenance.json``.
 
 * Per-case isolation: a failing case is recorded with its error code and the others go on; the run exits
-  non-zero when any case failed.
+  non-zero when any case failed. Every message recorded or shown names files relative to the input folder (folder
+  names are often patient names; :func:`medseg.errors.scrub_paths`).
+* Before any work: the output folder is probed for writing (``OUTPUT_IS_FILE``, ``OUTPUT_NOT_WRITABLE``,
+  ``DISK_FULL``); a folder holding a finished run's manifest is refused without ``overwrite`` or ``resume``
+  (``OUTPUT_EXISTS``: its record is never rewritten by accident); temporary files of writers that were killed are
+  removed.
 * Crash safety: outputs are written atomically and the manifest is rewritten after every case, so a killed
   run leaves only complete files, each with its SHA-256 in the manifest. ``resume`` skips a case only when
   every recorded output still hashes to its recorded value; anything else (missing, truncated, changed) is
-  predicted again.
+  predicted again. A manifest that cannot be read is kept aside and rebuilt from the outputs on disk, each read
+  back in full before it counts as complete.
+* A full disk stops the run: the case that could not be written is recorded ``DISK_FULL``, the ones not reached
+  ``pending``, and the manifest is written into space reserved for it at the start (:class:`DiskReserve`).
+* SIGINT/SIGTERM (:class:`medseg.errors.Interrupted`): the write in flight finishes, the case being predicted and
+  the rest stay ``pending``, the manifest is written, and the interruption goes on to the caller.
 * Never writes inside the input tree; replaces existing outputs only with ``overwrite`` (or when resuming
   cases this output folder already owns).
 * ``shard=(i, n)`` takes every n-th case (sorted by ID) so n workers can split one folder; each writes
@@ -15,22 +25,28 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 from medseg import threads
-from medseg.errors import InputError, MedsegError, OutputError
-from medseg.fsutil import atomic_write, sha256_file, versions
+from medseg.errors import InputError, MedsegError, OutputError, describe, from_os_error, scrub_paths, unwrap
+from medseg.fsutil import (
+    DiskReserve, atomic_write, check_output_dir, remove_stale_partials, sha256_file, versions, write_json,
+)
 from medseg.inference.discovery import CaseInput, discover, shard
+from medseg.inference.manifest import (  # noqa: F401 - CaseResult and read_manifests are part of this module's API
+    MANIFEST, CaseResult, case_from_record, manifest_name as _shard_manifest, read_manifest, read_manifests,
+)
 from medseg.inference.outputs import (
-    hashes, label_paths, label_volumes_ml, parse_output_type, write_labels, write_preview, write_probabilities,
-    write_uncertainty,
+    hashes, label_paths, label_volumes_ml, parse_output_type, verify_output, write_labels, write_preview,
+    write_probabilities, write_uncertainty,
 )
 from medseg.inference.predictor import Prediction, Predictor
 from medseg.io.dicom_derived import PYDICOM_ROOT, producer_for
@@ -40,7 +56,6 @@ from medseg.io.readers import read_channels, read_volume
 from medseg.io.volume import Volume
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -60,29 +75,6 @@ class RunOptions:
     save_uncertainty: bool = False  # uncertainty/<case>.nii.gz: normalised entropy on the input grid
     qc: bool | None = None  # QC verdict per case (None: the model's inference.qc.enabled)
     uid_root: str = PYDICOM_ROOT  # new DICOM-SEG / RTSTRUCT UIDs under this prefix (pacs.uid_root)
-
-
-@dataclass
-class CaseResult:
-    """One row of the manifest."""
-
-    case_id: str
-    input: str
-    status: str  # "ok" | "failed" | "skipped"
-    output: str | None = None
-    sha256: str | None = None
-    error_code: str | None = None
-    error: str | None = None
-    seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
-    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
-    volumes_ml: dict[str, float] | None = None
-    series_instance_uid: str | None = None
-    slice_geometry: dict | None = None  # DICOM stacks: measured in-plane drift and step spread (tolerated)
-    resumed: bool = False
-    notes: list[str] = field(default_factory=list)
-    qc: dict | None = None  # verdict ("ok" | "review"), score, reasons, signals (medseg.qc)
-    delivery: dict | None = None  # results sent on (STOW-RS --push, the listener's C-STORE): status, code, seconds
 
 
 @dataclass
@@ -107,28 +99,30 @@ class WriteOutcome:
             result.error_code, result.error = self.error_code, self.error
 
 
-def read_manifests(out_dir: Path) -> tuple[list[dict], list[str]]:
-    """Every case entry of a prediction folder's manifests (``manifest.json`` and shard manifests) and the model
-    folder names they record.
-
-    Raises:
-        InputError: ``PREDICTION_DIR_INVALID`` when a manifest cannot be read.
-    """
-    cases, models = [], []
-    for path in sorted(Path(out_dir).glob("manifest*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            cases += record["cases"]
-            models = models or record.get("model", [])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError("PREDICTION_DIR_INVALID", f"{path.name} in {Path(out_dir).name} is unreadable: {exc}",
-                             "run `medseg predict` again into this folder (--resume keeps complete cases)") from None
-    return cases, models
-
-
 def manifest_name(options: RunOptions) -> str:
-    index, count = options.shard
-    return MANIFEST if count == 1 else f"manifest.shard-{index}-of-{count}.json"
+    return _shard_manifest(options.shard)
+
+
+def failure(exc: BaseException, roots: Sequence[Path] = ()) -> tuple[str, str]:
+    """``(code, one-line message)`` of a case's failure, for the manifest and the console: medseg's own errors as
+    they are, an allocation failure as ``OUT_OF_MEMORY``, a file system refusal by its code, anything else
+    ``INTERNAL_ERROR``; every text scrubbed of folder names (paths under ``roots`` shown relative to them)."""
+    exc = unwrap(exc)
+    if isinstance(exc, MedsegError):
+        return exc.code, exc.one_line(roots)
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _allocation_failed(exc)):
+        error = MedsegError("OUT_OF_MEMORY", "the machine ran out of memory for this case",
+                            "free memory (fewer processes, --threads 1), or use a smaller --overlap or no TTA")
+        return error.code, error.one_line()
+    if isinstance(exc, OSError):
+        error = from_os_error(exc)
+        return error.code, error.one_line(roots)
+    return "INTERNAL_ERROR", describe(exc, roots=roots)
+
+
+def _allocation_failed(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("can't allocate memory", "not enough memory", "out of memory", "bad_alloc"))
 
 
 def check_output_location(inputs_root: Path, out_dir: Path) -> None:
@@ -155,38 +149,67 @@ def check_output_location(inputs_root: Path, out_dir: Path) -> None:
         )
 
 
+def prepare_output(out_dir: Path, options: RunOptions) -> None:
+    """The checks before any case is read: the output folder can be written (a probe file is written, synced and
+    removed), it holds no finished run's manifest unless ``overwrite``/``resume`` say what to do with it, and
+    temporary files of killed writers are removed.
+
+    Raises:
+        OutputError: ``OUTPUT_IS_FILE``, ``OUTPUT_NOT_WRITABLE``, ``DISK_FULL``, ``OUTPUT_EXISTS``.
+    """
+    check_output_dir(out_dir)
+    manifest = out_dir / manifest_name(options)
+    if (manifest.exists() or manifest.is_symlink()) and not (options.overwrite or options.resume):
+        raise OutputError(
+            "OUTPUT_EXISTS", f"the output folder {out_dir.name} holds a prediction run ({manifest.name})",
+            "--resume completes it (complete cases are kept), --overwrite predicts every case again, "
+            "or choose another -o",
+        )
+    removed = remove_stale_partials(out_dir)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", removed)
+
+
 def predict_folder(predictor: Predictor, inputs: Path, out_dir: Path, overwrite: bool = False,
                    options: RunOptions | None = None) -> list[CaseResult]:
     """Predicts a file, a DICOM series folder or a folder of cases (see :mod:`medseg.inference.discovery`).
 
     Raises:
         InputError: ``PATH_NOT_FOUND`` / ``NO_INPUTS`` / ``SHARD_INVALID``.
-        OutputError: ``OUTPUT_INSIDE_INPUT``.
+        OutputError: ``OUTPUT_INSIDE_INPUT`` and those of :func:`prepare_output`; ``DISK_FULL`` when the disk
+            fills during the run (the manifest records what was complete).
     """
     options = options or RunOptions(overwrite=overwrite)
     parse_output_type(options.output_type)
+    inputs = Path(inputs)
     found = discover(inputs)
-    check_output_location(Path(inputs), out_dir)
+    check_output_location(inputs, out_dir)
     cases = shard(found.cases, *options.shard)
-    return run_cases(predictor, cases, out_dir, options, ignored=found.ignored)
+    root = inputs if inputs.is_dir() else inputs.parent
+    return run_cases(predictor, cases, out_dir, options, ignored=found.ignored, roots=[root])
 
 
 def predict_files(predictor: Predictor, files: list[Path | tuple[Path, ...]], out_dir: Path, overwrite: bool = False,
                   options: RunOptions | None = None) -> list[CaseResult]:
     """Predicts the given images (a path, or a tuple of channel files per case); see :func:`run_cases`."""
     cases = [CaseInput(case_id_of(f if isinstance(f, Path) else f[0]), f) for f in files]  # recorded by file name
-    return run_cases(predictor, cases, out_dir, options or RunOptions(overwrite=overwrite))
+    roots = sorted({c.path.parent for c in cases})
+    return run_cases(predictor, cases, out_dir, options or RunOptions(overwrite=overwrite), roots=roots)
 
 
-def _previous(out_dir: Path, options: RunOptions) -> dict[str, dict]:
+def _previous(out_dir: Path, options: RunOptions) -> tuple[dict[str, dict], bool]:
+    """``({case ID: manifest entry}, rebuild)`` of the run being resumed. An unreadable manifest is kept aside
+    (``manifest.json.unreadable-<time>``) and ``rebuild`` is True: the outputs on disk are checked instead."""
     path = out_dir / manifest_name(options)
-    if not (options.resume and path.is_file()):
-        return {}
+    if not options.resume or not (path.exists() or path.is_symlink()):
+        return {}, False
     try:
-        return {c["case_id"]: c for c in json.loads(path.read_text())["cases"]}
-    except (json.JSONDecodeError, KeyError, TypeError):
-        log.warning("%s is unreadable; predicting every case again", path.name)
-        return {}
+        return {c["case_id"]: c for c in read_manifest(path)["cases"]}, False
+    except InputError as exc:
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("%s; kept as %s, and the complete outputs are found by reading them back", exc.message, aside.name)
+        return {}, True
 
 
 def _complete(entry: dict | None, out_dir: Path) -> bool:
@@ -198,6 +221,22 @@ def _complete(entry: dict | None, out_dir: Path) -> bool:
         if not path.is_file() or sha256_file(path) != record["sha256"]:
             return False
     return True
+
+
+def _rebuilt(case: CaseInput, out_dir: Path, options: RunOptions) -> CaseResult | None:
+    """The record of a case whose outputs (all that ``options`` ask for) are on disk and read back in full, when
+    the manifest that recorded them was lost; else None (the case is predicted again)."""
+    targets = label_paths(out_dir, case.case_id, case.path, case.is_dicom, options.output_type)
+    extra = {"probabilities": (options.save_probabilities, f"probabilities/{case.case_id}.npz"),
+             "uncertainty": (options.save_uncertainty, f"uncertainty/{case.case_id}.nii.gz"),
+             "preview": (options.preview, f"previews/{case.case_id}.png")}
+    targets.update({kind: out_dir / name for kind, (wanted, name) in extra.items() if wanted})
+    if not all(verify_output(path) for path in targets.values()):
+        return None
+    outputs = hashes(targets, out_dir)
+    return CaseResult(case.case_id, case.recorded or case.path.name, "ok", output=targets["labels"].name,
+                      sha256=outputs["labels"]["sha256"], outputs=outputs, resumed=True,
+                      notes=["manifest rebuilt: the outputs were read back in full (QC and volumes not recorded)"])
 
 
 def _load(case: CaseInput, options: RunOptions) -> tuple[Volume, float]:
@@ -213,100 +252,150 @@ def _load(case: CaseInput, options: RunOptions) -> tuple[Volume, float]:
     return volume, time.perf_counter() - start
 
 
+def _reserve_size(n_cases: int) -> int:
+    """Space kept for the manifest: 256 KiB plus 8 KiB a case (a case's record with QC is 2-4 KiB), at most 32 MiB."""
+    return min(32 << 20, (256 << 10) + (8 << 10) * n_cases)
+
+
 def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, options: RunOptions,
               ignored: dict[str, int] | None = None, *, prior: list[CaseResult] | None = None,
-              extra: dict | None = None) -> list[CaseResult]:
+              extra: dict | None = None, roots: Sequence[Path] = ()) -> list[CaseResult]:
     """Predicts ``cases`` into ``out_dir``; writes the manifest after each case and ``provenance.json``.
 
     Args:
         prior: Results of earlier calls kept at the head of the manifest (the listener's cumulative manifest).
         extra: More top-level manifest entries (``source`` of a DICOMweb study, the listener's ``events``).
+        roots: The input folders: messages name files relative to them.
 
     Returns:
         One :class:`CaseResult` per case, in order (``prior`` first).
+
+    Raises:
+        OutputError: see :func:`prepare_output`; ``DISK_FULL`` when the disk fills (the manifest records the
+            complete cases, the failed one and the ``pending`` rest).
+        Interrupted: SIGINT/SIGTERM, after the manifest was written.
     """
     from medseg.progress import progress_bar
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output(out_dir, options)
+    roots = [*roots, out_dir]
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    previous = _previous(out_dir, options)
+    previous, rebuild = _previous(out_dir, options)
     results: list[CaseResult] = list(prior or [])
     todo: list[tuple[CaseInput, CaseResult]] = []
     for case in cases:
         result = CaseResult(case.case_id, case.recorded or case.path.name, case.status,
-                            error_code=case.error_code, error=case.error)
+                            error_code=case.error_code, error=scrub_paths(case.error, roots) if case.error else None)
         results.append(result)
         if case.status != "pending":
             continue
-        if _complete(previous.get(case.case_id), out_dir):
-            results[-1] = CaseResult(**{**previous[case.case_id], "resumed": True})
+        done = _rebuilt(case, out_dir, options) if rebuild else None
+        if done is not None or _complete(previous.get(case.case_id), out_dir):
+            results[-1] = done or CaseResult(**{**case_from_record(previous[case.case_id]).__dict__, "resumed": True})
             continue
         todo.append((case, result))
+    this_run = {c.case_id for c in cases}
+    kept = [case_from_record(e) for cid, e in previous.items() if cid not in this_run]  # other cases of the run
+    reserve = DiskReserve(out_dir, _reserve_size(len(results) + len(kept)))
 
     def save_manifest() -> None:
-        write_manifest(out_dir, options, predictor, results, ignored or {}, extra)
+        reserve.retry(lambda: write_manifest(out_dir, options, predictor, results + kept, ignored or {}, extra))
 
     pending_writes: list[tuple[Future, CaseResult]] = []
+    stop: MedsegError | None = None
 
     def merge_writes(wait: bool) -> None:
+        nonlocal stop
         for future, result in [w for w in pending_writes if wait or w[0].done()]:
             pending_writes.remove((future, result))
             future.result().merge_into(result)
+            if result.error_code == "DISK_FULL" and stop is None:
+                stop = OutputError("DISK_FULL", f"the disk holding {out_dir.name} is full: stopped after "
+                                   f"{sum(r.status == 'ok' for r in results)} complete case(s)",
+                                   "free space, then run the same command with --resume: complete cases are kept")
 
-    with progress_bar(options.progress) as progress, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        case_task = progress.add_task("cases", total=len(todo))
-        window_task = progress.add_task("windows", total=1)
+    try:
+        with progress_bar(options.progress) as progress, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+            case_task = progress.add_task("cases", total=len(todo))
+            window_task = progress.add_task("windows", total=1)
 
-        def on_window(done: int, total: int) -> None:
-            progress.update(window_task, completed=done, total=total)
+            def on_window(done: int, total: int) -> None:
+                progress.update(window_task, completed=done, total=total)
 
-        next_read = reader.submit(_load, todo[0][0], options) if todo else None
-        for i, (case, result) in enumerate(todo):
-            threads.refresh()  # take the current CPU share (other medseg processes start and end)
-            read, next_read = next_read, (reader.submit(_load, todo[i + 1][0], options) if i + 1 < len(todo) else None)
-            start = time.perf_counter()
             try:
-                volume, read_s = read.result()
-                result.timings["read_s"] = round(read_s, 3)
-                if case.series is not None:
-                    result.series_instance_uid = volume.meta.get("series_instance_uid")
-                    result.slice_geometry = volume.meta.get("slice_geometry")
-                targets = label_paths(out_dir, case.case_id, case.path, case.is_dicom, options.output_type)
-                for target in targets.values():
-                    if target.exists() and not (options.overwrite or case.case_id in previous):
-                        raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it (or --resume)")
-                if options.output_type != "nifti" and not case.is_dicom:
-                    kinds = " and ".join({"dicom-seg": "DICOM-SEG", "rtstruct": "RTSTRUCT"}[f]
-                                         for f in parse_output_type(options.output_type))
-                    result.notes.append(f"{kinds} needs a DICOM input: wrote NIfTI")
-                t = time.perf_counter()
-                prediction = predictor.predict_case(volume, probabilities=options.save_probabilities, on_window=on_window,
-                                                    qc=options.qc, uncertainty=options.save_uncertainty)
-                result.timings["predict_s"] = round(time.perf_counter() - t, 3)
-                result.qc = prediction.qc
-                if prediction.qc and prediction.qc["verdict"] == "review":
-                    log.warning("case %s: review (%s)", case.case_id, "; ".join(r["text"] for r in prediction.qc["reasons"]))
-                if "postprocess" in prediction.stats:
-                    result.notes.append(f"post-processing: {prediction.stats['postprocess']}")
-                if options.stats:
-                    result.volumes_ml = label_volumes_ml(prediction.labels, predictor.labels)
-                pending_writes.append((writer.submit(_write_case, predictor, volume, prediction, targets, case.case_id,
-                                                     options, start), result))
-            except MedsegError as exc:
-                result.status, result.error_code, result.error = "failed", exc.code, exc.one_line()
-            except Exception as exc:  # noqa: BLE001 - per-case isolation: record and carry on
-                result.status, result.error_code, result.error = "failed", "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"
-                log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
-            if result.status == "failed":
-                result.seconds = round(time.perf_counter() - start, 3)
-                log.error("case %s failed: %s", case.case_id, result.error)
-            merge_writes(wait=False)
-            save_manifest()
-            progress.update(case_task, advance=1)
-        merge_writes(wait=True)
-    save_manifest()
-    _write_provenance(out_dir, predictor, results, options, started)
+                next_read = reader.submit(_load, todo[0][0], options) if todo else None
+                for i, (case, result) in enumerate(todo):
+                    if stop is not None:
+                        break
+                    threads.refresh()  # take the current CPU share (other medseg processes start and end)
+                    read = next_read
+                    next_read = reader.submit(_load, todo[i + 1][0], options) if i + 1 < len(todo) else None
+                    start = time.perf_counter()
+                    try:
+                        volume, prediction, targets = _predict_case(
+                            predictor, case, result, read, out_dir, options, rebuild or case.case_id in previous,
+                            on_window)
+                        pending_writes.append((writer.submit(_write_case, predictor, volume, prediction, targets,
+                                                             case.case_id, options, start), result))
+                    except Exception as exc:  # noqa: BLE001 - per-case isolation (MemoryError included): record and carry on
+                        result.status, (result.error_code, result.error) = "failed", failure(exc, roots)
+                        if result.error_code == "INTERNAL_ERROR":
+                            log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
+                        if result.error_code == "DISK_FULL":
+                            stop = OutputError(result.error_code, result.error.split(": ", 1)[-1])
+                    if result.status == "failed":
+                        result.seconds = round(time.perf_counter() - start, 3)
+                        log.error("case %s failed: %s", case.case_id, result.error)
+                    merge_writes(wait=False)
+                    if stop is None:
+                        save_manifest()
+                    progress.update(case_task, advance=1)
+                merge_writes(wait=True)
+            except KeyboardInterrupt:
+                reader.shutdown(wait=False, cancel_futures=True)
+                merge_writes(wait=True)  # the write in flight finishes: its case is complete and recorded
+                raise
+            finally:
+                save_manifest()
+        if stop is not None:
+            raise stop
+        _write_provenance(out_dir, predictor, results, options, started)
+    finally:
+        reserve.release()
     return results
+
+
+def _predict_case(predictor: Predictor, case: CaseInput, result: CaseResult, read: Future, out_dir: Path,
+                  options: RunOptions, owned: bool, on_window) -> tuple[Volume, Prediction, dict[str, Path]]:
+    """Takes one case's read (a future), checks where its outputs go (``owned``: this folder's run wrote them, so
+    they may be replaced) and predicts it, recording timings, QC and notes in ``result``; returns what the writer
+    needs: ``(volume, prediction, output paths)``."""
+    volume, read_s = read.result()
+    result.timings["read_s"] = round(read_s, 3)
+    result.notes.extend(volume.meta.get("notes", []))
+    if case.series is not None:
+        result.series_instance_uid = volume.meta.get("series_instance_uid")
+        result.slice_geometry = volume.meta.get("slice_geometry")
+    targets = label_paths(out_dir, case.case_id, case.path, case.is_dicom, options.output_type)
+    for target in targets.values():
+        if target.exists() and not (options.overwrite or owned):
+            raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it (or --resume)")
+    if options.output_type != "nifti" and not case.is_dicom:
+        kinds = " and ".join({"dicom-seg": "DICOM-SEG", "rtstruct": "RTSTRUCT"}[f]
+                             for f in parse_output_type(options.output_type))
+        result.notes.append(f"{kinds} needs a DICOM input: wrote NIfTI")
+    t = time.perf_counter()
+    prediction = predictor.predict_case(volume, probabilities=options.save_probabilities, on_window=on_window,
+                                        qc=options.qc, uncertainty=options.save_uncertainty)
+    result.timings["predict_s"] = round(time.perf_counter() - t, 3)
+    result.qc = prediction.qc
+    if prediction.qc and prediction.qc["verdict"] == "review":
+        log.warning("case %s: review (%s)", case.case_id, "; ".join(r["text"] for r in prediction.qc["reasons"]))
+    if "postprocess" in prediction.stats:
+        result.notes.append(f"post-processing: {prediction.stats['postprocess']}")
+    if options.stats:
+        result.volumes_ml = label_volumes_ml(prediction.labels, predictor.labels)
+    return volume, prediction, targets
 
 
 def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, targets: dict[str, Path], case: str,
@@ -331,10 +420,8 @@ def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, ta
         outputs = hashes(written, target.parent)
         return WriteOutcome("ok", round(time.perf_counter() - start, 3), outputs=outputs,
                             write_s=round(time.perf_counter() - t, 3))
-    except MedsegError as exc:
-        code, error = exc.code, exc.one_line()
-    except Exception as exc:  # noqa: BLE001
-        code, error = "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - recorded by the main thread
+        code, error = failure(exc, [targets["labels"].parent])
     log.error("case %s failed while writing: %s", case, error)
     return WriteOutcome("failed", round(time.perf_counter() - start, 3), code, error)
 
@@ -342,6 +429,7 @@ def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, ta
 def write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, results: list[CaseResult],
                     ignored: dict[str, int], extra: dict | None = None) -> None:
     manifest = {
+        "format_version": 2,
         "model": [m.model_dir.resolve().name for m in predictor.members],  # folder names only
         "shard": list(options.shard),
         "n_ok": sum(r.status == "ok" for r in results),
@@ -354,8 +442,7 @@ def write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, res
         **(extra or {}),
         "cases": [asdict(r) for r in results],
     }
-    text = json.dumps(manifest, indent=2) + "\n"
-    atomic_write(out_dir / manifest_name(options), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_json(out_dir / manifest_name(options), manifest)
     if options.stats:
         rows = ["case_id," + ",".join(f"{name}_ml" for k, name in sorted(predictor.labels.items()) if k) + ",qc,qc_score,qc_reasons"]
         for r in results:
@@ -391,5 +478,4 @@ def _write_provenance(out_dir: Path, predictor: Predictor, results: list[CaseRes
         ],
     }
     name = "provenance.json" if options.shard[1] == 1 else f"provenance.shard-{options.shard[0]}-of-{options.shard[1]}.json"
-    text = json.dumps(provenance, indent=2, default=str) + "\n"
-    atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_json(out_dir / name, provenance, default=str)

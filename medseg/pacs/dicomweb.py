@@ -330,12 +330,12 @@ def predict_study(predictor, url: str, out_dir: Path, options, settings: PacsCon
             manifest with every series' verdict).
     """
     from medseg.inference.discovery import CaseInput, discover
-    from medseg.inference.runner import run_cases, write_manifest
+    from medseg.inference.runner import prepare_output, run_cases, write_manifest
 
     endpoint = parse_endpoint(url, need_study=True)
     target = None if push is None else endpoint if push == "same" else parse_endpoint(push, need_study=False)
     http = session(settings, token, ca_bundle)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output(out_dir, options)  # before any download: a folder that cannot take the results is refused now
     pulled = pull_study(endpoint, out_dir, settings, rules, http)
     try:
         downloaded = any(pulled.folder.iterdir())
@@ -352,7 +352,8 @@ def predict_study(predictor, url: str, out_dir: Path, options, settings: PacsCon
                                "series": pulled.series}}
         if target is not None:
             source["dicomweb"]["push_to"] = target.display
-        results = run_cases(predictor, cases, out_dir, options, found.ignored if found else {}, extra={"source": source})
+        results = run_cases(predictor, cases, out_dir, options, found.ignored if found else {}, extra={"source": source},
+                            roots=[pulled.folder])
         if not downloaded and not pulled.failed:
             raise InputError("NO_SERIES_MATCHED", f"none of the study's {len(pulled.skipped)} series matched "
                              "inference.series_selection (each series' reason is in manifest.json)",

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medseg.config import PacsConfig, SeriesSelectionConfig
-from medseg.errors import InputError, MedsegError
+from medseg.errors import InputError, MedsegError, describe
 from medseg.io.dicom_headers import uid_hash
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,12 @@ class Listener:
         """Series left in ``.incoming`` by an earlier run (stopped, crashed) are processed after ``idle_s``."""
         import pydicom
 
+        from medseg.fsutil import remove_stale_partials
+
         self.incoming.mkdir(parents=True, exist_ok=True)
         for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
             files = [f for f in folder.iterdir() if f.suffix == ".dcm"]
-            for f in folder.glob(".*.partial"):
-                f.unlink()
+            remove_stale_partials(folder, recursive=False)
             key = None
             for f in files:  # keyed by its series UID, so that more instances of it join this folder
                 try:
@@ -296,9 +297,10 @@ class Listener:
             cases = unpredicted("failed", "INTERNAL_ERROR", f"INTERNAL_ERROR: {type(exc).__name__}")
         prior = list(self.results)
         try:
-            self.results = run_cases(self.predictor, cases, self.out_dir, self.run_options, prior=prior, extra=self._extra())
+            self.results = run_cases(self.predictor, cases, self.out_dir, self.run_options, prior=prior, extra=self._extra(),
+                                     roots=[self.incoming])
         except Exception as exc:  # noqa: BLE001 - recorded, the listener keeps going
-            log.error("series %s could not be processed: %s", name, exc)
+            log.error("series %s could not be processed: %s", name, describe(exc, roots=[self.incoming]))
             self._event("INTERNAL_ERROR", f"series {name} could not be processed: {type(exc).__name__}")
             self.results = prior
         for result in self.results[len(prior):]:
@@ -378,7 +380,7 @@ class Listener:
         self._stop.set()
         if self._worker is not None:
             self._worker.join()
-        from medseg.inference.runner import CaseResult
+        from medseg.inference.manifest import CaseResult
 
         with self._lock:
             left = list(self._series.values())

@@ -35,10 +35,15 @@ def test_existing_output_needs_overwrite(predictor, tiny_dataset: Path, tmp_path
     src = tiny_dataset / "imagesTs" / "ct_003.nii.gz"
     out = tmp_path / "out"
     assert predict_folder(predictor, src, out)[0].status == "ok"
-    before = (out / "ct_003.nii.gz").read_bytes()
+    before = (out / "ct_003.nii.gz").read_bytes(), (out / "manifest.json").read_bytes()
+    with pytest.raises(OutputError) as info:  # a finished run's folder: refused whole, its record untouched
+        predict_folder(predictor, src, out)
+    assert info.value.code == "OUTPUT_EXISTS"
+    assert ((out / "ct_003.nii.gz").read_bytes(), (out / "manifest.json").read_bytes()) == before
+    (out / "manifest.json").unlink()  # an output no run of this folder recorded: refused for its case
     second = predict_folder(predictor, src, out)[0]
     assert second.status == "failed" and second.error_code == "OUTPUT_EXISTS"
-    assert (out / "ct_003.nii.gz").read_bytes() == before
+    assert (out / "ct_003.nii.gz").read_bytes() == before[0]
     assert predict_folder(predictor, src, out, overwrite=True)[0].status == "ok"
 
 

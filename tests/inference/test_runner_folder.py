@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from medseg.cli import app
 from medseg.fsutil import sha256_file
 from medseg.inference.predictor import Predictor
+from medseg.errors import OutputError
 from medseg.inference.runner import RunOptions, predict_folder
 from medseg.io.dicom import read_dicom
 from medseg.io.nifti import read_nifti
@@ -93,9 +94,10 @@ def test_resume_skips_complete_cases_and_redoes_a_truncated_output(predictor, ti
     assert [r.resumed for r in again] == [False, False, True]
     assert all(r.status == "ok" for r in again)
     assert sha256_file(truncated) == first[0].sha256 and untouched.stat().st_mtime_ns == mtime
-    # without --resume or --overwrite existing outputs are refused
-    refused = predict_folder(predictor, inputs, out)
-    assert {r.error_code for r in refused} == {"OUTPUT_EXISTS"}
+    # without --resume or --overwrite the finished run's folder is refused before anything is touched
+    with pytest.raises(OutputError) as info:
+        predict_folder(predictor, inputs, out)
+    assert info.value.code == "OUTPUT_EXISTS"
 
 
 def test_shards_split_the_cases(predictor, tiny_dataset: Path, tmp_path: Path):
