@@ -74,6 +74,7 @@ def _root(
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "onnxscript", "onnx_ir", "torch.onnx", "pynetdicom",
                   "dicomweb_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("nibabel").setLevel(logging.CRITICAL)  # a damaged header is reported once, by its code
 
 
 def _stderr_console():
@@ -104,13 +105,15 @@ def validate(
     """Check a dataset's integrity (files, readability, NaN/Inf, channels, image/label geometry, label values).
 
     Prints a table of problems per case; exits 1 when there is any."""
-    import json
     from dataclasses import asdict
 
     from rich.table import Table
 
+    from medseg.fsutil import check_output_file, write_json
     from medseg.io.validate import validate_dataset
 
+    if json_out:
+        check_output_file(json_out)
     report = validate_dataset(dataset)
     console = _stderr_console()
     typer.echo(
@@ -119,7 +122,7 @@ def validate(
     )
     if json_out:
         payload = {**asdict(report), "root": Path(report.root).name, "ok": report.ok}
-        json_out.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        write_json(json_out, payload, default=str)
     if report.ok:
         typer.echo("no problems found")
         return
@@ -145,15 +148,18 @@ def plan(
     from medseg.plan.fingerprint import compute_fingerprint
     from medseg.plan.planner import make_plan
 
+    from medseg.fsutil import atomic_write, check_output_file
+
     cfg = load_config(config, set_)
+    if out is not None:
+        check_output_file(out)
     fingerprint = compute_fingerprint(load_dataset(dataset))
     made = make_plan(fingerprint, cfg.plan, on_gpu=gpu)
     if out is None:
         typer.echo(made.to_json())
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(made.to_json())
-    out.with_name(out.stem + ".fingerprint.json").write_text(fingerprint.to_json())
+    atomic_write(out, lambda tmp: tmp.write_text(made.to_json()))
+    atomic_write(out.with_name(out.stem + ".fingerprint.json"), lambda tmp: tmp.write_text(fingerprint.to_json()))
     typer.echo(f"plan: {out}")
     for note in made.notes:
         typer.echo(f"  {note}")
@@ -190,13 +196,20 @@ def train(
 
 
 def _start_run(threads: str, resume: bool, out: Path | None, config: str | None, what: str) -> Path:
-    """Common start of train and distill: the CPU share, the argument checks, the run folder."""
+    """Common start of train and distill: the CPU share, the argument checks, the run folder (writable: probed
+    before the dataset is read, without creating it)."""
+    from medseg.fsutil import check_output_dir, remove_stale_partials
+
     _claim_threads(threads)
     if resume and out is None:
         raise MedsegError("CONFIG_MISSING_KEY", "--resume needs -o RUN, the run folder to continue")
     if config is None and not resume:
         raise MedsegError("CONFIG_MISSING_KEY", f"give {what} with -c (a preset name or a YAML file)")
-    return out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    check_output_dir(run_dir, "run folder", create=False)
+    if resume:
+        remove_stale_partials(run_dir)  # a checkpoint or model folder half-written when the run was killed
+    return run_dir
 
 
 def _train_tracked(cfg, run_dir: Path, resume: bool, name: str, teachers: list[Path] | None = None) -> None:
@@ -465,7 +478,6 @@ def evaluate(
     threads: str = _threads_option(),
 ) -> None:
     """Per-case metrics (metrics.csv) and their summary with confidence intervals (summary.json)."""
-    import json
 
     from medseg.config import load_config
     from medseg.io.dataset import load_dataset
@@ -475,11 +487,10 @@ def evaluate(
     settings = load_config(config, set_).evaluation
     labels, context = None, {}
     if model is not None:
-        from medseg.models.folder import INFO, load_model_dir
+        from medseg.models.folder import load_model_dir
 
-        load_model_dir(model)  # validates the folder
-        info = json.loads((model / INFO).read_text())
-        labels = {int(k): v for k, v in info["labels"].items() if int(k) != 0}
+        info = load_model_dir(model)[3]  # validates the folder
+        labels = {k: v for k, v in info["labels"].items() if k != 0}
         context = {"Model": model.resolve().name, "Dataset": info.get("dataset"), "Config hash": info.get("config_hash")}
     if dataset is not None:
         labels = {k: v for k, v in load_dataset(dataset).labels.items() if k != 0}
@@ -574,28 +585,115 @@ def optional_push_value(args: List[str]) -> List[str]:
     return out
 
 
-def main() -> None:
-    """Console-script entry point: runs the app, turning medseg errors into one line and exit code 2."""
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """The exception class ``name`` of Click and of the copy of Click that newer typer releases carry
+    (``typer._click``): the command line raises one or the other depending on the installed typer."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _usage_error(exc) -> MedsegError:
+    """A Click usage error (unknown option, bad or missing value, unknown command) as a coded one-line error."""
+    command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "medseg"
+    from medseg.errors import describe
+
+    text = exc.format_message() if hasattr(exc, "format_message") else describe(exc)
+    return MedsegError("OPTION_INVALID", " ".join(text.split()), f"see `{command} -h`")
+
+
+_SIGNALLED: list[int] = []  # the signal that stopped the command (typer turns KeyboardInterrupt into exit 130)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (a scheduler stopping a job, `kill`, a container shutting down) stops a command as Ctrl-C does:
+    it finishes or abandons the current case cleanly, records it, and exits with a message."""
+    import signal
+
+    from medseg.errors import Interrupted
+
+    def handler(signum, frame) -> None:  # noqa: ANN001 - signal's signature
+        _SIGNALLED.append(signum)
+        raise Interrupted(signum)
+
     try:
-        app(args=optional_push_value(sys.argv[1:]))
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # pragma: no cover - not the main thread (embedded use)
+        pass
+
+
+def _interrupted(signum: int) -> None:
+    name = "SIGTERM" if signum == 15 else "SIGINT"
+    _fail("RUN_INTERRUPTED", f"stopped by {name}", "what was complete is kept and recorded; rerun with --resume to "
+          "continue (predict, train)", 128 + signum)
+
+
+def _fail(code: str, message: str, hint: str | None, status: int) -> None:
+    print(f"error: {MedsegError(code, message, hint).one_line()}", file=sys.stderr)
+    sys.exit(status)
+
+
+def main() -> None:
+    """Console-script entry point: runs the app; every failure is one line ``error: CODE: message (hint: ...)``:
+    exit 2 for a user's mistake or a refused input/output, 3 for an internal error, 128 + N for signal N."""
+    from medseg.errors import Interrupted, from_os_error
+
+    _stop_on_signals()
+    try:
+        status = app(args=optional_push_value(sys.argv[1:]), standalone_mode=False)
+        if _SIGNALLED:
+            _interrupted(_SIGNALLED[0])
+    except _click_exceptions("NoArgsIsHelpError") as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx is not None else "medseg -h lists the commands")
+        sys.exit(2)
+    except _click_exceptions("Abort"):  # what older Click makes of Ctrl-C
+        _interrupted(_SIGNALLED[0] if _SIGNALLED else 2)
+    except _click_exceptions("ClickException") as exc:
+        print(f"error: {_usage_error(exc).one_line()}", file=sys.stderr)
+        sys.exit(2)
     except MedsegError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
-        import os
+    except KeyboardInterrupt as exc:
+        _interrupted(exc.signum if isinstance(exc, Interrupted) else 2)
+    except MemoryError:
+        _fail("OUT_OF_MEMORY", "the machine ran out of memory", "free memory, use smaller inputs, or --threads 1", 2)
+    except OSError as exc:
+        import errno
 
-        if os.environ.get("MEDSEG_DEBUG"):
-            raise
-        cause = exc.__cause__ or exc
-        print(
-            f"error: INTERNAL_ERROR: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
-            "(hint: rerun with MEDSEG_DEBUG=1 for the traceback and report it)",
-            file=sys.stderr,
-        )
-        sys.exit(3)
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EROFS, errno.EACCES, errno.EPERM,
+                         errno.ENOTDIR, errno.EEXIST):
+            print(f"error: {from_os_error(exc).one_line()}", file=sys.stderr)
+            sys.exit(2)
+        _internal(exc)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
+        _internal(exc)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _internal(exc: BaseException) -> None:
+    """A wrapped medseg error (MONAI re-raises what a transform raised) as itself; anything else INTERNAL_ERROR."""
+    import os
+
+    from medseg.errors import describe, unwrap
+
+    inner = unwrap(exc)
+    if isinstance(inner, MedsegError):
+        print(f"error: {inner.one_line()}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(inner, MemoryError):
+        _fail("OUT_OF_MEMORY", "the machine ran out of memory", "free memory, use smaller inputs, or --threads 1", 2)
+    if os.environ.get("MEDSEG_DEBUG"):
+        raise exc
+    cause = exc.__cause__ or exc
+    _fail("INTERNAL_ERROR", describe(cause), "rerun with MEDSEG_DEBUG=1 for the traceback and report it", 3)
 
 
 if __name__ == "__main__":
