@@ -14,16 +14,15 @@ axes) writes the graph instead; ``model.json`` records which (``exporter``).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medseg.errors import ModelError, OutputError
+from medseg.errors import ModelError, OutputError, describe
 from medseg.fsutil import sha256_file
-from medseg.models.folder import CONFIG, INFO, NETWORK_HASH, PLAN, load_model_dir
+from medseg.models.folder import CONFIG, INFO, NETWORK_HASH, PLAN, load_model_dir, write_info
 from medseg.training.components import final_output
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -149,7 +148,7 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
         except Exception as error:  # noqa: BLE001 - any exporter or runtime failure moves on to the next exporter
             if exporter == exporters[-1]:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise ModelError("EXPORT_FAILED", f"{fmt} export of {cfg.model.name} failed: {type(error).__name__}: {error}"[:2000],
+                raise ModelError("EXPORT_FAILED", f"{fmt} export of {cfg.model.name} failed: {describe(error, limit=2000)}",
                                  "predict with the model folder itself (--backend torch)") from error
             continue
         if quantize is not None or diff <= tolerance or exporter == exporters[-1]:
@@ -159,7 +158,7 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
                      NETWORK_HASH: sha256_file(target), "source_weights_sha256": info.get("weights_sha256"),
                      "quantization": quantize, "exporter": exporter, "exported_from": model_dir.resolve().name,
                      "parity": {"max_abs_logit_diff": diff, "inputs": [list(x.shape) for x in inputs]}}
-    (tmp / INFO).write_text(json.dumps(exported_info, indent=2) + "\n", encoding="utf-8")
+    write_info(tmp / INFO, exported_info)
     if quantize is None and diff > tolerance:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError("EXPORT_PARITY_FAILED", f"{fmt} export differs from PyTorch by {diff:.2e} (> {tolerance:g})")

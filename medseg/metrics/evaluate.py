@@ -10,19 +10,18 @@ report from the evaluation folder alone; no input folder is recorded (folder nam
 from __future__ import annotations
 
 import csv
-import json
-import os
 import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
 from medseg import threads
 from medseg.config import EvaluationConfig, load_config
 from medseg.errors import InputError, require_exists
+from medseg.fsutil import atomic_write, check_output_dir, write_json
 from medseg.io.readers import files_by_id, read_volume
 from medseg.metrics.aggregate import summarize
 from medseg.metrics.lesion import f1_score, lesion_detection
@@ -49,6 +48,7 @@ class _CaseTask:
     ref: Path
     labels: dict[int, str]
     settings: EvaluationConfig
+    allowed: tuple[int, ...]  # label values the maps may hold (the scored labels and any others declared)
 
 
 def _touches_border(mask: np.ndarray) -> bool:
@@ -102,6 +102,34 @@ def label_metrics(
     return out
 
 
+def label_array(volume, allowed, what: str) -> np.ndarray:
+    """The single-channel integer label map of ``volume``, holding only background (0) and the values in
+    ``allowed``: a label map with more channels, fractional values or undeclared values is refused (scoring it
+    would give a Dice of 0 for what is really a mismatch of label sets).
+
+    Raises:
+        InputError: ``LABEL_CHANNELS``, ``LABEL_NOT_INTEGER``, ``LABEL_VALUES_UNEXPECTED``.
+    """
+    if volume.array.shape[0] != 1:
+        raise InputError("LABEL_CHANNELS", f"{what} has {volume.array.shape[0]} channels; a label map has one")
+    arr = volume.array[0]
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise InputError("LABEL_NOT_INTEGER", f"{what} holds non-integer values",
+                             "label maps hold whole numbers (resample labels with nearest neighbour)")
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind not in "iub":
+        raise InputError("LABEL_NOT_INTEGER", f"{what} has voxels of type {arr.dtype}, not integers")
+    allowed = np.array(sorted({0, *allowed}), dtype=np.int64)
+    unexpected = ~np.isin(arr, allowed)
+    if unexpected.any():
+        values = np.unique(arr[unexpected])
+        raise InputError("LABEL_VALUES_UNEXPECTED", f"{what} holds value(s) {values[:10].tolist()} outside the labels "
+                         f"{allowed.tolist()}", "declare the labels with --dataset DIR or -m MODEL (without them, "
+                         "the first reference's values are the labels), or fix the file")
+    return arr
+
+
 def _evaluate_case(task: _CaseTask) -> tuple[list[dict], dict]:
     ref, pred = read_volume(task.ref), read_volume(task.pred)
     if not pred.same_grid(ref):
@@ -113,7 +141,8 @@ def _evaluate_case(task: _CaseTask) -> tuple[list[dict], dict]:
         )
     is_3d = len(ref.spatial_shape) == 3
     unit_size = ref.unit_volume_ml
-    ref_arr, pred_arr = ref.array[0], pred.array[0]
+    ref_arr = label_array(ref, task.allowed, f"case {task.case}: the reference {task.ref.name}")
+    pred_arr = label_array(pred, task.allowed, f"case {task.case}: the prediction {task.pred.name}")
     rows = []
     for value, name in task.labels.items():
         tol = task.settings.nsd_tolerance_per_label.get(name, task.settings.nsd_tolerance_mm)
@@ -164,7 +193,7 @@ def prediction_qc(pred_dir: Path, cases: set[str]) -> dict[str, dict]:
     """The QC verdict and score ``medseg predict`` recorded for each evaluated case (its manifests in
     ``pred_dir``), so the report can set the reference-free score against the true Dice; empty without them."""
     from medseg.errors import MedsegError
-    from medseg.inference.runner import read_manifests
+    from medseg.inference.manifest import read_manifests
 
     try:
         entries, _ = read_manifests(pred_dir)
@@ -187,6 +216,7 @@ def evaluate_folders(
     context: dict | None = None,
     window: tuple[float, float] | None = None,
     cases: list[str] | None = None,
+    allowed: "Collection[int] | None" = None,
 ) -> dict:
     """Evaluates every reference case (or the listed ones) against its prediction.
 
@@ -200,6 +230,8 @@ def evaluate_folders(
         context: Extra header fields for the report (model, MLflow run, config hash, ...).
         window: Display window of the images in the report (e.g. a CT window in HU).
         cases: Evaluate only these case IDs (default: every reference in ``ref_dir``).
+        allowed: Label values the maps may hold besides background (default: those of ``labels``); give the full
+            set to score only some labels of maps that hold more.
 
     Returns:
         The summary: per label name, per metric ``{n, n_undefined, mean, median, q1, q3, iqr, min, max,
@@ -226,11 +258,16 @@ def evaluate_folders(
             "EVAL_MISSING_PREDICTIONS",
             f"{len(missing)} reference case(s) have no prediction in {pred_dir}: {', '.join(missing[:20])}",
         )
+    check_output_dir(out_dir)  # a folder that cannot take the results is refused before the work
     meta = _read_metadata(metadata) if metadata else {}
-    if labels is None:
-        found = np.unique(read_volume(next(iter(refs.values()))).array)
-        labels = {int(v): str(int(v)) for v in found if v != 0}
-    tasks = [_CaseTask(case, preds[case], path, labels, settings) for case, path in sorted(refs.items())]
+    if labels is None:  # the first reference's values (it must be an integer label map itself)
+        first_path = next(iter(refs.values()))
+        first = read_volume(first_path)
+        values = {int(v) for v in np.unique(first.array) if float(v).is_integer()}
+        label_array(first, values, f"the reference {first_path.name}")
+        labels = {v: str(v) for v in sorted(values) if v != 0}
+    known = tuple(sorted(set(labels) | set(allowed or ())))
+    tasks = [_CaseTask(case, preds[case], path, labels, settings, known) for case, path in sorted(refs.items())]
     workers = threads.workers(settings.workers, len(tasks))
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers, initializer=threads.limit_worker) as pool:
@@ -239,14 +276,16 @@ def evaluate_folders(
         results = [_evaluate_case(t) for t in tasks]
     rows = [row for case_rows, _ in results for row in case_rows]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "metrics.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    atomic_write(out_dir / "metrics.csv", write_csv)
     summary = summarize_rows(rows, labels, settings)
-    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "summary.json", _json_safe(summary))
     dims = results[0][1]["dims"]
     record = {
         "labels": {str(k): v for k, v in labels.items()},
@@ -257,7 +296,7 @@ def evaluate_folders(
         "window": list(window) if window else None,
         "qc": prediction_qc(pred_dir, set(refs)),
     }
-    (out_dir / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "evaluation.json", record)
     from medseg.reporting.report import write_overlays  # the report's case figures, drawn while the files are at hand
 
     write_overlays(out_dir, refs, preds, files_by_id(images_dir) if images_dir else {})

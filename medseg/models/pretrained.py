@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medseg.errors import ModelError, require_exists
+from medseg.errors import ModelError, describe, require_exists
+from medseg.fsutil import load_tensors
 
 log = logging.getLogger(__name__)
 WRAPPERS = ("module.", "_orig_mod.", "net.", "model.")
@@ -58,16 +59,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         path = path / "weights.pt"
         require_exists(path, "pretrained weights (model folder)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to parse the file is one error for the user
-        raise ModelError("PRETRAINED_UNREADABLE", f"cannot read {path.name}: {type(exc).__name__}: {str(exc)[:200]}",
-                         "give a .safetensors file or a torch state dict saved with torch.save(model.state_dict())") from None
+        except Exception as exc:  # noqa: BLE001 - any failure to parse the file is one error for the user
+            raise ModelError("PRETRAINED_UNREADABLE", f"cannot read {path.name}: {describe(exc, path, limit=200)}",
+                             "give a .safetensors file or a torch state dict saved with torch.save(model.state_dict())") from None
+    else:
+        state = load_tensors(path, "PRETRAINED_UNREADABLE", "pretrained weights", ModelError)
     for _ in range(3):  # unwrap {"state_dict": {...}} and the like
         if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
             inner = next((state[k] for k in NESTED if isinstance(state.get(k), dict)), None)

@@ -8,7 +8,7 @@ from types import ModuleType
 from torch import nn
 
 from medseg.config import ModelConfig
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, describe
 from medseg.registry import Registry
 
 MODELS: Registry = Registry("model", "model.name")
@@ -60,8 +60,8 @@ def require_package(module: str, network: str, package: str) -> ModuleType:
         return importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - ImportError, or RuntimeError from a torchvision/torch mismatch
         raise ConfigError("MODEL_DEPENDENCY_MISSING", f"{network} needs the {package} package, which "
-                          f"{'is not installed' if isinstance(exc, ModuleNotFoundError) else 'does not import: ' + str(exc)[:200]}",
-                          f"pip install 'medseg[networks]' (torchvision must be the build that matches your torch)") from None
+                          f"{'is not installed' if isinstance(exc, ModuleNotFoundError) else 'does not import: ' + describe(exc, limit=200)}",
+                          "pip install 'medseg[networks]' (torchvision must be the build that matches your torch)") from None
 
 
 def require_dims(name: str, spatial_dims: int, dims: tuple[int, ...]) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from medseg.config import ModelConfig
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, describe
 from medseg.models.registry import MODELS, refuse_deep_supervision, require_dims, require_package
 
 ARCHS = ("Unet", "UnetPlusPlus", "DeepLabV3Plus", "FPN")
@@ -52,7 +52,7 @@ def smp_network(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_chann
     try:
         return getattr(smp, arch)(**kwargs)
     except (KeyError, ValueError, RuntimeError) as exc:  # smp (or timm) names the encoders it knows in its message
-        raise ConfigError("CONFIG_INVALID_VALUE", f"smp cannot build {arch} with encoder {kwargs['encoder_name']!r}: {exc}"[:600],
+        raise ConfigError("CONFIG_INVALID_VALUE", f"smp cannot build {arch} with encoder {kwargs['encoder_name']!r}: {describe(exc, limit=400)}",
                           "see segmentation_models_pytorch's encoder list (timm encoders as tu-<name>)") from None
 
 

@@ -48,7 +48,13 @@ def _fmt(value: float) -> str:
 
 
 def write_pdf(data: dict, path: Path) -> Path:
-    """Writes the PDF version of a report built by :func:`medseg.reporting.report.build_report`."""
+    """Writes the PDF version of a report built by :func:`medseg.reporting.report.build_report` (atomically)."""
+    from medseg.fsutil import atomic_write
+
+    return atomic_write(path, lambda tmp: _write_pdf(data, tmp), suffix=".pdf")
+
+
+def _write_pdf(data: dict, path: Path) -> Path:
     with PdfPages(path) as pdf:
         lines = [
             (data["title"], 16, "bold"),

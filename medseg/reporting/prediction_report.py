@@ -9,15 +9,15 @@ comes from ``provenance.json``. One self-contained file: figures are embedded.
 from __future__ import annotations
 
 import base64
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from medseg.errors import InputError, require_exists
-from medseg.fsutil import versions
-from medseg.inference.runner import read_manifests
+from medseg.fsutil import atomic_write, check_output_file, versions
+from medseg.inference.manifest import read_manifests
 
 REVIEW_REPORT = "review.html"
 
@@ -35,14 +35,11 @@ def build_prediction_report(pred_dir: str | Path) -> dict:
         raise InputError("PREDICTION_DIR_INVALID", f"{pred_dir.name} has no manifest.json",
                          "pass a folder written by `medseg predict`")
     cases, models = read_manifests(pred_dir)
-    provenance = {}
-    for path in sorted(pred_dir.glob("provenance*.json")):
-        provenance = json.loads(path.read_text(encoding="utf-8"))
-        break
+    provenance = _provenance(pred_dir)
     rows = []
     for c in cases:
         qc = c.get("qc") or {}
-        preview = (c.get("outputs") or {}).get("preview")
+        preview = (c.get("outputs") or {}).get("preview")  # a path inside pred_dir (the manifest is validated)
         png = (pred_dir / preview["file"]).read_bytes() if preview and (pred_dir / preview["file"]).is_file() else None
         volumes = c.get("volumes_ml") or (qc.get("signals") or {}).get("volumes_ml") or {}
         rows.append({"case": c["case_id"], "status": c["status"], "verdict": qc.get("verdict", "–" if c["status"] == "ok" else c["status"]),
@@ -52,15 +49,15 @@ def build_prediction_report(pred_dir: str | Path) -> dict:
     order = {"failed": 0, "review": 1, "ok": 3}
     rows.sort(key=lambda r: (order.get(r["verdict"], 2), r["score"] if r["score"] is not None else 2.0, r["case"]))
     labels = sorted({name for r in rows for name in r["volumes"]})
-    identity = [{"name": m.get("dir"), "weights": (m.get("weights_sha256") or m.get("network_sha256") or "")[:12],
-                 "config": m.get("config_hash"), "format": m.get("format")} for m in provenance.get("models", [])]
+    identity = [{"name": m.dir, "weights": (m.weights_sha256 or m.network_sha256 or "")[:12],
+                 "config": m.config_hash, "format": m.format} for m in provenance.models]
     return {
         "title": "Segmentation review",
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": versions(),
         "folder": pred_dir.resolve().name,
         "models": identity or [{"name": n, "weights": "", "config": None, "format": None} for n in models],
-        "settings": provenance.get("settings", {}),
+        "settings": provenance.settings.model_dump() if provenance.settings else {},
         "rows": rows,
         "labels": labels,
         "n_cases": len(rows),
@@ -69,6 +66,47 @@ def build_prediction_report(pred_dir: str | Path) -> dict:
         "n_unchecked": sum(r["status"] == "ok" and r["score"] is None for r in rows),
         "n_previews": sum(r["png"] is not None for r in rows),
     }
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    dir: str | None = None
+    weights_sha256: str | None = None
+    network_sha256: str | None = None
+    config_hash: str | None = None
+    format: str | None = None
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    device: str = ""
+    tta: bool = False
+    overlap: float | None = None
+
+
+class _Provenance(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    models: list[_Model] = []
+    settings: _Settings | None = None
+
+
+def _provenance(pred_dir: Path) -> _Provenance:
+    """The first ``provenance*.json`` of a prediction folder, validated (an empty record when there is none).
+
+    Raises:
+        InputError: ``PREDICTION_DIR_INVALID`` when it is unreadable or not a provenance record.
+    """
+    from medseg.fsutil import read_json
+
+    for path in sorted(pred_dir.glob("provenance*.json")):
+        data = read_json(path, "PREDICTION_DIR_INVALID", "provenance record")
+        try:
+            return _Provenance.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise InputError("PREDICTION_DIR_INVALID", f"{path.name} is not a provenance record: "
+                             f"{'.'.join(str(p) for p in err['loc']) or 'top level'}: {err['msg']}") from None
+    return _Provenance()
 
 
 def write_prediction_report(pred_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -81,6 +119,6 @@ def write_prediction_report(pred_dir: str | Path, out: str | Path | None = None)
     env = Environment(loader=PackageLoader("medseg.reporting", "templates"), autoescape=select_autoescape())
     env.filters["b64"] = lambda raw: base64.b64encode(raw).decode()
     html = env.get_template("review.html.j2").render(**data)
-    out_path = Path(out) if out else Path(pred_dir) / REVIEW_REPORT
-    out_path.write_text(html, encoding="utf-8")
+    out_path = check_output_file(Path(out) if out else Path(pred_dir) / REVIEW_REPORT)
+    atomic_write(out_path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     return out_path

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import csv
-import json
 import shutil
 import math
 from datetime import datetime, timezone
@@ -13,36 +11,20 @@ from pathlib import Path
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from medseg.errors import InputError, require_exists
-from medseg.fsutil import versions
-from medseg.io.readers import files_by_id, read_volume
+from medseg.errors import InputError
+from medseg.fsutil import atomic_write, check_output_file, versions, write_json
+from medseg.io.readers import read_volume
 from medseg.metrics.aggregate import subgroups
 from medseg.reporting import figures
 from medseg.reporting.overlays import PRED_COLOUR, REF_COLOUR, overlay_2d, overlay_3d
+from medseg.reporting.records import Overlays, load_evaluation, read_json_record
 
-NUMERIC = (
-    "dice", "iou", "hd95", "hd", "assd", "nsd", "vol_ref_ml", "vol_pred_ml", "vol_err_ml", "vol_err_pct",
-    "lesions_ref", "lesions_pred", "lesions_tp", "lesion_f1", "lesions_fp", "lesions_fn", "lesion_sensitivity",
-    "lesion_precision", "lesion_dice", "nsd_tol_mm",
-)
 MAX_FLAGGED_OVERLAYS = 40  # default of evaluation.report_max_flagged_overlays (evaluations written before it)
 THICKNESS_BINS_MM = (2.5, 5.0)  # default of evaluation.report_slice_thickness_bins_mm
 
 
 def _load(eval_dir: Path) -> tuple[list[dict], dict, dict]:
-    require_exists(eval_dir, "evaluation folder")
-    missing = [n for n in ("metrics.csv", "summary.json", "evaluation.json") if not (eval_dir / n).is_file()]
-    if missing:
-        raise InputError("EVAL_DIR_INVALID", f"{eval_dir} lacks {', '.join(missing)}", "run `medseg evaluate` to create it")
-    with open(eval_dir / "metrics.csv", newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        for key in NUMERIC:
-            row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
-        row["touches_border"] = row.get("touches_border") == "True"
-    summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
-    record = json.loads((eval_dir / "evaluation.json").read_text(encoding="utf-8"))
-    return rows, summary, record
+    return load_evaluation(Path(eval_dir))
 
 
 def flag_rows(rows: list[dict], settings: dict) -> None:
@@ -107,27 +89,33 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _n(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``, or a dash when it is undefined (None, NaN)."""
+    return "–" if value is None or not math.isfinite(value) else format(value, spec)
+
+
 def _sentences(name: str, s: dict, unit: str, ci: float) -> list[str]:
     dice, nsd, hd95, vol = s["dice"], s["nsd"], s["hd95"], s["vol_err_pct"]
     if dice["mean"] is None:
         return [f"No case has a {name} in the reference or the prediction."]
     out = [
         f"Across {dice['n']} case(s), the predicted {name} overlapped the reference with a mean Dice of "
-        f"{dice['mean']:.2f} ({ci:.0%} CI {dice['ci_low']:.2f} to {dice['ci_high']:.2f}; 1 is perfect)."
+        f"{_n(dice['mean'], '.2f')} ({ci:.0%} CI {_n(dice['ci_low'], '.2f')} to {_n(dice['ci_high'], '.2f')}; "
+        "1 is perfect)."
     ]
     if hd95["median"] is not None:
         out.append(
-            f"Typically 95% of the predicted boundary lay within {hd95['median']:.1f} mm of the reference boundary "
-            f"(median HD95), and {nsd['mean']:.0%} of boundary points were within the tolerance (NSD)."
+            f"Typically 95% of the predicted boundary lay within {_n(hd95['median'], '.1f')} mm of the reference "
+            f"boundary (median HD95), and {_n(nsd['mean'], '.0%')} of boundary points were within the tolerance (NSD)."
         )
     if vol["mean"] is not None:
-        out.append(f"Predicted volumes differed from the reference by {vol['mean']:+.0f}% on average "
-                   f"(median {vol['median']:+.0f}%).")
+        out.append(f"Predicted volumes differed from the reference by {_n(vol['mean'], '+.0f')}% on average "
+                   f"(median {_n(vol['median'], '+.0f')}%).")
     pooled = s["lesions_pooled"]
     if pooled["n_ref"]:
         out.append(
             f"{pooled['detected']} of {pooled['n_ref']} separate reference {name} region(s) were detected; "
-            f"there were {pooled['fp_per_case']:.1f} false-positive region(s) per case."
+            f"there were {_n(pooled['fp_per_case'], '.1f')} false-positive region(s) per case."
         )
     return out
 
@@ -173,18 +161,23 @@ def write_overlays(eval_dir: str | Path, refs: dict[str, Path], preds: dict[str,
         (folder / name).write_bytes(png)
         case_flags = sorted({f"{r['label']}: {f}" for r in rows if r["case"] == case for f in r["flags"]})
         entries.append({"case": case, "why": why, "file": name, "caption": caption, "flags": case_flags})
-    record = {"overlays": entries, "flagged_not_shown": max(0, flagged_total - max_flagged)}
-    (folder / "overlays.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / "overlays.json", {"overlays": entries, "flagged_not_shown": max(0, flagged_total - max_flagged)})
 
 
 def _read_overlays(eval_dir: Path) -> tuple[list[dict], int]:
     path = eval_dir / OVERLAYS / "overlays.json"
     if not path.is_file():
-        raise InputError("EVAL_DIR_INVALID", f"{eval_dir} lacks {OVERLAYS}/overlays.json",
+        raise InputError("EVAL_DIR_INVALID", f"{eval_dir.name} lacks {OVERLAYS}/overlays.json",
                          "run `medseg evaluate` again to create it")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    overlays = [{**o, "png": (eval_dir / OVERLAYS / o["file"]).read_bytes()} for o in record["overlays"]]
-    return overlays, int(record["flagged_not_shown"])
+    record = read_json_record(path, Overlays)
+    overlays = []
+    for o in record.overlays:
+        figure = eval_dir / OVERLAYS / o.file
+        if not figure.is_file():
+            raise InputError("EVAL_DIR_INVALID", f"{OVERLAYS}/{o.file} (listed in overlays.json) is missing",
+                             "run `medseg evaluate` again to create it")
+        overlays.append({**o.model_dump(), "png": figure.read_bytes()})
+    return overlays, record.flagged_not_shown
 
 
 def build_report(eval_dir: str | Path) -> dict:
@@ -250,8 +243,8 @@ def write_report(eval_dir: str | Path, out: str | Path | None = None, pdf: bool 
     env.filters["b64"] = lambda raw: base64.b64encode(raw).decode()
     env.filters["num"] = _fmt
     html = env.get_template("report.html.j2").render(**data, ref_colour=REF_COLOUR, pred_colour=PRED_COLOUR)
-    out_path = Path(out) if out else Path(eval_dir) / "report.html"
-    out_path.write_text(html, encoding="utf-8")
+    out_path = check_output_file(Path(out) if out else Path(eval_dir) / "report.html")
+    atomic_write(out_path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     if pdf:
         from medseg.reporting.pdf import write_pdf
 

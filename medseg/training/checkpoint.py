@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medseg.errors import TrainingError
-from medseg.fsutil import atomic_torch_save
+from medseg.fsutil import atomic_torch_save, load_tensors
 
 LAST = "last.pt"
 
@@ -107,7 +107,4 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """
     if not path.is_file():
         raise TrainingError("CHECKPOINT_NOT_FOUND", f"no checkpoint at {path}", "train without --resume first")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is not a usable checkpoint
-        raise TrainingError("CHECKPOINT_UNREADABLE", f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    return load_tensors(path, "CHECKPOINT_UNREADABLE", "checkpoint", TrainingError)

@@ -118,9 +118,8 @@ def calibrate_model_dir(model_dir: Path, val_ds, device: torch.device) -> dict:
     """Fits the softmax temperature of a model folder on the validation cases (their preprocessed grids, blended
     as ``medseg predict`` blends) and records it in ``model.json`` under ``qc`` (see
     :func:`medseg.qc.reference.fit_temperature`)."""
-    from medseg.fsutil import atomic_write
     from medseg.inference.predictor import Predictor
-    from medseg.models.folder import INFO, load_model_dir
+    from medseg.models.folder import INFO, load_model_dir, read_info, write_info
     from medseg.qc.reference import fit_temperature
 
     net, cfg, plan, info = load_model_dir(model_dir, device)
@@ -132,10 +131,9 @@ def calibrate_model_dir(model_dir: Path, val_ds, device: torch.device) -> dict:
         logits.append(predictor.logits_preprocessed(item[IMAGE].as_tensor()))
         refs.append(item[LABEL].as_tensor()[0].cpu().numpy().round().astype(np.int64))
     fitted = fit_temperature(logits, refs)
-    record = json.loads((model_dir / INFO).read_text(encoding="utf-8"))
+    record = read_info(model_dir)
     record["qc"] = {**(record.get("qc") or {}), **fitted, "calibration_cases": len(refs)}
-    text = json.dumps(record, indent=2) + "\n"
-    atomic_write(model_dir / INFO, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_info(model_dir / INFO, record)
     log.info("%s: softmax temperature %.3g (validation NLL %.4f -> %.4f)", model_dir.name, fitted["temperature"],
              fitted["nll_before"], fitted["nll_after"])
     return fitted

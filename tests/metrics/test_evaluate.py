@@ -91,7 +91,7 @@ def test_summary_has_cis_and_counts_undefined(folders, tmp_path: Path):
 def test_empty_rules_are_configurable(folders, tmp_path: Path):
     pred, ref = folders
     settings = load_config(None, ["evaluation.empty_both=perfect", "evaluation.empty_one_distance=diagonal"]).evaluation
-    evaluate_folders(pred, ref, tmp_path / "ev", settings=settings, labels={2: "lesion"})
+    evaluate_folders(pred, ref, tmp_path / "ev", settings=settings, labels={2: "lesion"}, allowed={1, 2})
     by = {r["case"]: r for r in _rows(tmp_path / "ev")}
     assert float(by["c_none"]["dice"]) == 1.0 and float(by["c_none"]["hd95"]) == 0.0
     diagonal = np.linalg.norm(np.array([30, 30, 12]) * np.array([0.8, 0.8, 2.5]))

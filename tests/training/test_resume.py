@@ -1,5 +1,6 @@
 """Exact resume: 4 epochs straight == 2 epochs, SIGKILL, resume to 4. Checkpoints survive interrupted writes."""
 
+import errno
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medseg.errors import TrainingError
+from medseg.errors import OutputError, TrainingError
 from medseg.training.checkpoint import load_checkpoint
 
 ARGS = ["-c", "smoke", "--set", "train.iterations_per_epoch=15", "--set", "train.val_every=2",
@@ -95,12 +96,13 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path: Path, mon
     checkpoint.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
 
     def dying_save(obj, target):
-        Path(target).write_bytes(b"PK\x03\x04 partial")  # half a file, then the process "dies"
-        raise OSError("No space left on device")
+        Path(target).write_bytes(b"PK\x03\x04 partial")  # half a file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError) as info:
         checkpoint.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    assert info.value.code == "DISK_FULL" and "last.pt" in info.value.message
     monkeypatch.undo()
     state = load_checkpoint(path)
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
