@@ -1,6 +1,6 @@
 """Several medseg processes on one machine: CPU share per process (``--threads auto``) against one thread per core.
 
-    .venv/bin/python benchmarks/threads.py [--parts ab] [--cases 8] [--rounds 3] [--epochs 4]
+    .venv/bin/python benchmarks/threads.py [--parts abc] [--cases 8] [--rounds 3] [--epochs 4]
 
 (a) Folder inference, the case of issue 13: ``medseg predict`` over ``--cases`` CT-like volumes
     (``--shape``, default 256 x 256 x 96 int16, a seeded random 3D UNet 8-16-32-64 with patch 96 x 96 x 64, no TTA), as
@@ -14,6 +14,12 @@
 (b) Training, the "demo beside a test run" case: ``medseg train -c demo`` on the synthetic CT sample data for
     ``--epochs`` epochs, alone and as two concurrent runs (auto, then one thread per core each); the figure is the
     median epoch time (history.json, epochs after the first) and its ratio to the run alone.
+(c) Training beside programs that are not medseg's (a shared server, a CI runner): the same ``medseg train -c demo``
+    alone, beside one foreign busy thread (a pure-Python loop: one core), and beside a foreign BLAS process at two
+    threads (NumPy matrix products), each with ``--threads auto`` (which counts the foreign load) and with
+    ``--threads <every CPU>`` (one thread per core: what ``auto`` gave before it counted foreign load, the peer).
+    Rounds rotate the order; the figures are median epoch times and their ratios to ``auto`` alone. Goals (issue
+    24): beside the busy thread <= 2.5x, beside the BLAS process <= 3x, alone no slower than the peer.
 
 Writes ``benchmarks/results/threads.json``.
 """
@@ -128,9 +134,53 @@ def bench_train(work: Path, epochs: int, cpus: int) -> dict:
     return result
 
 
+FOREIGN = {
+    "busy_thread": [sys.executable, "-c", "while True: pass"],
+    "blas_2_threads": [sys.executable, "-c", "import numpy as np\na = np.random.rand(1500, 1500)\nwhile True: a @ a"],
+}
+
+
+def bench_contention(work: Path, epochs: int, rounds: int, cpus: int) -> dict:
+    from medseg.sample_data import write_sample_data
+
+    data = write_sample_data(work / "data", cases=8, seed=0, kinds=("ct3d",))["ct3d"]
+
+    def epoch_time(name: str, threads: str, foreign: str | None) -> float:
+        out = work / name
+        env = {**_env(), "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
+        load = subprocess.Popen(FOREIGN[foreign], env=env) if foreign else None
+        try:
+            _run_together([_medseg("train", "-c", "demo", "-o", str(out), "--threads", threads,
+                                   "--set", f"data.dataset={data}", "--set", f"train.epochs={epochs}",
+                                   "--set", f"train.val_every={epochs}", "--set", "train.early_stopping=null",
+                                   "--set", "tracking.uri=null")])
+        finally:
+            if load is not None:
+                load.kill()
+                load.wait()
+        history = json.loads((out / "history.json").read_text())
+        return float(np.median([h["epoch_time_s"] for h in history[1:]]))
+
+    setups = [(f"{foreign or 'alone'}_{mode}", threads, foreign) for foreign in (None, *FOREIGN)
+              for mode, threads in (("auto", "auto"), ("one_thread_per_core", str(cpus)))]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in setups}
+    for r in range(rounds):
+        for name, threads, foreign in setups[r % len(setups):] + setups[: r % len(setups)]:
+            times[name].append(epoch_time(f"{name}_{r}", threads, foreign))
+    median = {name: float(np.median(v)) for name, v in times.items()}
+    alone = median["alone_auto"]
+    return {
+        "preset": "demo", "epochs": epochs, "rounds": rounds, "epoch_s_all": times, "epoch_s": median,
+        "vs_auto_alone": {name: round(v / alone, 3) for name, v in median.items()},
+        "goals": {"busy_thread_auto_le_2.5x": median["busy_thread_auto"] / alone <= 2.5,
+                  "blas_2_threads_auto_le_3x": median["blas_2_threads_auto"] / alone <= 3.0,
+                  "alone_auto_no_slower_than_one_thread_per_core": alone <= median["alone_one_thread_per_core"] * 1.05},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="ab")
+    parser.add_argument("--parts", default="abc")
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=4)
@@ -153,6 +203,10 @@ def main() -> None:
         if "b" in args.parts:
             (Path(tmp) / "b").mkdir()
             result["train"] = {"measured": stamp, **bench_train(Path(tmp) / "b", args.epochs, cpus)}
+        if "c" in args.parts:
+            (Path(tmp) / "c").mkdir()
+            result["foreign_load"] = {"measured": stamp, **bench_contention(Path(tmp) / "c", args.epochs + 1,
+                                                                            args.rounds, cpus)}
     save("threads", result)
 
 

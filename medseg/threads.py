@@ -11,9 +11,17 @@ The rule (``auto``, the default of every command's ``--threads``):
   pid, start time and fixed thread count). A process with ``--threads N`` takes N; the CPUs left are split
   evenly between the ``auto`` processes, at least one thread each. A registered process that started this one
   (a test run or a script calling ``medseg``) is taken to be waiting for it and is not counted;
+* CPUs kept busy by processes that are not medseg's (another job, a BLAS-heavy script, a test run) are taken out
+  of the budget first (:class:`LoadMeter`: CPU time used in this process's scope -- its cgroup, or the CPUs of its
+  affinity -- minus the CPU time of the registered medseg processes and their children, over the last interval;
+  each foreign CPU busy at least half the time counts). OpenMP's threads spin while they wait for each other, so
+  two threads on a core shared with a foreign busy thread lose far more than that thread's share (measured on 2
+  cores: a demo epoch 3.4x slower beside one busy thread, 7.4x beside a 2-thread BLAS process; with the foreign
+  load counted, 1.3x and 2.1x: ``benchmarks/threads.py``, part c);
 * the share is applied to torch (intra-op threads), every loaded OpenMP/BLAS pool (threadpoolctl) and the
   ``OMP_NUM_THREADS``-style variables that child processes inherit, and looked at again between epochs and
-  between cases (:func:`refresh`), so a process that started alone gives CPUs back when another one starts.
+  between cases (:func:`refresh`), so a process that started alone gives CPUs back when another one starts, and
+  takes them again when a foreign load ends.
 
 Worker processes a medseg process starts itself (evaluation workers, data-loader workers) are part of its share:
 they run one thread each (:func:`limit_worker`) and do not register.
@@ -117,13 +125,96 @@ def _live_entries(folder: Path) -> list[_Entry]:
     return entries
 
 
-def share_for(entries: list[_Entry], me: _Entry, budget: int) -> int:
-    """Threads for ``me`` among the registered ``entries`` (``me`` included) on ``budget`` CPUs."""
+def share_for(entries: list[_Entry], me: _Entry, budget: int, foreign: int = 0) -> int:
+    """Threads for ``me`` among the registered ``entries`` (``me`` included) on ``budget`` CPUs, of which
+    ``foreign`` are kept busy by processes that are not medseg's."""
     if me.fixed:
         return me.fixed
     others_fixed = sum(e.fixed for e in entries if e.fixed and e.pid != me.pid)
     auto = max(1, sum(1 for e in entries if not e.fixed) + (0 if any(e.pid == me.pid for e in entries) else 1))
-    return max(1, (budget - others_fixed) // auto)
+    return max(1, (budget - foreign - others_fixed) // auto)
+
+
+def _cgroup_usage_file() -> tuple[Path, float] | None:
+    """This process's cgroup CPU-usage counter and its unit in seconds (v2 ``cpu.stat`` usage_usec, v1
+    ``cpuacct.usage`` in ns), or None."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        rel = path.strip().lstrip("/")
+        if hierarchy == "0" and controllers == "":
+            candidates = [(Path("/sys/fs/cgroup") / rel / "cpu.stat", 1e-6), (Path("/sys/fs/cgroup/cpu.stat"), 1e-6)]
+        elif "cpuacct" in controllers.split(","):
+            candidates = [(Path("/sys/fs/cgroup") / d / rel / "cpuacct.usage", 1e-9) for d in ("cpuacct", "cpu,cpuacct")]
+        else:
+            continue
+        for candidate, unit in candidates:
+            if candidate.is_file():
+                return candidate, unit
+    return None
+
+
+class LoadMeter:
+    """CPU time used in this process's scope, to tell how many CPUs other programs keep busy.
+
+    The scope is the CPUs of this process's affinity when it is pinned to fewer than the machine has (``/proc/stat``
+    per CPU), else its cgroup (a container's own counter), else the whole machine (``/proc/stat``).
+    """
+
+    def __init__(self) -> None:
+        try:
+            self.cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - macOS, Windows
+            self.cpus = list(range(os.cpu_count() or 1))
+        pinned = len(self.cpus) < (os.cpu_count() or len(self.cpus))
+        self.cgroup = None if pinned else _cgroup_usage_file()
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def used_seconds(self) -> float | None:
+        """CPU seconds used in the scope so far (None when it cannot be read)."""
+        try:
+            if self.cgroup is not None:
+                path, unit = self.cgroup
+                text = path.read_text()
+                if path.name == "cpu.stat":
+                    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("usage_usec"))) * unit
+                return float(text.strip()) * unit
+            wanted = {f"cpu{i}" for i in self.cpus}
+            total = 0
+            for line in Path("/proc/stat").read_text().splitlines():
+                fields = line.split()
+                if fields and fields[0] in wanted:  # user nice system idle iowait irq softirq steal
+                    values = [int(v) for v in fields[1:9]]
+                    total += values[0] + values[1] + values[2] + values[5] + values[6] + values[7]
+            return total / self.tick
+        except (OSError, ValueError, StopIteration, IndexError):
+            return None
+
+
+def _medseg_cpu_seconds(pids: set[int]) -> float:
+    """CPU seconds of the given processes and of all their descendants (data-loader and evaluation workers)."""
+    import psutil
+
+    total, seen = 0.0, set()
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            family = [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for member in family:
+            if member.pid in seen:
+                continue
+            seen.add(member.pid)
+            try:
+                times = member.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                continue
+    return total
 
 
 def set_threads(n: int) -> None:
@@ -164,6 +255,9 @@ class CpuShare:
         self.path = self.folder / str(os.getpid())
         self.ancestors = _ancestors()
         self.threads = 0
+        self.meter = LoadMeter()
+        self.foreign = 0
+        self._sample: tuple[float, float, float] | None = None  # (wall, scope seconds, medseg seconds)
         try:
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
@@ -174,16 +268,46 @@ class CpuShare:
         atexit.register(self.release)
 
     def current(self) -> int:
-        """The share now, from the live registrations."""
-        entries = [e for e in _live_entries(self.folder) if e.pid not in self.ancestors]
-        return share_for(entries, self.me, self.budget)
+        """The share now, from the live registrations and the foreign load."""
+        live = _live_entries(self.folder)
+        entries = [e for e in live if e.pid not in self.ancestors]
+        if not self.me.fixed:
+            self.foreign = self.foreign_cpus({e.pid for e in live} | {self.me.pid})
+        return share_for(entries, self.me, self.budget, self.foreign)
+
+    def foreign_cpus(self, medseg_pids: set[int], min_interval: float = 0.5) -> int:
+        """CPUs kept busy (at least half the time) by processes other than medseg's, over the time since the last
+        reading (a first reading samples ``0.1 s``; readings closer than ``min_interval`` keep the last answer)."""
+        import time
+
+        def sample() -> tuple[float, float, float] | None:
+            used = self.meter.used_seconds()
+            return None if used is None else (time.monotonic(), used, _medseg_cpu_seconds(medseg_pids))
+
+        if self._sample is None:
+            self._sample = sample()
+            if self._sample is None:
+                return 0
+            time.sleep(0.1)
+        elif time.monotonic() - self._sample[0] < min_interval:
+            return self.foreign
+        now = sample()
+        if now is None or self._sample is None:
+            return 0
+        wall, scope, mine = (a - b for a, b in zip(now, self._sample))
+        self._sample = now
+        if wall <= 0:
+            return self.foreign
+        busy = max(0.0, (scope - mine) / wall)
+        return min(self.budget - 1, int(busy + 0.5))
 
     def refresh(self) -> int:
         """Applies the current share when it changed; returns it."""
         threads = self.current()
         if threads != self.threads:
             if self.threads:
-                log.debug("CPU share: %d -> %d thread(s)", self.threads, threads)
+                log.debug("CPU share: %d -> %d thread(s) (%d CPU(s) busy with other programs)", self.threads, threads,
+                          self.foreign)
             set_threads(threads)
             self.threads = threads
         return threads

@@ -20,6 +20,13 @@ from medseg.errors import ConfigError
 from medseg.threads import CpuShare, _Entry, share_for
 
 
+@pytest.fixture(autouse=True)
+def no_foreign_load(monkeypatch):
+    """These tests check the split between medseg processes: load from other programs on this machine (counted
+    by :class:`medseg.threads.LoadMeter`, tested in tests/adversarial/test_busy_machine.py) is left out."""
+    monkeypatch.setattr(threads.LoadMeter, "used_seconds", lambda self: None)
+
+
 def _e(pid: int, fixed: int = 0) -> _Entry:
     return _Entry(pid, 0.0, fixed)
 
@@ -126,6 +133,7 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     from medseg import threads
+    threads.LoadMeter.used_seconds = lambda self: None  # only the medseg processes' split is tested here
     me, other = Path(sys.argv[1]), Path(sys.argv[2])
     first = threads.claim()
     me.write_text("ready")
