@@ -15,12 +15,7 @@ and absent from the model folder, MLflow params and artifacts)."""
 from __future__ import annotations
 
 import gzip
-import io
 import logging
-import re
-import struct
-import zipfile
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +23,7 @@ import numpy as np
 import pydicom
 import yaml
 from dicom_helpers import CANARY_ID, CANARY_NAME, series
+from leak_scan import decoded
 from typer.testing import CliRunner
 
 from medseg.cli import app
@@ -46,57 +42,6 @@ def _plant(folder: Path) -> None:
         f.unlink()
 
 
-def _png_texts(data: bytes) -> bytes:
-    out, pos = b"", 8
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        if kind == b"tEXt":
-            out += body
-        elif kind == b"zTXt":
-            key, _, rest = body.partition(b"\0")
-            out += key + zlib.decompress(rest[1:])
-        elif kind == b"iTXt":
-            key, _, rest = body.partition(b"\0")
-            compressed, rest = rest[0], rest[2:]
-            lang, _, rest = rest.partition(b"\0")
-            translated, _, text = rest.partition(b"\0")
-            out += key + lang + translated + (zlib.decompress(text) if compressed else text)
-        pos += 12 + length
-    return out
-
-
-def _pdf_streams(data: bytes) -> bytes:
-    """Inflated content streams, plus the text of each BT..ET block with its kerned pieces joined
-    (``[(c) -0.2 (a) ...] TJ``)."""
-    out = b""
-    for match in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
-        try:
-            stream = zlib.decompress(match.group(1))
-        except zlib.error:
-            stream = match.group(1)
-        out += stream
-        for block in re.findall(rb"BT(.*?)ET", stream, re.S):
-            out += b"\n" + b"".join(re.findall(rb"\(((?:[^()\\]|\\.)*)\)", block))
-    return out
-
-
-def _decoded(path: Path) -> bytes:
-    """The file's bytes plus what its format compresses or encodes."""
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        data += gzip.decompress(data)
-    if data[:4] == b"PK\x03\x04":  # .npz, torch .pt
-        with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as archive:
-            for name in archive.namelist():
-                data += name.encode() + archive.read(name)
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        data += _png_texts(data)
-    if data[:5] == b"%PDF-":
-        data += _pdf_streams(data)
-    return data
-
-
 def _leaks(root: Path, texts: list[str], skip: tuple[Path, ...] = ()) -> list[str]:
     found = []
     for path in root.rglob("*"):
@@ -105,7 +50,7 @@ def _leaks(root: Path, texts: list[str], skip: tuple[Path, ...] = ()) -> list[st
                 found.append(f"file name {path.relative_to(root)}")
         if not path.is_file() or path in skip:
             continue
-        data = _decoded(path).lower()
+        data = decoded(path).lower()
         for canary in CANARIES:
             if canary.lower().encode() in data or canary.lower().encode("utf-16-le") in data:
                 found.append(f"content of {path.relative_to(root)}: {canary}")
@@ -176,7 +121,7 @@ def test_no_canary_in_outputs_logs_errors_or_tracking(tmp_path: Path, caplog):
     # no absolute path of an input anywhere in the outputs (manifests record inputs relative to their folder)
     for path in outputs.rglob("*"):
         if path.is_file() and path != run_config:
-            assert str(tmp_path / PACS_FOLDER).encode() not in _decoded(path), path
+            assert str(tmp_path / PACS_FOLDER).encode() not in decoded(path), path
 
 
 def test_the_leak_detector_finds_planted_values(tmp_path: Path):
