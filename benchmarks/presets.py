@@ -51,7 +51,7 @@ def main() -> None:
     from medseg.io.dataset import load_dataset
 
     labels = {k: v for k, v in load_dataset(data).labels.items() if k != 0}
-    summary = evaluate_folders(pred, data / "labelsTs", run / "test_evaluation", labels=labels, images_dir=data / "imagesTs")
+    summary = evaluate_folders(pred, data / "labelsTs", run / "test_evaluation", labels=labels)
     history = json.loads((run / "history.json").read_text())
     entry = {
         "preset": args.preset, "dataset": f"sample_data/{args.dataset}", "overrides": overrides,

@@ -17,6 +17,7 @@ import typer
 
 import medseg
 from medseg.errors import MedsegError
+from medseg.inference.formats import help_text as output_help
 
 app = typer.Typer(
     add_completion=False,
@@ -214,17 +215,14 @@ def _start_run(threads: str, resume: bool, out: Path | None, config: str | None,
 
 def _train_tracked(cfg, run_dir: Path, resume: bool, name: str, teachers: list[Path] | None = None) -> None:
     """Checks the inputs (a new run), trains and validates in the run's MLflow run, and prints where things are."""
+    from medseg.training.tracker import tracked_run
     from medseg.workflow import check_inputs, open_run_tracker, train_and_validate
 
     if not resume:
         check_inputs(cfg, run_dir)  # every training case checked before anything of the run is written
     tracker = open_run_tracker(cfg, run_dir, run_dir.name, resume)
-    try:
+    with tracked_run(tracker):
         result, validation = train_and_validate(cfg, run_dir, tracker, resume=resume, teachers=teachers)
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    tracker.close("FINISHED")
     if validation is None:  # a non-zero torchrun rank
         return
     extra = f"; {len(teachers)} teacher(s)" if teachers else ""
@@ -282,7 +280,7 @@ def predict(
     input: str = typer.Option(..., "--input", "-i", help="An image file, a DICOM series folder, a folder of cases (image files and DICOM series), or a DICOMweb study URL http(s)://host:port/dicom-web/studies/<StudyInstanceUID>."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: not inside an input folder, nor the folder of an input file (a folder beside it is fine)."),
     model: List[Path] = typer.Option(..., "--model", "-m", help="Model folder from `medseg train`; repeat for an ensemble (probabilities averaged)."),
-    output_type: str = typer.Option("nifti", "--output-type", "-t", help="nifti; for DICOM inputs dicom-seg, rtstruct, or dicom-seg,rtstruct (both)."),
+    output_type: str = typer.Option("nifti", "--output-type", "-t", help=output_help()),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
@@ -377,7 +375,7 @@ def serve(
     ae_title: str = typer.Option("MEDSEG", "--ae-title", help="This listener's AE title."),
     dest: Optional[str] = typer.Option(None, "--dest", metavar="AE@HOST:PORT", help="C-STORE each series' DICOM results to this peer (e.g. the PACS)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 listens on every interface (see README 'PACS' security notes)."),
-    output_type: str = typer.Option("dicom-seg", "--output-type", "-t", help="dicom-seg, rtstruct, dicom-seg,rtstruct or nifti."),
+    output_type: str = typer.Option("dicom-seg", "--output-type", "-t", help=output_help()),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
@@ -395,7 +393,7 @@ def serve(
     from medseg.inference.runner import RunOptions
     from medseg.pacs.listener import Listener, parse_dest
 
-    from medseg.inference.outputs import parse_output_type
+    from medseg.inference.formats import parse_output_type
 
     parse_output_type(output_type)
     target = parse_dest(dest) if dest else None
@@ -481,7 +479,9 @@ def evaluate(
 
     from medseg.config import load_config
     from medseg.io.dataset import load_dataset
+    from medseg.inference.manifest import qc_records
     from medseg.metrics.evaluate import evaluate_folders
+    from medseg.reporting.report import write_overlays
 
     _claim_threads(threads)
     settings = load_config(config, set_).evaluation
@@ -494,10 +494,9 @@ def evaluate(
         context = {"Model": model.resolve().name, "Dataset": info.get("dataset"), "Config hash": info.get("config_hash")}
     if dataset is not None:
         labels = {k: v for k, v in load_dataset(dataset).labels.items() if k != 0}
-    summary = evaluate_folders(
-        pred, ref, out, settings=settings, labels=labels, images_dir=images, metadata=metadata, context=context,
-        window=window,
-    )
+    summary = evaluate_folders(pred, ref, out, settings=settings, labels=labels, metadata=metadata, context=context,
+                               window=window, qc=qc_records(pred))
+    write_overlays(out, pred, ref, images)
     for name, metrics in summary.items():
         dice = metrics["dice"]
         text = "n/a" if dice["mean"] is None else f"{dice['mean']:.3f} (95% CI {dice['ci_low']:.3f}-{dice['ci_high']:.3f})"

@@ -259,20 +259,32 @@ def sha256_file(path: Path) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the packages that decide a result."""
-    import monai
-    import numpy
-    import torch
+    """Versions of the packages that decide a result, read from their installed metadata: nothing is imported
+    (``medseg report`` shows them without loading torch). The CUDA version comes from torch where it is loaded.
+
+    Examples:
+        >>> sorted(versions())
+        ['cuda', 'medseg', 'monai', 'numpy', 'python', 'torch']
+    """
+    import sys
+    from importlib import metadata
 
     import medseg
 
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    torch = sys.modules.get("torch")
     return {
         "medseg": medseg.__version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda),
-        "monai": monai.__version__,
-        "numpy": numpy.__version__,
+        "torch": torch.__version__ if torch is not None else installed("torch"),
+        "cuda": str(torch.version.cuda) if torch is not None else "not loaded",
+        "monai": installed("monai"),
+        "numpy": installed("numpy"),
     }
 
 

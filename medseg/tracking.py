@@ -1,4 +1,5 @@
-"""Experiment tracking: a small :class:`Tracker` protocol, an MLflow implementation and a null one.
+"""Experiment tracking through MLflow: :class:`MlflowTracker` implements the
+:class:`medseg.training.tracker.Tracker` protocol.
 
 The default store is embedded: ``sqlite:///<run dir>/mlflow.db`` with artifacts in ``<run dir>/mlartifacts``,
 so no server is needed. ``tracking.uri`` in the config, or else the ``MLFLOW_TRACKING_URI`` environment
@@ -10,51 +11,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from medseg.config import TrackingConfig
-
-
-class Tracker(Protocol):
-    """What training, evaluation and the demo log through."""
-
-    run_id: str | None
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        """Logs parameters (values are stringified)."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Logs numeric metrics at an optional step (epoch)."""
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Uploads a file or a whole folder."""
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """Sets run tags (never patient data)."""
-
-    def close(self, status: str = "FINISHED") -> None:
-        """Ends the run as ``FINISHED`` or ``FAILED``."""
-
-
-class NullTracker:
-    """Tracks nothing (tests, or tracking switched off)."""
-
-    run_id: str | None = None
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def close(self, status: str = "FINISHED") -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -174,7 +133,7 @@ class MlflowTracker:
         import torch
         from mlflow.models import infer_signature
 
-        from medseg.training.components import final_output
+        from medseg.models.contract import final_output
 
         example = np.zeros((2, in_channels, *([2 * divisor] * spatial_dims)), dtype=np.float32)  # (2, C, *spatial)
         net = net.eval().cpu()

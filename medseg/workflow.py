@@ -18,9 +18,12 @@ from medseg.inference.predictor import Predictor
 from medseg.inference.runner import predict_files
 from medseg.io.dataset import Case, load_dataset
 from medseg.io.readers import files_by_id
+from medseg.metrics.catalogue import names
 from medseg.metrics.evaluate import evaluate_folders
-from medseg.reporting.report import write_report
-from medseg.tracking import MlflowTracker, NullTracker, Tracker, resolve_tracking_uri
+from medseg.inference.manifest import qc_records
+from medseg.reporting.report import write_overlays, write_report
+from medseg.tracking import MlflowTracker, resolve_tracking_uri
+from medseg.training.tracker import NullTracker, Tracker, tracked_run
 from medseg.training.folds import load_or_make_splits
 from medseg.training.trainer import FitResult, fit
 
@@ -55,8 +58,8 @@ def summary_metrics(summary: dict, prefix: str) -> dict[str, float]:
     """Flattens an evaluation summary to MLflow metrics: ``<prefix>_<metric>_<label>`` (means) and lesion F1."""
     out = {}
     for label, metrics in summary.items():
-        for metric in ("dice", "iou", "nsd", "hd95", "assd", "vol_err_pct"):
-            if metrics[metric]["mean"] is not None:
+        for metric in names("mlflow"):
+            if metric in metrics and metrics[metric]["mean"] is not None:
                 out[f"{prefix}_{metric}_{label}"] = metrics[metric]["mean"]
         f1 = metrics["lesions_pooled"]["f1"]
         if f1 is not None and f1 == f1:
@@ -94,8 +97,9 @@ def evaluate_model(
     window = report_window(cfg)
     summary = evaluate_folders(
         out / "predictions", ok[0].label.parent, out / "evaluation", settings=cfg.evaluation, labels=labels,
-        images_dir=ok[0].image.parent, context=context, window=window, cases=[c.id for c in ok],
+        context=context, window=window, cases=[c.id for c in ok], qc=qc_records(out / "predictions"),
     )
+    write_overlays(out / "evaluation", out / "predictions", ok[0].label.parent, ok[0].image.parent)
     report = write_report(out / "evaluation")
     tracker.log_metrics(summary_metrics(summary, name))
     tracker.log_artifact(out / "evaluation", name)
@@ -160,12 +164,16 @@ def check_inputs(cfg: Config, run_dir: Path) -> None:
     when it started. Only rank 0 of a ``torchrun`` job checks.
 
     Raises:
+        ConfigError: ``CONFIG_UNKNOWN_NAME`` / ``CONFIG_INVALID_VALUE`` for the network, loss or optimizer
+            (:func:`medseg.training.optim.check_config`), before anything is read.
         DatasetError / InputError: the first failing check's code, naming every failing case.
     """
     import os
 
     from medseg.plan.fingerprint import load_or_compute
+    from medseg.training.optim import check_config
 
+    check_config(cfg)  # network, loss and optimizer: before a case is read
     if int(os.environ.get("RANK", "0")) != 0 or cfg.data.dataset is None:
         return
     dataset = load_dataset(cfg.data.dataset)
@@ -238,12 +246,8 @@ def cross_validate(cfg: Config, root: Path, folds: list[int | str], resume: bool
             shutil.copy2(root / "fingerprint.json", run_dir / "fingerprint.json")
         tracker = open_run_tracker(fold_cfg, run_dir, f"fold_{fold}", can_resume, store_dir=root)
         tracker.set_tags({"medseg.fold": str(fold), "medseg.dataset": dataset.name})
-        try:
+        with tracked_run(tracker):
             result, evaluation = train_and_validate(fold_cfg, run_dir, tracker, show_progress, can_resume, split)
-        except BaseException:
-            tracker.close("FAILED")
-            raise
-        tracker.close("FINISHED")
         if evaluation is not None:
             results.append({"fold": fold, "best_epoch": result.best_epoch, "best_val_dice_mean": result.best_metric,
                             "val_dice": evaluation.mean_dice, "run_dir": str(run_dir)})
@@ -297,9 +301,9 @@ def _pool_folds(cfg: Config, root: Path, folds: list[dict]) -> EvaluationResult:
     ids = sorted(files_by_id(pooled))
     summary = evaluate_folders(
         pooled, first.label.parent, root / "cv" / "evaluation", settings=cfg.evaluation, labels=labels,
-        images_dir=first.image.parent, context={"Dataset": f"{dataset.name} (cross-validation, {len(folds)} folds)"},
-        cases=ids,
+        context={"Dataset": f"{dataset.name} (cross-validation, {len(folds)} folds)"}, cases=ids,
     )
+    write_overlays(root / "cv" / "evaluation", pooled, first.label.parent, first.image.parent)
     report = write_report(root / "cv" / "evaluation")
     return EvaluationResult(pooled, root / "cv" / "evaluation", report, summary, 0)
 
@@ -332,12 +336,10 @@ def train_predict_evaluate(cfg: Config, out_dir: str | Path, show_progress: bool
     check_inputs(cfg, run_dir)
     tracker = open_run_tracker(cfg, run_dir, f"{dataset.name}-{cfg.model.name}", resume=False)
     tracker.set_tags({"medseg.dataset": dataset.name, "medseg.config_hash": config_hash(cfg)})
-    try:
+    with tracked_run(tracker) as run:
         result, _ = train_and_validate(cfg, run_dir, tracker, show_progress)
         test = evaluate_model(result, cfg, dataset.test, out, "test", tracker, tracker.uri)
         tracker.log_artifact(out / "predictions" / "manifest.json", "predictions")
-        tracker.close("FINISHED" if test.n_failed == 0 else "FAILED")
-    except BaseException:
-        tracker.close("FAILED")
-        raise
+        if test.n_failed:
+            run.fail()
     return PipelineResult(result, test, tracker.uri, tracker.run_id)

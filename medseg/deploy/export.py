@@ -23,7 +23,7 @@ import torch
 from medseg.errors import ModelError, OutputError, describe
 from medseg.fsutil import sha256_file
 from medseg.models.folder import CONFIG, INFO, NETWORK_HASH, PLAN, load_model_dir, write_info
-from medseg.training.components import final_output
+from medseg.models.contract import final_output
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 
@@ -114,9 +114,9 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
         raise ModelError("EXPORT_FORMAT_UNKNOWN", f"quantize={quantize!r} is only available as int8 with --format onnx")
     net, cfg, plan, info = load_model_dir(model_dir, "cpu")
-    from medseg.models.registry import MODELS
+    from medseg.models.registry import spec_of
 
-    unsupported = getattr(MODELS.get(cfg.model.name), "not_exportable", None)
+    unsupported = spec_of(cfg.model.name).not_exportable
     if unsupported:
         raise ModelError("EXPORT_UNSUPPORTED", f"model {cfg.model.name} cannot be exported: {unsupported}",
                          "predict with the model folder itself (--backend torch)")

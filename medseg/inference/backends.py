@@ -59,7 +59,7 @@ def load_backend(model_dir: Path, name: str, device: torch.device, net: torch.nn
             return lambda x: module(x.to(device))
         if net is None:
             raise ModelError("MODEL_DIR_INVALID", "a PyTorch backend needs the network")
-        from medseg.training.components import final_output
+        from medseg.models.contract import final_output
 
         if device.type == "cpu" and int(info.get("spatial_dims", 3) if info else 3) == 3:
             net = channels_last_3d(net)

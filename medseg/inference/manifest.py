@@ -147,6 +147,20 @@ def read_manifests(out_dir: Path) -> tuple[list[dict], list[str]]:
     return cases, models
 
 
+def qc_records(out_dir: Path) -> dict[str, dict]:
+    """The QC verdict, score and reason codes ``medseg predict`` recorded per case in a prediction folder (empty
+    when it has no readable manifest: that only costs the evaluation report its QC figure)."""
+    from medseg.errors import MedsegError
+
+    try:
+        entries, _ = read_manifests(out_dir)
+    except MedsegError:
+        return {}
+    return {c["case_id"]: {"verdict": c["qc"]["verdict"], "score": c["qc"]["score"],
+                           "reasons": [r["code"] for r in c["qc"]["reasons"]]}
+            for c in entries if c.get("qc")}
+
+
 def case_from_record(record: dict) -> CaseResult:
     """A :class:`CaseResult` from a validated manifest entry (fields this version does not know are dropped)."""
     known = set(CaseResult.__dataclass_fields__)

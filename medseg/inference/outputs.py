@@ -1,73 +1,35 @@
-"""What the folder runner writes for one case: the label map (NIfTI, PNG for 2D pictures, DICOM-SEG and/or RTSTRUCT),
-optional float16 probabilities, a three-plane preview and label volumes. Every file is written atomically.
+"""What the folder runner writes for one case besides the label maps (:mod:`medseg.inference.formats`): optional
+float16 probabilities, the uncertainty map, a three-plane preview, label volumes and the outputs' hashes. Every
+file is written atomically.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medseg.fsutil import atomic_write, sha256_file
-from medseg.io.image2d import is_image2d
+from medseg.io.dicom_derived import PYDICOM_ROOT, Producer
 from medseg.io.nifti import write_nifti
 from medseg.io.volume import Volume
 
-FORMATS = ("nifti", "dicom-seg", "rtstruct")
-OUTPUT_TYPES = ("nifti", "dicom-seg", "rtstruct", "dicom-seg,rtstruct")  # the documented values of --output-type
-RTSTRUCT_SUFFIX = ".rtstruct.dcm"
+if TYPE_CHECKING:
+    from medseg.inference.predictor import Predictor
 
+def producer_for(predictor: "Predictor", uid_root: str = PYDICOM_ROOT) -> Producer:
+    """Who made a prediction, as DICOM outputs record it: the predictor's first model folder (an ensemble is named
+    ``<first>+<n-1>`` with the weights hashes combined), its network, weights hash and medseg's version."""
+    import hashlib
 
-def parse_output_type(text: str) -> tuple[str, ...]:
-    """``"dicom-seg,rtstruct"`` -> ``("dicom-seg", "rtstruct")``.
+    import medseg
 
-    Raises:
-        InputError: ``OUTPUT_TYPE_INVALID`` for an unknown or empty format.
-    """
-    from medseg.errors import InputError
-
-    formats = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
-    if not formats or any(f not in FORMATS for f in formats) or ("nifti" in formats and len(formats) > 1):
-        raise InputError("OUTPUT_TYPE_INVALID", f"unknown output type {text!r}", f"use one of {', '.join(OUTPUT_TYPES)}")
-    return formats
-
-
-def label_paths(out_dir: Path, case_id: str, source: Path, dicom: bool, output_type: str) -> dict[str, Path]:
-    """Where a case's label maps go, by kind: ``labels`` is ``<case>.dcm`` (DICOM-SEG) or ``<case>.rtstruct.dcm``
-    (RTSTRUCT only) for DICOM series when asked, ``<case>.png`` for 2D pictures, else ``<case>.nii.gz``; with both
-    DICOM formats the RTSTRUCT is ``rtstruct``."""
-    formats = parse_output_type(output_type)
-    if dicom and "dicom-seg" in formats:
-        paths = {"labels": out_dir / f"{case_id}.dcm"}
-        if "rtstruct" in formats:
-            paths["rtstruct"] = out_dir / f"{case_id}{RTSTRUCT_SUFFIX}"
-        return paths
-    if dicom and "rtstruct" in formats:
-        return {"labels": out_dir / f"{case_id}{RTSTRUCT_SUFFIX}"}
-    if not dicom and isinstance(source, Path) and is_image2d(source):
-        return {"labels": out_dir / f"{case_id}.png"}
-    return {"labels": out_dir / f"{case_id}.nii.gz"}
-
-
-def write_labels(labels: Volume, target: Path, source_volume: Volume, label_names: dict[int, str], producer) -> None:
-    """Writes the label map to ``target`` in the format its ending names (``producer``: the
-    :class:`medseg.io.dicom_derived.Producer` recorded in DICOM outputs)."""
-    if target.name.endswith(RTSTRUCT_SUFFIX):
-        from medseg.io.rtstruct import write_rtstruct
-
-        write_rtstruct(labels, source_volume, target, label_names, producer)
-    elif target.suffix == ".dcm":
-        from medseg.io.dicom_seg import write_dicom_seg
-
-        write_dicom_seg(labels, source_volume, target, label_names, producer)
-    elif target.suffix == ".png":
-        from PIL import Image
-
-        image = Image.fromarray(np.ascontiguousarray(labels.array[0], dtype=np.uint8))
-        atomic_write(target, lambda tmp: image.save(tmp, format="PNG"))
-    else:
-        dtype = np.uint8 if labels.array.dtype == np.uint8 else np.uint16
-        write_nifti(labels, target, dtype)
+    members = predictor.members
+    name = members[0].model_dir.resolve().name + (f"+{len(members) - 1}" if len(members) > 1 else "")
+    hashes = [str(m.info.get("weights_sha256") or "") for m in members]
+    weights = hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
+    return Producer(name, members[0].cfg.model.name, weights, medseg.__version__, uid_root)
 
 
 def write_probabilities(probabilities: Volume, target: Path, label_names: dict[int, str]) -> None:

@@ -49,7 +49,7 @@ from medseg.io.volume import Volume
 from medseg.models.folder import load_model_dir
 from medseg.plan.planner import Plan
 from medseg.qc.signals import QcAccumulator
-from medseg.training.components import select_device
+from medseg.device import select_device
 from medseg.transforms.intensity import normalization
 from medseg.transforms.pipeline import IMAGE, build_infer_transforms, volume_to_metatensor
 
@@ -149,7 +149,7 @@ class Predictor:
         """A predictor over a network in memory, for validation during training: the window layout, blending,
         TTA and stitching of ``medseg predict``, so what is validated is what is shipped. The network keeps its
         layout (no channels-last conversion: training goes on with it)."""
-        from medseg.training.components import final_output
+        from medseg.models.contract import final_output
 
         def backend(x: torch.Tensor) -> torch.Tensor:
             return final_output(net(x.to(device)))
@@ -251,7 +251,7 @@ class Predictor:
     def _assess(self, volume: Volume, labels: Volume, acc: QcAccumulator) -> dict:
         from medseg.plan.fingerprint import ras_order
         from medseg.qc.assess import assess
-        from medseg.qc.stats import image_percentiles, label_stats
+        from medseg.plan.statistics import image_percentiles, label_stats
 
         fg = sorted(k for k in self.labels if k)
         # components and border contact on the network's grid when it is coarser than the input's (the input-grid

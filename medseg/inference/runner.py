@@ -44,12 +44,12 @@ from medseg.inference.discovery import CaseInput, discover, shard
 from medseg.inference.manifest import (  # noqa: F401 - CaseResult and read_manifests are part of this module's API
     MANIFEST, CaseResult, case_from_record, manifest_name as _shard_manifest, read_manifest, read_manifests,
 )
+from medseg.inference.formats import OutputFormat, label_paths, parse_output_type
 from medseg.inference.outputs import (
-    hashes, label_paths, label_volumes_ml, parse_output_type, verify_output, write_labels, write_preview,
-    write_probabilities, write_uncertainty,
+    hashes, label_volumes_ml, producer_for, verify_output, write_preview, write_probabilities, write_uncertainty,
 )
 from medseg.inference.predictor import Prediction, Predictor
-from medseg.io.dicom_derived import PYDICOM_ROOT, producer_for
+from medseg.io.dicom_derived import PYDICOM_ROOT
 from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, DicomTolerances
 from medseg.io.readers import case_id as case_id_of
 from medseg.io.readers import read_channels, read_volume
@@ -226,7 +226,8 @@ def _complete(entry: dict | None, out_dir: Path) -> bool:
 def _rebuilt(case: CaseInput, out_dir: Path, options: RunOptions) -> CaseResult | None:
     """The record of a case whose outputs (all that ``options`` ask for) are on disk and read back in full, when
     the manifest that recorded them was lost; else None (the case is predicted again)."""
-    targets = label_paths(out_dir, case.case_id, case.path, case.is_dicom, options.output_type)
+    targets = {kind: path for kind, (path, _) in
+               label_paths(out_dir, case.case_id, case.path, case.is_dicom, options.output_type).items()}
     extra = {"probabilities": (options.save_probabilities, f"probabilities/{case.case_id}.npz"),
              "uncertainty": (options.save_uncertainty, f"uncertainty/{case.case_id}.nii.gz"),
              "preview": (options.preview, f"previews/{case.case_id}.png")}
@@ -366,7 +367,7 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
 
 
 def _predict_case(predictor: Predictor, case: CaseInput, result: CaseResult, read: Future, out_dir: Path,
-                  options: RunOptions, owned: bool, on_window) -> tuple[Volume, Prediction, dict[str, Path]]:
+                  options: RunOptions, owned: bool, on_window) -> tuple[Volume, Prediction, dict[str, tuple[Path, OutputFormat]]]:
     """Takes one case's read (a future), checks where its outputs go (``owned``: this folder's run wrote them, so
     they may be replaced) and predicts it, recording timings, QC and notes in ``result``; returns what the writer
     needs: ``(volume, prediction, output paths)``."""
@@ -377,13 +378,12 @@ def _predict_case(predictor: Predictor, case: CaseInput, result: CaseResult, rea
         result.series_instance_uid = volume.meta.get("series_instance_uid")
         result.slice_geometry = volume.meta.get("slice_geometry")
     targets = label_paths(out_dir, case.case_id, case.path, case.is_dicom, options.output_type)
-    for target in targets.values():
+    for target, _ in targets.values():
         if target.exists() and not (options.overwrite or owned):
             raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it (or --resume)")
-    if options.output_type != "nifti" and not case.is_dicom:
-        kinds = " and ".join({"dicom-seg": "DICOM-SEG", "rtstruct": "RTSTRUCT"}[f]
-                             for f in parse_output_type(options.output_type))
-        result.notes.append(f"{kinds} needs a DICOM input: wrote NIfTI")
+    needs_dicom = [f.title for f in parse_output_type(options.output_type) if f.dicom_input]
+    if needs_dicom and not case.is_dicom:
+        result.notes.append(f"{' and '.join(needs_dicom)} needs a DICOM input: wrote {targets['labels'][1].title}")
     t = time.perf_counter()
     prediction = predictor.predict_case(volume, probabilities=options.save_probabilities, on_window=on_window,
                                         qc=options.qc, uncertainty=options.save_uncertainty)
@@ -398,16 +398,17 @@ def _predict_case(predictor: Predictor, case: CaseInput, result: CaseResult, rea
     return volume, prediction, targets
 
 
-def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, targets: dict[str, Path], case: str,
+def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction,
+                targets: dict[str, tuple[Path, OutputFormat]], case: str,
                 options: RunOptions, start: float) -> WriteOutcome:
     """Writes one case's outputs (background thread) and returns what happened; it never touches a result."""
     try:
         t = time.perf_counter()
         producer = producer_for(predictor, options.uid_root)
-        for target in targets.values():
-            write_labels(prediction.labels, target, volume, predictor.labels, producer)
-        written = dict(targets)
-        target = targets["labels"]
+        for path, fmt in targets.values():
+            fmt.write(prediction.labels, path, volume, predictor.labels, producer)
+        written = {kind: path for kind, (path, _) in targets.items()}
+        target = written["labels"]
         if prediction.probabilities is not None:
             written["probabilities"] = target.parent / "probabilities" / f"{case}.npz"
             write_probabilities(prediction.probabilities, written["probabilities"], predictor.labels)
@@ -421,7 +422,7 @@ def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction, ta
         return WriteOutcome("ok", round(time.perf_counter() - start, 3), outputs=outputs,
                             write_s=round(time.perf_counter() - t, 3))
     except Exception as exc:  # noqa: BLE001 - recorded by the main thread
-        code, error = failure(exc, [targets["labels"].parent])
+        code, error = failure(exc, [targets["labels"][0].parent])
     log.error("case %s failed while writing: %s", case, error)
     return WriteOutcome("failed", round(time.perf_counter() - start, 3), code, error)
 

@@ -60,20 +60,6 @@ class Producer:
         return str(generate_uid(prefix=self.uid_root))
 
 
-def producer_for(predictor, uid_root: str = PYDICOM_ROOT) -> Producer:
-    """The :class:`Producer` of a :class:`medseg.inference.predictor.Predictor` (its first member; an ensemble is
-    named ``<first>+<n-1>``, with the weights hashes combined)."""
-    import hashlib
-
-    import medseg
-
-    members = predictor.members
-    name = members[0].model_dir.resolve().name + (f"+{len(members) - 1}" if len(members) > 1 else "")
-    hashes = [str(m.info.get("weights_sha256") or "") for m in members]
-    weights = hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
-    return Producer(name, members[0].cfg.model.name, weights, medseg.__version__, uid_root)
-
-
 def label_colour(value: int) -> tuple[int, int, int]:
     """RGB 0..255 of a label: matplotlib's tab10 cycle, the colours of the previews and the report."""
     import matplotlib

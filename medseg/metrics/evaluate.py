@@ -2,9 +2,9 @@
 
 Cases are matched by ID (file name without its format ending); each prediction must lie on its reference's
 grid. Every metric is computed in physical units from the reference's voxel spacing. Cases run in parallel
-processes. ``evaluation.json`` records labels, settings, per-case geometry and metadata, and the report's case
-figures are drawn into ``overlays/`` while the files are at hand, so that :mod:`medseg.reporting` draws the
-report from the evaluation folder alone; no input folder is recorded (folder names can carry patient names).
+processes. ``evaluation.json`` records labels, settings, per-case geometry and metadata; no input folder is
+recorded (folder names can carry patient names). The report's case figures are drawn by the caller
+(:func:`medseg.reporting.report.write_overlays`), so this module depends on nothing above it.
 """
 
 from __future__ import annotations
@@ -24,20 +24,13 @@ from medseg.errors import InputError, require_exists
 from medseg.fsutil import atomic_write, check_output_dir, write_json
 from medseg.io.readers import files_by_id, read_volume
 from medseg.metrics.aggregate import summarize
+from medseg.metrics.catalogue import add_derived, columns, names
 from medseg.metrics.lesion import f1_score, lesion_detection
 from medseg.metrics.overlap import dice, iou
 from medseg.metrics.surface import assd, hausdorff, nsd, surface_distances
 
-COLUMNS = [
-    "case", "label", "dice", "iou", "hd95", "hd", "assd", "nsd", "vol_ref_ml", "vol_pred_ml", "vol_err_ml",
-    "vol_err_pct", "lesions_ref", "lesions_pred", "lesions_tp", "lesion_f1",
-    # beyond the core columns:
-    "lesions_fp", "lesions_fn", "lesion_sensitivity", "lesion_precision", "lesion_dice", "nsd_tol_mm", "touches_border",
-]
-SUMMARY_METRICS = [
-    "dice", "iou", "hd95", "hd", "assd", "nsd", "vol_ref_ml", "vol_pred_ml", "vol_err_ml", "vol_err_pct",
-    "lesion_f1", "lesion_sensitivity", "lesion_precision", "lesion_dice", "lesions_fp",
-]
+COLUMNS = columns()  # case, label and every metric of the catalogue (medseg.metrics.catalogue)
+SUMMARY_METRICS = names("summary")
 NAN = float("nan")
 
 
@@ -147,7 +140,7 @@ def _evaluate_case(task: _CaseTask) -> tuple[list[dict], dict]:
     for value, name in task.labels.items():
         tol = task.settings.nsd_tolerance_per_label.get(name, task.settings.nsd_tolerance_mm)
         metrics = label_metrics(pred_arr == value, ref_arr == value, ref.spacing, unit_size, tol, task.settings)
-        rows.append({"case": task.case, "label": name, **metrics})
+        rows.append(add_derived({"case": task.case, "label": name, **metrics}))
     info = {"shape": list(ref.spatial_shape), "spacing": [round(s, 6) for s in ref.spacing], "dims": 3 if is_3d else 2}
     return rows, info
 
@@ -189,21 +182,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def prediction_qc(pred_dir: Path, cases: set[str]) -> dict[str, dict]:
-    """The QC verdict and score ``medseg predict`` recorded for each evaluated case (its manifests in
-    ``pred_dir``), so the report can set the reference-free score against the true Dice; empty without them."""
-    from medseg.errors import MedsegError
-    from medseg.inference.manifest import read_manifests
-
-    try:
-        entries, _ = read_manifests(pred_dir)
-    except MedsegError:  # an unreadable manifest only costs the report its QC figure
-        return {}
-    return {c["case_id"]: {"verdict": c["qc"]["verdict"], "score": c["qc"]["score"],
-                           "reasons": [r["code"] for r in c["qc"].get("reasons", [])]}
-            for c in entries if c.get("qc") and c.get("case_id") in cases}
-
-
 def evaluate_folders(
     pred_dir: Path,
     ref_dir: Path,
@@ -211,37 +189,90 @@ def evaluate_folders(
     *,
     settings: EvaluationConfig | None = None,
     labels: dict[int, str] | None = None,
-    images_dir: Path | None = None,
     metadata: Path | None = None,
     context: dict | None = None,
     window: tuple[float, float] | None = None,
     cases: list[str] | None = None,
     allowed: "Collection[int] | None" = None,
+    qc: dict[str, dict] | None = None,
 ) -> dict:
-    """Evaluates every reference case (or the listed ones) against its prediction.
+    """Evaluates every reference case (or the listed ones) against its prediction and writes ``metrics.csv``,
+    ``summary.json`` and ``evaluation.json`` (what :mod:`medseg.reporting` draws the report from; it draws
+    nothing itself: :func:`medseg.reporting.report.write_overlays` makes the case figures).
 
     Args:
         pred_dir: Folder of predicted label maps (NIfTI or PNG).
-        out_dir: Where ``metrics.csv``, ``summary.json``, ``evaluation.json`` and the report figures (``overlays/``) go.
+        out_dir: Where ``metrics.csv``, ``summary.json`` and ``evaluation.json`` go.
         settings: The ``evaluation`` config section (default: ``configs/base.yaml``'s).
         labels: ``{value: name}`` of the labels to score; default: every non-zero value in the first reference.
-        images_dir: Optional folder of the images, for overlays in the report.
         metadata: Optional CSV with a ``case`` column and any others (scanner, site, ...) for subgroup tables.
         context: Extra header fields for the report (model, MLflow run, config hash, ...).
         window: Display window of the images in the report (e.g. a CT window in HU).
         cases: Evaluate only these case IDs (default: every reference in ``ref_dir``).
         allowed: Label values the maps may hold besides background (default: those of ``labels``); give the full
             set to score only some labels of maps that hold more.
+        qc: The QC record ``medseg predict`` wrote per case (:func:`medseg.inference.manifest.qc_records`), so
+            the report can set the reference-free score against the true Dice.
 
     Returns:
         The summary: per label name, per metric ``{n, n_undefined, mean, median, q1, q3, iqr, min, max,
         ci_low, ci_high}``, plus ``lesions_pooled``.
 
+    Examples:
+        >>> import tempfile, numpy as np
+        >>> from pathlib import Path
+        >>> from medseg.io.nifti import write_nifti
+        >>> from medseg.io.volume import Volume
+        >>> root = Path(tempfile.mkdtemp())
+        >>> mask = np.zeros((1, 8, 8, 4), np.uint8); mask[0, 2:6, 2:6, 1:3] = 1
+        >>> for folder in ("pred", "ref"):
+        ...     _ = write_nifti(Volume(mask, np.eye(4)), root / folder / "case.nii.gz")
+        >>> summary = evaluate_folders(root / "pred", root / "ref", root / "eval", labels={1: "organ"})
+        >>> summary["organ"]["dice"]["mean"], sorted(p.name for p in (root / "eval").iterdir())
+        (1.0, ['evaluation.json', 'metrics.csv', 'summary.json'])
+
     Raises:
         InputError: ``PATH_NOT_FOUND``, ``NO_INPUTS``, ``EVAL_MISSING_PREDICTIONS`` (listing case IDs),
-            ``GRID_MISMATCH`` (naming the case and both grids), ``METADATA_INVALID``.
+            ``GRID_MISMATCH`` (naming the case and both grids), ``METADATA_INVALID``, ``LABEL_VALUES_UNEXPECTED``,
+            ``LABEL_NOT_INTEGER``.
+        OutputError: ``OUTPUT_IS_FILE``, ``OUTPUT_NOT_WRITABLE``, ``DISK_FULL`` (checked before the work).
     """
     settings = settings or load_config(None).evaluation
+    refs, preds = _matched(pred_dir, ref_dir, cases)
+    check_output_dir(out_dir)  # a folder that cannot take the results is refused before the work
+    meta = _read_metadata(metadata) if metadata else {}
+    labels = labels if labels is not None else _first_reference_labels(next(iter(refs.values())))
+    known = tuple(sorted(set(labels) | set(allowed or ())))
+    tasks = [_CaseTask(case, preds[case], path, labels, settings, known) for case, path in sorted(refs.items())]
+    workers = threads.workers(settings.workers, len(tasks))
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers, initializer=threads.limit_worker) as pool:
+            results = list(pool.map(_evaluate_case, tasks))
+    else:
+        results = [_evaluate_case(t) for t in tasks]
+    rows = [row for case_rows, _ in results for row in case_rows]
+    _write_rows(out_dir / "metrics.csv", rows)
+    summary = summarize_rows(rows, labels, settings)
+    write_json(out_dir / "summary.json", _json_safe(summary))
+    dims = results[0][1]["dims"]
+    write_json(out_dir / "evaluation.json", {
+        "labels": {str(k): v for k, v in labels.items()},
+        "cases": {t.case: {**info, "metadata": meta.get(t.case, {})} for t, (_, info) in zip(tasks, results)},
+        "units": {"volume": "mL" if dims == 3 else "cm²"},
+        "settings": settings.model_dump(mode="json"),
+        "context": context or {},
+        "window": list(window) if window else None,
+        "qc": {case: record for case, record in (qc or {}).items() if case in refs},
+    })
+    return summary
+
+
+def _matched(pred_dir: Path, ref_dir: Path, cases: list[str] | None) -> tuple[dict[str, Path], dict[str, Path]]:
+    """``(references, predictions)`` by case ID: every reference (or the listed ones) with its prediction.
+
+    Raises:
+        InputError: ``PATH_NOT_FOUND``, ``EVAL_UNKNOWN_CASES``, ``NO_INPUTS``, ``EVAL_MISSING_PREDICTIONS``.
+    """
     require_exists(pred_dir, "prediction folder")
     require_exists(ref_dir, "reference folder")
     refs, preds = files_by_id(ref_dir), files_by_id(pred_dir)
@@ -258,24 +289,18 @@ def evaluate_folders(
             "EVAL_MISSING_PREDICTIONS",
             f"{len(missing)} reference case(s) have no prediction in {pred_dir}: {', '.join(missing[:20])}",
         )
-    check_output_dir(out_dir)  # a folder that cannot take the results is refused before the work
-    meta = _read_metadata(metadata) if metadata else {}
-    if labels is None:  # the first reference's values (it must be an integer label map itself)
-        first_path = next(iter(refs.values()))
-        first = read_volume(first_path)
-        values = {int(v) for v in np.unique(first.array) if float(v).is_integer()}
-        label_array(first, values, f"the reference {first_path.name}")
-        labels = {v: str(v) for v in sorted(values) if v != 0}
-    known = tuple(sorted(set(labels) | set(allowed or ())))
-    tasks = [_CaseTask(case, preds[case], path, labels, settings, known) for case, path in sorted(refs.items())]
-    workers = threads.workers(settings.workers, len(tasks))
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers, initializer=threads.limit_worker) as pool:
-            results = list(pool.map(_evaluate_case, tasks))
-    else:
-        results = [_evaluate_case(t) for t in tasks]
-    rows = [row for case_rows, _ in results for row in case_rows]
+    return refs, preds
 
+
+def _first_reference_labels(path: Path) -> dict[int, str]:
+    """The labels when none are declared: the first reference's values (it must be an integer label map)."""
+    first = read_volume(path)
+    values = {int(v) for v in np.unique(first.array) if float(v).is_integer()}
+    label_array(first, values, f"the reference {path.name}")
+    return {v: str(v) for v in sorted(values) if v != 0}
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -283,21 +308,4 @@ def evaluate_folders(
             for row in rows:
                 writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
-    atomic_write(out_dir / "metrics.csv", write_csv)
-    summary = summarize_rows(rows, labels, settings)
-    write_json(out_dir / "summary.json", _json_safe(summary))
-    dims = results[0][1]["dims"]
-    record = {
-        "labels": {str(k): v for k, v in labels.items()},
-        "cases": {t.case: {**info, "metadata": meta.get(t.case, {})} for t, (_, info) in zip(tasks, results)},
-        "units": {"volume": "mL" if dims == 3 else "cm²"},
-        "settings": settings.model_dump(mode="json"),
-        "context": context or {},
-        "window": list(window) if window else None,
-        "qc": prediction_qc(pred_dir, set(refs)),
-    }
-    write_json(out_dir / "evaluation.json", record)
-    from medseg.reporting.report import write_overlays  # the report's case figures, drawn while the files are at hand
-
-    write_overlays(out_dir, refs, preds, files_by_id(images_dir) if images_dir else {})
-    return summary
+    atomic_write(path, write_csv)

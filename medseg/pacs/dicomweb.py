@@ -312,7 +312,9 @@ def series_case_id(info: SeriesInfo) -> str:
 
 def result_files(result, out_dir: Path) -> list[Path]:
     """The DICOM files (SEG, RTSTRUCT) among a case's recorded outputs."""
-    return [out_dir / record["file"] for kind, record in sorted(result.outputs.items()) if record["file"].endswith(".dcm")]
+    from medseg.inference.formats import is_dicom_object
+
+    return [out_dir / record["file"] for kind, record in sorted(result.outputs.items()) if is_dicom_object(record["file"])]
 
 
 def predict_study(predictor, url: str, out_dir: Path, options, settings: PacsConfig, rules: SeriesSelectionConfig, *,

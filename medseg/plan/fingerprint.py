@@ -47,7 +47,7 @@ class Fingerprint(JsonRecord):
     shapes: list[list[int]]  # per case, voxels in RAS order
     intensity: list[dict[str, float]]  # per channel: p00_5, p99_5, mean, std, min, max (foreground)
     class_frequency: dict[str, float]  # share of all voxels per label
-    # per case, no case ID: image percentiles and label volumes/components/border contact (medseg.qc.stats),
+    # per case, no case ID: image percentiles and label volumes/components/border contact (medseg.plan.statistics),
     # from which the model folder's QC reference is made
     cases: list[dict] = field(default_factory=list)
 
@@ -76,7 +76,7 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
             ``IMAGE_LABEL_MISMATCH``, ``NIFTI_NONFINITE``, ``CHANNELS_MISMATCH`` ...), naming every failing case.
     """
 
-    from medseg.qc.stats import image_percentiles, label_stats
+    from medseg.plan.statistics import image_percentiles, label_stats
 
     rng = np.random.default_rng(seed)
     spacings, shapes, samples, case_stats = [], [], [], []

@@ -1,6 +1,6 @@
 """Reference-free quality control of predictions (no ground truth at inference).
 
-* :mod:`medseg.qc.stats`: per-case measurements shared by training (the reference) and inference (the check):
+* :mod:`medseg.plan.statistics`: per-case measurements shared by training (the reference) and inference (the check):
   label volumes, connected components, contact with the field-of-view border, image intensity percentiles.
 * :mod:`medseg.qc.reference`: what a model folder stores for QC (ranges over the training cases, the
   temperature fitted on the validation cases) — no training case itself.

@@ -22,8 +22,8 @@ def assess(reference: dict | None, label_stats: dict[str, dict], percentiles: li
     Args:
         reference: ``model.json["qc"]`` (:func:`medseg.qc.reference.qc_reference`), or None for a model folder
             made before QC existed (only the agreement and uncertainty checks then run).
-        label_stats: Per label name, :func:`medseg.qc.stats.label_stats` of the prediction.
-        percentiles: The input's intensity percentiles per channel (:func:`medseg.qc.stats.image_percentiles`).
+        label_stats: Per label name, :func:`medseg.plan.statistics.label_stats` of the prediction.
+        percentiles: The input's intensity percentiles per channel (:func:`medseg.plan.statistics.image_percentiles`).
         spacing: The input's spacing per RAS axis (mm).
         signals: :meth:`medseg.qc.signals.QcAccumulator.result`.
         settings: ``inference.qc`` (:class:`medseg.config.QcConfig`).

@@ -2,7 +2,7 @@
 temperature fitted on the validation cases. Aggregates only: no case, case ID or path of the training data.
 
 The reference is made from the dataset fingerprint (:mod:`medseg.plan.fingerprint`), which measures each
-training case with :mod:`medseg.qc.stats` in the same read that validates it.
+training case with :mod:`medseg.plan.statistics` in the same read that validates it.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from medseg.errors import InputError
 from medseg.fsutil import atomic_write, check_output_file, versions, write_json
-from medseg.io.readers import read_volume
+from medseg.io.readers import files_by_id, read_volume
 from medseg.metrics.aggregate import subgroups
+from medseg.metrics.catalogue import METRICS
 from medseg.reporting import figures
 from medseg.reporting.overlays import PRED_COLOUR, REF_COLOUR, overlay_2d, overlay_3d
 from medseg.reporting.records import Overlays, load_evaluation, read_json_record
@@ -127,13 +128,14 @@ def _read_case(paths: dict[str, Path], case: str) -> np.ndarray | None:
 OVERLAYS = "overlays"  # folder of the evaluation holding the report's case figures (overlays.json + PNGs)
 
 
-def write_overlays(eval_dir: str | Path, refs: dict[str, Path], preds: dict[str, Path], images: dict[str, Path]) -> None:
-    """Draws the report's case figures (best, median, worst and flagged cases) into ``eval_dir/overlays/``.
-
-    Called by :func:`medseg.metrics.evaluate.evaluate_folders` while it has the label and image files, so the
+def write_overlays(eval_dir: str | Path, pred_dir: Path, ref_dir: Path, images_dir: Path | None = None) -> None:
+    """Draws the report's case figures (best, median, worst and flagged cases) into ``eval_dir/overlays/``, after
+    :func:`medseg.metrics.evaluate.evaluate_folders` and while the label (and image) files are at hand, so the
     evaluation folder alone renders its report (``medseg report`` anywhere) and records no input path.
     """
     eval_dir = Path(eval_dir)
+    refs, preds = files_by_id(ref_dir), files_by_id(pred_dir)
+    images = files_by_id(images_dir) if images_dir else {}
     rows, _, record = _load(eval_dir)
     settings = record["settings"]
     labels = {int(k): v for k, v in record["labels"].items()}
@@ -205,6 +207,8 @@ def build_report(eval_dir: str | Path) -> dict:
         figs.append(("QC score (from medseg predict, no reference) against the true Dice: a useful score puts the "
                      "low-Dice cases at its low end", figures.qc_against_dice(rows, record["qc"], names)))
     return {
+        "card_metrics": [(m.name, m.title) for m in METRICS.values() if m.card and m.name in summary[names[0]]]
+        if names else [],
         "title": "Segmentation evaluation report",
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": versions(),

@@ -102,11 +102,11 @@ def test_full_disk_stops_the_run_and_records_every_case(tmp_path: Path, cli, smo
 def test_disk_full_injected_stops_the_run(tmp_path: Path, smoke_model: Path, case_folder: Path, monkeypatch):
     """The same as an injected ENOSPC (where no tmpfs can be mounted): the second label write fails."""
     from medseg.errors import OutputError
-    from medseg.inference import outputs
     from medseg.inference.runner import RunOptions, predict_folder
+    from medseg.io import nifti
 
     calls = []
-    real = outputs.write_nifti
+    real = nifti.write_nifti
 
     def failing(volume, path, *args, **kwargs):
         calls.append(path)
@@ -116,7 +116,7 @@ def test_disk_full_injected_stops_the_run(tmp_path: Path, smoke_model: Path, cas
             raise from_os_error(enospc(path))
         return real(volume, path, *args, **kwargs)
 
-    monkeypatch.setattr(outputs, "write_nifti", failing)
+    monkeypatch.setattr(nifti, "write_nifti", failing)
     predictor = Predictor.from_model_dir(smoke_model, "cpu", tta=False)
     with pytest.raises(OutputError) as info:
         predict_folder(predictor, case_folder, tmp_path / "out", options=RunOptions(progress=False))
@@ -238,7 +238,10 @@ def _made(tmp_path_factory, smoke_model, tiny_dataset):
     predictor = Predictor.from_model_dir(smoke_model, "cpu", tta=False)
     predict_folder(predictor, tiny_dataset / "imagesTs", root / "pred",
                    options=RunOptions(progress=False, preview=True, stats=True))
-    evaluate_folders(root / "pred", tiny_dataset / "labelsTs", root / "eval", images_dir=tiny_dataset / "imagesTs")
+    from medseg.reporting.report import write_overlays
+
+    evaluate_folders(root / "pred", tiny_dataset / "labelsTs", root / "eval")
+    write_overlays(root / "eval", root / "pred", tiny_dataset / "labelsTs", tiny_dataset / "imagesTs")
     return root
 
 

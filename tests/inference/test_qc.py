@@ -21,7 +21,7 @@ from medseg.io.volume import Volume
 from medseg.qc.assess import PLAUSIBILITY
 from medseg.qc.reference import fit_temperature
 from medseg.qc.signals import QcAccumulator
-from medseg.qc.stats import label_stats
+from medseg.plan.statistics import label_stats
 
 
 def _test_image(tiny_dataset: Path) -> Path:

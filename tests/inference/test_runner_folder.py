@@ -180,3 +180,17 @@ def test_predict_dicom_option_sets_the_stack_tolerances(smoke_model: Path, tmp_p
     assert refused.exit_code == 1 and "DICOM_TOO_FEW_SLICES" in refused.output, refused.output
     accepted = runner.invoke(app, [*args, "-o", str(tmp_path / "b"), "--dicom", "min_slices=2"])
     assert accepted.exit_code == 0 and "1 of 1 case(s) written" in accepted.output, accepted.output
+
+
+def test_nrrd_label_output_keeps_the_input_geometry(predictor, tiny_dataset: Path, tmp_path: Path):
+    """One catalogue entry (medseg.inference.formats) gives a new output format end to end: ``-t nrrd`` writes
+    ``<case>.nrrd`` whose voxels and geometry equal the NIfTI output's."""
+    from medseg.io.sitk_formats import read_sitk
+
+    src = tiny_dataset / "imagesTs" / "ct_003.nii.gz"
+    nrrd = predict_folder(predictor, src, tmp_path / "nrrd", options=RunOptions(output_type="nrrd", progress=False))[0]
+    nifti = predict_folder(predictor, src, tmp_path / "nifti", options=RunOptions(progress=False))[0]
+    assert nrrd.status == "ok" and nrrd.output == "ct_003.nrrd"
+    a, b = read_sitk(tmp_path / "nrrd" / "ct_003.nrrd"), read_nifti(tmp_path / "nifti" / "ct_003.nii.gz")
+    assert a.same_grid(b, atol_mm=1e-4) and np.array_equal(a.array, b.array)
+    assert np.asarray(a.array).dtype == np.uint8

@@ -9,7 +9,7 @@ from PIL import Image
 
 from medseg.errors import InputError
 from medseg.metrics.evaluate import evaluate_folders
-from medseg.reporting.report import build_report, flag_rows, pick_overlay_cases, write_report
+from medseg.reporting.report import build_report, flag_rows, pick_overlay_cases, write_overlays, write_report
 
 SETTINGS = {"flag_dice_below": 0.5, "flag_worst_fraction": 0.05, "flag_volume_error_pct": 20}
 
@@ -55,8 +55,9 @@ def evaluated(tiny_dataset: Path, smoke_model: Path, tmp_path_factory) -> Path:
     meta.write_text("case,site\nct_003,hospital-A\n")
     evaluate_folders(
         out / "pred", tiny_dataset / "labelsTs", out / "ev", labels={1: "organ", 2: "lesion"},
-        images_dir=tiny_dataset / "imagesTs", metadata=meta, context={"Model": "smoke"}, window=(-160, 240),
+        metadata=meta, context={"Model": "smoke"}, window=(-160, 240),
     )
+    write_overlays(out / "ev", out / "pred", tiny_dataset / "labelsTs", tiny_dataset / "imagesTs")
     return out / "ev"
 
 
@@ -92,7 +93,8 @@ def test_2d_report_has_2d_overlays(tmp_path: Path):
     shutil.copytree(root / "labelsTs", pred)
     mask = np.asarray(Image.open(pred / "derm_003.png")).copy()
     Image.fromarray(np.roll(mask, 4, axis=0)).save(pred / "derm_003.png")
-    evaluate_folders(pred, root / "labelsTs", tmp_path / "ev", labels={1: "lesion"}, images_dir=root / "imagesTs")
+    evaluate_folders(pred, root / "labelsTs", tmp_path / "ev", labels={1: "lesion"})
+    write_overlays(tmp_path / "ev", pred, root / "labelsTs", root / "imagesTs")
     data = build_report(tmp_path / "ev")
     width, height = Image.open(__import__("io").BytesIO(data["overlays"][0]["png"])).size
     assert width == height  # one panel
@@ -137,7 +139,8 @@ def test_flagged_overlay_cap_is_a_setting(evaluated: Path, tiny_dataset: Path, t
         settings = load_config(None, [f"evaluation.report_max_flagged_overlays={cap}", "evaluation.flag_dice_below=1.0"])
         out = tmp_path / f"ev{cap}"
         evaluate_folders(folders["pred"], folders["ref"], out, settings=settings.evaluation,
-                         labels={1: "organ", 2: "lesion"}, images_dir=folders["img"])
+                         labels={1: "organ", 2: "lesion"})
+        write_overlays(out, folders["pred"], folders["ref"], folders["img"])
         data = build_report(out)
         drawn[cap] = (sum(o["why"] == "flagged" for o in data["overlays"]), data["flagged_not_shown"])
     assert drawn[40][0] >= 1 and drawn[40][1] == 0

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from medseg.inference.manifest import qc_records
 from medseg.metrics.evaluate import evaluate_folders
-from medseg.reporting.report import write_report
+from medseg.reporting.report import write_overlays, write_report
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,7 +34,8 @@ def test_report_renders_in_headless_chromium(tiny_dataset: Path, smoke_model: Pa
 
     predict_folder(Predictor.from_model_dir(smoke_model, "cpu"), tiny_dataset / "imagesTs", tmp_path / "pred")
     evaluate_folders(tmp_path / "pred", tiny_dataset / "labelsTs", tmp_path / "ev", labels={1: "organ", 2: "lesion"},
-                     images_dir=tiny_dataset / "imagesTs")
+                     qc=qc_records(tmp_path / "pred"))
+    write_overlays(tmp_path / "ev", tmp_path / "pred", tiny_dataset / "labelsTs", tiny_dataset / "imagesTs")
     html = write_report(tmp_path / "ev")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
