@@ -28,9 +28,9 @@ from medseg.losses import build_loss  # noqa: E402
 from medseg.models import build_model  # noqa: E402
 from medseg.plan.fingerprint import compute_fingerprint  # noqa: E402
 from medseg.plan.planner import apply_plan, make_plan  # noqa: E402
-from medseg.training.components import lr_factor  # noqa: E402
+from medseg.training.optim import lr_factor  # noqa: E402
 from medseg.training.data import CaseDataset, PreprocessedCache, preprocessing_spec  # noqa: E402
-from medseg.training.trainer import _step  # noqa: E402
+from medseg.training.trainer import train_step as _step  # noqa: E402
 from medseg.transforms.pipeline import build_augment_transforms, build_preprocess_transforms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -124,7 +124,7 @@ class TrainConfig(_Strict):
     epochs: int = Field(ge=1)
     iterations_per_epoch: int = Field(ge=1)
     batch_size: int | None = Field(ge=1, description="null = plan")
-    optimizer: Literal["adamw", "sgd"]
+    optimizer: str = Field(description="a name in medseg.training.optim.OPTIMIZERS: adamw, sgd")
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     warmup_epochs: int = Field(ge=0)

@@ -25,10 +25,10 @@ SMALL = {
 
 
 def dims_of(name: str) -> tuple[int, ...]:
-    """The spatial dimensions a registry entry supports (its ``dims`` attribute; 2D and 3D unless it says)."""
-    from medseg.models import MODELS
+    """The spatial dimensions a registry entry supports (its :class:`~medseg.models.registry.NetworkSpec`)."""
+    from medseg.models.registry import spec_of
 
-    return tuple(getattr(MODELS.get(name), "dims", (2, 3)))
+    return spec_of(name).dims
 
 
 def needs(name: str) -> pytest.MarkDecorator:

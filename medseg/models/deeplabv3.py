@@ -20,7 +20,7 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS, refuse_deep_supervision, require_dims, require_package
+from medseg.models.registry import NetworkSpec, network, require_package
 
 BACKBONES = ("resnet50", "resnet101", "mobilenet_v3_large")
 
@@ -43,11 +43,10 @@ def _first_conv(backbone: nn.Module) -> tuple[nn.Module, str]:
     return backbone["0"][0], "0.0"  # MobileNetV3: features[0] is Conv2dNormActivation
 
 
-@MODELS.register("deeplabv3")
+@network("deeplabv3", NetworkSpec(dims=(2,), fixed_levels=4, min_batch=2, memory_factor=2.44, requires=("torchvision",),
+                                   install="torchvision", reads=("encoder",)))
 def deeplabv3(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """torchvision ``deeplabv3_<model.encoder>`` with ``num_classes`` outputs, randomly initialised."""
-    require_dims("deeplabv3", spatial_dims, (2,))
-    refuse_deep_supervision(cfg)
     backbone = cfg.encoder or "resnet50"
     if backbone not in BACKBONES:
         raise ConfigError("CONFIG_INVALID_VALUE", f"deeplabv3 has no backbone {backbone!r}", f"use model.encoder={' | '.join(BACKBONES)}")
@@ -67,9 +66,3 @@ def deeplabv3(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channel
         if isinstance(module, nn.BatchNorm2d):  # batch statistics after the few thousand steps of a medseg run:
             module.momentum = 0.1  # measured, all-background predictions in eval mode; PyTorch's default 0.1 instead
     return DeepLabV3(net)
-
-
-deeplabv3.dims = (2,)  # type: ignore[attr-defined]
-deeplabv3.fixed_levels = 4  # type: ignore[attr-defined]  (read by the planner: patches multiples of 16)
-deeplabv3.min_batch = 2  # type: ignore[attr-defined]
-deeplabv3.requires = ("torchvision",)  # type: ignore[attr-defined]

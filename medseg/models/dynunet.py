@@ -8,7 +8,7 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS
+from medseg.models.registry import NetworkSpec, network
 
 
 class DeepSupervisedUNet(nn.Module):
@@ -26,7 +26,8 @@ class DeepSupervisedUNet(nn.Module):
         return out
 
 
-@MODELS.register("dynunet")
+@network("dynunet", NetworkSpec(dims=(2, 3), deep_supervision=True, memory_factor=4.05, min_deepest=2,
+                                     reads=("channels", "strides", "num_res_units", "deep_supervision")))
 def dynunet(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """DynUNet with ``len(cfg.channels)`` levels, kernel 3, the given strides; residual blocks when
     ``num_res_units > 0``; deep supervision on all but the two coarsest decoder levels."""

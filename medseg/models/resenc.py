@@ -30,7 +30,7 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS, require_package
+from medseg.models.registry import NetworkSpec, network, require_package
 
 SIZES = ("M", "L", "cpu")
 NNUNET_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6)
@@ -39,10 +39,7 @@ GPU_BUDGET_GB = {"M": 8.0, "L": 24.0}
 
 
 def _size(cfg: ModelConfig) -> str:
-    size = cfg.size or "cpu"
-    if size not in SIZES:
-        raise ConfigError("CONFIG_INVALID_VALUE", f"resenc_unet has no size {size!r}", f"use model.size={' | '.join(SIZES)}")
-    return size
+    return cfg.size or "cpu"  # one of SIZES: NetworkSpec.sizes is checked before the build
 
 
 class ResEncUNet(nn.Module):
@@ -69,7 +66,10 @@ class ResEncUNet(nn.Module):
                 for o in out[::-1]]
 
 
-@MODELS.register("resenc_unet")
+@network("resenc_unet", NetworkSpec(
+    dims=(2, 3), deep_supervision=True, memory_factor=4.3, min_deepest=2, requires=("dynamic_network_architectures",),
+    install="dynamic-network-architectures", reads=("channels", "strides", "deep_supervision", "size"), sizes=SIZES,
+    plan_hints=lambda cfg, dims: plan_hints(cfg, dims)))
 def resenc_unet(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """nnU-Net's ``ResidualEncoderUNet`` with ``len(cfg.channels)`` stages; blocks per stage by ``model.size``."""
     ResidualEncoderUNet = require_package("dynamic_network_architectures.architectures.unet", "resenc_unet",
@@ -112,7 +112,3 @@ def plan_hints(cfg: ModelConfig, spatial_dims: int) -> dict:
     if size not in GPU_BUDGET_GB:
         return {}
     return {"gpu_memory_gb": GPU_BUDGET_GB[size], "base_channels": 32, "max_channels": 320 if spatial_dims == 3 else 512}
-
-
-resenc_unet.plan_hints = plan_hints  # type: ignore[attr-defined]  (read by the planner)
-resenc_unet.requires = ("dynamic_network_architectures",)  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS, refuse_deep_supervision, require_dims, require_package
+from medseg.models.registry import NetworkSpec, network, require_package
 
 LEVELS = 5
 SIZES = {  # the paper's Table 6 (MiT-B0..B2), as in the configs of nvidia/mit-b0..b2
@@ -41,18 +41,15 @@ class SegFormer(nn.Module):
         return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
 
 
-@MODELS.register("segformer")
+@network("segformer", NetworkSpec(dims=(2,), fixed_levels=LEVELS, memory_factor=2.08, requires=("transformers",),
+                                   install="transformers", reads=("strides", "size", "dropout"), sizes=tuple(SIZES)))
 def segformer(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """HF ``SegformerForSemanticSegmentation`` of size ``model.size`` (b0, b1, b2), randomly initialised."""
-    require_dims("segformer", spatial_dims, (2,))
-    refuse_deep_supervision(cfg)
     strides = tuple(cfg.strides or ())
     if strides != (2,) * LEVELS:
         raise ConfigError("CONFIG_INVALID_VALUE", f"segformer needs model.strides [2, 2, 2, 2, 2], found {list(strides)}",
                           "its encoder reduces by 32; leave channels and strides null to take them from the plan")
-    size = cfg.size or "b0"
-    if size not in SIZES:
-        raise ConfigError("CONFIG_INVALID_VALUE", f"segformer has no size {size!r}", f"use model.size={' | '.join(SIZES)}")
+    size = cfg.size or "b0"  # one of SIZES: NetworkSpec.sizes is checked before the build
     transformers = require_package("transformers", "segformer", "transformers")
     SegformerConfig, SegformerForSemanticSegmentation = transformers.SegformerConfig, transformers.SegformerForSemanticSegmentation
 
@@ -70,8 +67,3 @@ def segformer(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channel
         **SIZES[size],
     )
     return SegFormer(SegformerForSemanticSegmentation(config))
-
-
-segformer.fixed_levels = LEVELS  # type: ignore[attr-defined]  (read by the planner)
-segformer.dims = (2,)  # type: ignore[attr-defined]  (the contract test and the docs table read it)
-segformer.requires = ("transformers",)  # type: ignore[attr-defined]

@@ -15,14 +15,13 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS, refuse_deep_supervision
+from medseg.models.registry import NetworkSpec, network
 
 
-@MODELS.register("segresnet")
+@network("segresnet", NetworkSpec(dims=(2, 3), memory_factor=3.57, reads=("channels", "strides", "dropout")))
 def segresnet(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """MONAI ``SegResNet`` with ``len(cfg.channels)`` levels and ``cfg.channels[0]`` initial filters."""
     channels, strides = tuple(cfg.channels or ()), tuple(cfg.strides or ())
-    refuse_deep_supervision(cfg)
     if len(strides) != len(channels) - 1 or any(s != 2 for s in strides):
         raise ConfigError(
             "CONFIG_INVALID_VALUE",

@@ -19,17 +19,17 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError, describe
-from medseg.models.registry import MODELS, refuse_deep_supervision, require_dims, require_package
+from medseg.models.registry import NetworkSpec, network, require_package
 
 ARCHS = ("Unet", "UnetPlusPlus", "DeepLabV3Plus", "FPN")
 DEFAULT_ENCODER = "resnet34"
 
 
-@MODELS.register("smp")
+@network("smp", NetworkSpec(dims=(2,), fixed_levels=5, min_batch=2, memory_factor=3.04,
+                             requires=("segmentation_models_pytorch", "torchvision"), install="segmentation-models-pytorch",
+                             reads=("arch", "encoder", "strides", "dropout")))
 def smp_network(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """``segmentation_models_pytorch.<model.arch>`` over ``model.encoder``, randomly initialised."""
-    require_dims("smp", spatial_dims, (2,))
-    refuse_deep_supervision(cfg)
     arch = cfg.arch or "Unet"
     if arch not in ARCHS:
         raise ConfigError("CONFIG_INVALID_VALUE", f"smp has no architecture {arch!r}", f"use model.arch={' | '.join(ARCHS)}")
@@ -54,9 +54,3 @@ def smp_network(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_chann
     except (KeyError, ValueError, RuntimeError) as exc:  # smp (or timm) names the encoders it knows in its message
         raise ConfigError("CONFIG_INVALID_VALUE", f"smp cannot build {arch} with encoder {kwargs['encoder_name']!r}: {describe(exc, limit=400)}",
                           "see segmentation_models_pytorch's encoder list (timm encoders as tu-<name>)") from None
-
-
-smp_network.dims = (2,)  # type: ignore[attr-defined]
-smp_network.fixed_levels = 5  # type: ignore[attr-defined]  (read by the planner: encoder depth 5, patches of 32s)
-smp_network.min_batch = 2  # type: ignore[attr-defined]  (BatchNorm, and DeepLabV3+'s pooled branch needs 2 samples)
-smp_network.requires = ("segmentation_models_pytorch", "torchvision")  # type: ignore[attr-defined]

@@ -18,16 +18,17 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS, refuse_deep_supervision
+from medseg.models.registry import NetworkSpec, network
 
 LEVELS = 5
 
 
-@MODELS.register("swinunetr")
+@network("swinunetr", NetworkSpec(
+    dims=(2, 3), fixed_levels=LEVELS, memory_factor=9.91, min_deepest=2, reads=("channels", "strides", "dropout"),
+    not_exportable="its window partition is traced for one input shape (ONNX and TorchScript fail on others)"))
 def swinunetr(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """MONAI ``SwinUNETR`` with ``feature_size`` from ``cfg.channels[0]`` (a multiple of 12)."""
     channels, strides = tuple(cfg.channels or ()), tuple(cfg.strides or ())
-    refuse_deep_supervision(cfg)
     if strides != (2,) * LEVELS:
         raise ConfigError(
             "CONFIG_INVALID_VALUE", f"swinunetr needs model.strides [2, 2, 2, 2, 2], found {list(strides)}",
@@ -41,8 +42,3 @@ def swinunetr(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channel
         drop_rate=cfg.dropout,
         spatial_dims=spatial_dims,
     )
-
-
-swinunetr.fixed_levels = LEVELS  # type: ignore[attr-defined]  (read by the planner)
-# read by medseg export: the traced window partition fixes batch and spatial sizes (ONNX Reshape fails on others)
-swinunetr.not_exportable = "its window partition is traced for one input shape (ONNX and TorchScript fail on others)"  # type: ignore[attr-defined]

@@ -7,13 +7,12 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS, refuse_deep_supervision
+from medseg.models.registry import NetworkSpec, network
 
 
-@MODELS.register("unet")
+@network("unet", NetworkSpec(dims=(2, 3), min_deepest=2, reads=("channels", "strides", "num_res_units", "dropout")))
 def unet(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """MONAI ``UNet`` with ``len(cfg.channels)`` levels; ``cfg.strides`` has one entry fewer."""
-    refuse_deep_supervision(cfg)
     if len(cfg.strides) != len(cfg.channels) - 1:
         raise ConfigError(
             "CONFIG_INVALID_VALUE",

@@ -8,7 +8,7 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
-from medseg.models.registry import MODELS
+from medseg.models.registry import NetworkSpec, network
 
 
 class UNetPlusPlus(nn.Module):
@@ -38,7 +38,8 @@ class UNetPlusPlus(nn.Module):
         return outputs[-1]
 
 
-@MODELS.register("unetpp")
+@network("unetpp", NetworkSpec(dims=(2, 3), deep_supervision=True, fixed_levels=4, memory_factor=7.24,
+                                   min_deepest=2, reads=("channels", "strides", "dropout", "deep_supervision")))
 def unetpp(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     """UNet++ with 5 levels: ``model.channels`` has 5 entries and ``model.strides`` is ``[2, 2, 2, 2]``."""
     channels = tuple(cfg.channels or ())
@@ -49,6 +50,3 @@ def unetpp(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: 
             "leave both null to take them from the plan",
         )
     return UNetPlusPlus(spatial_dims, in_channels, out_channels, channels, cfg.dropout, cfg.deep_supervision)
-
-
-unetpp.fixed_levels = 4  # type: ignore[attr-defined]  (read by the planner)

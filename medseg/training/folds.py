@@ -1,4 +1,5 @@
-"""k-fold cross-validation splits: seeded, saved to ``splits.json`` once and reused by every fold."""
+"""Case splits: the seeded train/validation split of one run, and k-fold cross-validation splits saved to
+``splits.json`` once and reused by every fold."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import ConfigError
+from medseg.io.dataset import Case
+
+
+def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """Seeded train/validation split; at least one case on each side.
+
+    Raises:
+        ConfigError: ``DATASET_TOO_SMALL`` with fewer than two training cases.
+    """
+    if len(cases) < 2:
+        raise ConfigError("DATASET_TOO_SMALL", f"need at least 2 training cases to hold one out, found {len(cases)}")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = min(max(1, round(len(cases) * val_fraction)), len(cases) - 1)
+    val = sorted((cases[i] for i in order[:n_val]), key=lambda c: c.id)
+    train = sorted((cases[i] for i in order[n_val:]), key=lambda c: c.id)
+    return train, val
 
 
 def make_folds(case_ids: list[str], k: int, seed: int) -> list[dict[str, list[str]]]:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,26 +33,24 @@ from torch import nn
 from medseg import threads
 from medseg.config import Config, config_hash, config_to_dict, flatten, save_config, shareable
 from medseg.errors import ConfigError, TrainingError
-from medseg.fsutil import git_commit, versions
+from medseg.fsutil import git_commit, versions, write_json
 from medseg.io.dataset import Case, Dataset, load_dataset
 from medseg.losses import build_loss
+from medseg.device import select_device
 from medseg.models import build_model
+from medseg.models.contract import deep_supervision_loss
+from medseg.models.registry import check_resolved
 from medseg.models.folder import save_model_dir
 from medseg.plan.fingerprint import Fingerprint, load_or_compute
 from medseg.plan.planner import Plan, apply_plan, make_plan
 from medseg.progress import progress_bar
-from medseg.tracking import NullTracker, Tracker
+from medseg.training.tracker import NullTracker, Tracker
 from medseg.training import distributed as ddp
 from medseg.training.checkpoint import LAST, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from medseg.training.components import (
-    check_resolved,
-    deep_supervision_loss,
-    lr_factor,
-    save_curves,
-    select_device,
-    split_cases,
-    validate,
-)
+from medseg.training.curves import save_curves
+from medseg.training.folds import split_cases
+from medseg.training.optim import build_optimizer, lr_factor
+from medseg.training.validation import validate
 from medseg.training.data import CaseDataset, PreprocessedCache, preprocessing_spec
 from medseg.training.distill import combined_loss
 from medseg.transforms.pipeline import IMAGE, LABEL, build_augment_transforms, build_preprocess_transforms
@@ -74,14 +73,13 @@ class FitResult:
 
 def plan_run(cfg: Config, dataset: Dataset, run_dir: Path, device: torch.device, write: bool = True) -> tuple[Config, Plan]:
     """Fingerprints the dataset (``RUN/fingerprint.json``), plans, fills unpinned config values, saves ``plan.json``."""
-    from medseg.models.registry import MEMORY_FACTOR, MODELS
+    from medseg.models.registry import spec_of
 
     fingerprint = load_or_compute(dataset, run_dir / "fingerprint.json")
-    builder = MODELS.get(cfg.model.name)
-    levels = getattr(builder, "fixed_levels", None)
-    hints = builder.plan_hints(cfg.model, fingerprint.dims) if hasattr(builder, "plan_hints") else {}
-    plan = make_plan(fingerprint, cfg.plan.model_copy(update=hints), on_gpu=device.type == "cuda", fixed_levels=levels,
-                     memory_factor=MEMORY_FACTOR.get(cfg.model.name, 1.0))
+    spec = spec_of(cfg.model.name)
+    hints = spec.plan_hints(cfg.model, fingerprint.dims) if spec.plan_hints else {}
+    plan = make_plan(fingerprint, cfg.plan.model_copy(update=hints), on_gpu=device.type == "cuda",
+                     fixed_levels=spec.fixed_levels, memory_factor=spec.memory_factor)
     if hints:
         plan.notes.append(f"{cfg.model.name} (size {cfg.model.size}): plan settings {hints}")
     if write:
@@ -102,7 +100,7 @@ def _pretrained(net: nn.Module, cfg: Config, run_dir: Path, resume: bool, is_mai
     report = load_pretrained(net, source).to_dict()
     report["sha256"] = sha256_file(source / "weights.pt" if source.is_dir() else source)
     if is_main:
-        record.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(record, report)
     return report
 
 
@@ -160,8 +158,10 @@ def _select_split(dataset: Dataset, cfg: Config, split: tuple[list[str], list[st
     return [by_id[i] for i in split[0]], [by_id[i] for i in split[1]]
 
 
-def _step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg: Config, device, use_amp, amp_dtype,
-          teachers=None) -> torch.Tensor:
+def train_step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg: Config, device, use_amp, amp_dtype,
+               teachers=None) -> torch.Tensor:
+    """One optimisation step on a batch ``{image (B, C, *patch), label (B, 1, *patch)}``; returns the loss (a
+    non-finite loss skips the update and is returned for the caller to stop on)."""
     image = batch[IMAGE].as_tensor().to(device)  # (B, C, *patch)
     label = batch[LABEL].as_tensor().to(device)  # (B, 1, *patch)
     optimizer.zero_grad(set_to_none=True)
@@ -194,6 +194,69 @@ def _init_worker(worker_id: int) -> None:
     monai_worker_init(worker_id)
 
 
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint stores besides the network, optimizer, scheduler, scaler and random
+    states, and what a resumed run continues from."""
+
+    epoch: int = 0  # the last complete epoch
+    step: int = 0
+    best_metric: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0  # validations without improvement (early stopping)
+    history: list[dict] = field(default_factory=list)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint keys of this state (``best_metric`` and the rest; the layout of ``last.pt``)."""
+        return {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+                "stale": self.stale, "history": self.history}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> "TrainState":
+        return cls(int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_metric"]), int(ckpt["best_epoch"]),
+                   int(ckpt["stale"]), list(ckpt["history"]))
+
+
+@dataclass
+class _Run:
+    """Everything :func:`fit` prepares once: settings, data, network and optimisation."""
+
+    cfg: Config
+    plan: Plan
+    run_dir: Path
+    dataset: Dataset
+    rank: ddp.DistInfo
+    device: torch.device
+    tracker: Tracker
+    train_cases: list[Case]
+    val_cases: list[Case]
+    cache: PreprocessedCache
+    augment: Any
+    val_ds: CaseDataset
+    loader: DataLoader
+    sampler_gen: torch.Generator
+    distiller: Any = None
+    net: nn.Module | None = None
+    model: nn.Module | None = None  # net, or its DDP wrapper
+    loss_fn: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    use_amp: bool = False
+    amp_dtype: torch.dtype = torch.float16
+    pretrained: dict | None = None
+    model_info: dict = field(default_factory=dict)
+    validator: Any = None
+
+    @property
+    def n_samples(self) -> int:
+        return self.cfg.train.iterations_per_epoch * self.cfg.train.batch_size
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / LAST
+
+
 def fit(
     cfg: Config,
     run_dir: str | Path,
@@ -203,10 +266,11 @@ def fit(
     split: tuple[list[str], list[str]] | None = None,
     teachers: list[Path] | None = None,
 ) -> FitResult:
-    """Trains a model as configured and writes the run folder.
+    """Trains a model as configured and writes the run folder: prepare (data, plan, split), optimisation
+    (network, loss, optimizer), restore or begin, then per epoch train, validate and keep the best, save; finish.
 
     Args:
-        cfg: The configuration; ``data.dataset`` must name an MSD dataset folder.
+        cfg: The configuration; ``data.dataset`` must name a dataset folder.
         run_dir: Output folder for the run.
         tracker: Where params, per-epoch metrics and artifacts go (default: nothing is tracked).
         show_progress: Show a live progress bar when the output is a terminal.
@@ -224,7 +288,32 @@ def fit(
         TrainingError: ``TRAIN_NONFINITE_LOSS`` (epoch, step, case IDs), ``CUDA_OUT_OF_MEMORY``,
             ``CHECKPOINT_NOT_FOUND``, ``RESUME_NOTHING_TO_DO``, ``RESUME_MISMATCH``.
     """
-    run_dir = Path(run_dir)
+    run = _prepare(cfg, Path(run_dir), tracker, resume, split, teachers)
+    _optimisation(run, resume)
+    state = _restore_or_begin(run, resume)
+    stopped_early = False
+    with progress_bar(show_progress and run.rank.is_main) as progress:
+        bars = (progress.add_task("training", total=run.cfg.train.epochs, completed=state.epoch),
+                progress.add_task("iterations", total=run.cfg.train.iterations_per_epoch))
+        for epoch in range(state.epoch + 1, run.cfg.train.epochs + 1):
+            record = _epoch(run, state, epoch, progress, bars[1])
+            stop = _validate_and_keep_best(run, state, record)
+            state.history.append(record)
+            state.epoch = epoch
+            _save(run, state, record, progress, bars[0])
+            if ddp.any_rank(stop, run.rank):
+                log.info("early stopping: no validation improvement in %d validations", run.cfg.train.early_stopping)
+                stopped_early = True
+                break
+    _finish(run, state)
+    return FitResult(run.run_dir, run.run_dir / "model", state.best_metric, state.best_epoch, state.history,
+                     stopped_early, run.rank.is_main)
+
+
+def _prepare(cfg: Config, run_dir: Path, tracker: Tracker | None, resume: bool,
+             split: tuple[list[str], list[str]] | None, teachers: list[Path] | None) -> _Run:
+    """Dataset, device, processes, teachers, plan and split; the run folder's config and splits; the data
+    pipeline (cached preprocessing, augmentation, sampler, loader)."""
     if cfg.data.dataset is None:
         raise ConfigError("CONFIG_MISSING_KEY", "data.dataset is not set", "use --set data.dataset=PATH")
     dataset = load_dataset(cfg.data.dataset)
@@ -249,165 +338,201 @@ def fit(
         cfg, plan = plan_run(cfg, dataset, run_dir, device, write=False)
     check_resolved(cfg)
     train_cases, val_cases = _select_split(dataset, cfg, split)
-    labels = sorted(dataset.labels)
-    fg_labels = [lab for lab in labels if lab != 0]
     set_determinism(seed=cfg.seed + rank.rank)
     if rank.is_main:
         save_config(cfg, run_dir / "config.yaml")
-        splits = {"seed": cfg.seed, "train": [c.id for c in train_cases], "val": [c.id for c in val_cases]}
-        (run_dir / "splits.json").write_text(json.dumps(splits, indent=2))
-
+        write_json(run_dir / "splits.json", {"seed": cfg.seed, "train": [c.id for c in train_cases],
+                                             "val": [c.id for c in val_cases]})
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
     cache = PreprocessedCache(build_preprocess_transforms(cfg, plan), cfg.data.cache, cache_dir, preprocessing_spec(cfg, plan))
     augment = build_augment_transforms(cfg)
-    train_ds, val_ds = CaseDataset(_items(train_cases), cache, augment), CaseDataset(_items(val_cases), cache)
+    train_ds = CaseDataset(_items(train_cases), cache, augment)
     sampler_gen = torch.Generator().manual_seed(cfg.seed + rank.rank)
     n_samples = cfg.train.iterations_per_epoch * cfg.train.batch_size
     sampler = torch.utils.data.RandomSampler(train_ds, replacement=True, num_samples=n_samples, generator=sampler_gen)
     loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                         worker_init_fn=_init_worker)
+    return _Run(cfg, plan, run_dir, dataset, rank, device, tracker, train_cases, val_cases, cache, augment,
+                CaseDataset(_items(val_cases), cache), loader, sampler_gen, distiller)
 
-    in_channels = int(val_ds[0][IMAGE].shape[0])
+
+def _optimisation(run: _Run, resume: bool) -> None:
+    """The network (with pretrained weights at the start of a run; DDP-wrapped under torchrun), the loss, the
+    optimizer, the schedule, mixed precision and the predictor validation runs through."""
+    cfg, device = run.cfg, run.device
+    in_channels = int(run.val_ds[0][IMAGE].shape[0])
     spatial_dims = len(cfg.data.spacing)
-    if distiller is not None:
-        distiller.check_student(cfg, plan, dataset.labels, spatial_dims, in_channels)
-        if rank.is_main and not resume:
-            distiller.save(run_dir)
-    net = build_model(cfg.model, spatial_dims, in_channels, len(labels)).to(device)
-    pretrained = _pretrained(net, cfg, run_dir, resume, rank.is_main)
-    model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if rank.enabled else net
-    loss_fn = build_loss(cfg.loss)
-    if cfg.train.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(net.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    use_amp = cfg.train.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    history: list[dict] = []
-    best, best_epoch, step, start_epoch, stale = -1.0, 0, 0, 1, 0
-    checkpoint_path = run_dir / "checkpoints" / LAST
-    if resume:
-        ckpt = load_checkpoint(checkpoint_path)
-        if len(ckpt["rng"]) != rank.world_size:
-            raise TrainingError("RESUME_MISMATCH", f"checkpoint was written by {len(ckpt['rng'])} process(es), now {rank.world_size}")
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        restore_rng(ckpt["rng"][rank.rank], augment, sampler_gen)
-        best, best_epoch, step, stale = ckpt["best_metric"], ckpt["best_epoch"], ckpt["step"], ckpt["stale"]
-        history, start_epoch = list(ckpt["history"]), ckpt["epoch"] + 1
-        if start_epoch > cfg.train.epochs:
-            raise TrainingError(
-                "RESUME_NOTHING_TO_DO", f"the run already finished {ckpt['epoch']} epoch(s)",
-                f"extend it with --set train.epochs={ckpt['epoch'] + 10} (or more)",
-            )
-        log.info("resuming after epoch %d (best validation Dice %.3f at epoch %d)", ckpt["epoch"], best, best_epoch)
-    elif rank.is_main:
-        tracker.log_params({
-            **flatten(config_to_dict(shareable(cfg))),
-            "config_hash": config_hash(cfg),
-            **{f"plan.{k}": v for k, v in json.loads(plan.to_json()).items() if k not in ("notes", "intensity")},
-            "plan_hash": plan.hash(),
-            "dataset.name": dataset.name,
-            "dataset.hash": dataset_hash(dataset),
-            "dataset.n_train": len(train_cases),
-            "dataset.n_val": len(val_cases),
-            "device": str(device),
-            "world_size": rank.world_size,
-            "git_commit": git_commit() or "unknown",
-            **{f"version.{k}": v for k, v in versions().items()},
-            **({f"pretrained.{k}": pretrained[k] for k in ("file", "sha256", "loaded", "total")} if pretrained else {}),
-            **({"distill.teachers": len(distiller.members),
-                "distill.teacher_sha256": ",".join(str(r["weights_sha256"])[:16] for r in distiller.records())}
-               if distiller is not None else {}),
-        })
-
-    model_info = {"labels": dataset.labels, "spatial_dims": spatial_dims, "in_channels": in_channels,
-                  "modality": dataset.modality, "dataset": dataset.name, "qc": _qc_reference(run_dir),
-                  **({"pretrained": {k: pretrained[k] for k in ("file", "sha256", "loaded", "total")}} if pretrained else {}),
-                  **({"teachers": distiller.records(), "distill": cfg.distill.model_dump()} if distiller is not None else {})}
+    labels = run.dataset.labels
+    if run.distiller is not None:
+        run.distiller.check_student(cfg, run.plan, labels, spatial_dims, in_channels)
+        if run.rank.is_main and not resume:
+            run.distiller.save(run.run_dir)
+    run.net = net = build_model(cfg.model, spatial_dims, in_channels, len(labels)).to(device)
+    run.pretrained = _pretrained(net, cfg, run.run_dir, resume, run.rank.is_main)
+    run.model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if run.rank.enabled else net
+    run.loss_fn = build_loss(cfg.loss)
+    run.optimizer = build_optimizer(net.parameters(), cfg.train)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lr_factor(cfg))
+    run.use_amp = cfg.train.amp and device.type == "cuda"
+    run.amp_dtype = torch.bfloat16 if run.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    run.scaler = torch.amp.GradScaler("cuda", enabled=run.use_amp and run.amp_dtype == torch.float16)
+    pretrained = run.pretrained
+    run.model_info = {
+        "labels": labels, "spatial_dims": spatial_dims, "in_channels": in_channels, "modality": run.dataset.modality,
+        "dataset": run.dataset.name, "qc": _qc_reference(run.run_dir),
+        **({"pretrained": {k: pretrained[k] for k in ("file", "sha256", "loaded", "total")}} if pretrained else {}),
+        **({"teachers": run.distiller.records(), "distill": cfg.distill.model_dump()} if run.distiller is not None else {}),
+    }
     from medseg.inference.predictor import Predictor
 
-    validator = Predictor.for_network(net, cfg, plan, model_info, device)  # what validation predicts with
-    stopped_early = False
-    with progress_bar(show_progress and rank.is_main) as progress:
-        task = progress.add_task("training", total=cfg.train.epochs, completed=start_epoch - 1)
-        iterations = progress.add_task("iterations", total=cfg.train.iterations_per_epoch)
-        for epoch in range(start_epoch, cfg.train.epochs + 1):
-            threads.refresh()  # another medseg process may have started or ended: take the current CPU share
-            model.train()
-            start, losses = time.perf_counter(), []
-            progress.update(iterations, completed=0, description=f"epoch {epoch} iterations")
-            for batch in loader:
-                loss = _step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg, device, use_amp, amp_dtype, distiller)
-                if ddp.any_rank(not bool(torch.isfinite(loss)), rank):
-                    raise TrainingError(
-                        "TRAIN_NONFINITE_LOSS",
-                        f"loss is not finite at epoch {epoch}, step {step}; cases {', '.join(batch['case_id'])} (rank {rank.rank})",
-                        "lower train.lr or check those cases for extreme intensities; the best model was kept",
-                    )
-                losses.append(loss.item())
-                step += 1
-                progress.update(iterations, advance=1, description=f"epoch {epoch} loss {losses[-1]:.3f}")
-            elapsed = time.perf_counter() - start
-            record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
-                      "epoch_time_s": elapsed, "samples_per_s": n_samples * rank.world_size / elapsed}
-            stop = False
-            if rank.is_main and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs):
-                scores = validate(net, validator, val_ds, fg_labels)
-                record.update({f"val_dice_{dataset.labels[lab]}": v for lab, v in scores.items()})
-                record["val_dice_mean"] = float(np.nanmean(list(scores.values())))
-                if record["val_dice_mean"] > best:
-                    best, best_epoch, stale = record["val_dice_mean"], epoch, 0
-                    save_model_dir(run_dir / "model", net, cfg, plan, {**model_info, "epoch": epoch, "val_dice_mean": best})
-                else:
-                    stale += 1
-                stop = cfg.train.early_stopping is not None and stale >= cfg.train.early_stopping
-            history.append(record)
-            rng_states = ddp.gather(capture_rng(augment, sampler_gen), rank)
-            if rank.is_main:
-                tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-                save_checkpoint(checkpoint_path, {
-                    "epoch": epoch, "step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "best_metric": best,
-                    "best_epoch": best_epoch, "stale": stale, "history": history, "rng": rng_states,
-                    "config_hash": config_hash(cfg),
-                })
-                (run_dir / "checkpoints" / "last.json").write_text(json.dumps({"epoch": epoch, "step": step}))
-                val_text = f", val Dice {record['val_dice_mean']:.3f}" if "val_dice_mean" in record else ""
-                log.info("epoch %d/%d: loss %.4f%s (%.1fs)", epoch, cfg.train.epochs, record["train_loss"], val_text, elapsed)
-                progress.update(task, advance=1, description=f"epoch {epoch} loss {record['train_loss']:.3f}{val_text}")
-            if ddp.any_rank(stop, rank):
-                log.info("early stopping: no validation improvement in %d validations", cfg.train.early_stopping)
-                stopped_early = True
-                break
+    run.validator = Predictor.for_network(net, cfg, run.plan, run.model_info, device)  # what validation predicts with
 
-    if rank.is_main:
-        save_model_dir(run_dir / "model_last", net, cfg, plan, {**model_info, "epoch": history[-1]["epoch"] if history else 0})
-        if cfg.inference.qc.calibrate and len(val_ds):
+
+def _restore_or_begin(run: _Run, resume: bool) -> TrainState:
+    """A resumed run's state from its checkpoint (network, optimizer, scheduler, scaler, random states); a new
+    run's parameters logged."""
+    if not resume:
+        if run.rank.is_main:
+            run.tracker.log_params(_params(run))
+        return TrainState()
+    ckpt = load_checkpoint(run.checkpoint_path)
+    if len(ckpt["rng"]) != run.rank.world_size:
+        raise TrainingError("RESUME_MISMATCH", f"checkpoint was written by {len(ckpt['rng'])} process(es), now "
+                            f"{run.rank.world_size}")
+    run.net.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"][run.rank.rank], run.augment, run.sampler_gen)
+    state = TrainState.from_checkpoint(ckpt)
+    if state.epoch + 1 > run.cfg.train.epochs:
+        raise TrainingError("RESUME_NOTHING_TO_DO", f"the run already finished {state.epoch} epoch(s)",
+                            f"extend it with --set train.epochs={state.epoch + 10} (or more)")
+    log.info("resuming after epoch %d (best validation Dice %.3f at epoch %d)", state.epoch, state.best_metric,
+             state.best_epoch)
+    return state
+
+
+def _params(run: _Run) -> dict[str, Any]:
+    """What a new run logs as parameters: the shareable config, plan, dataset, device and versions."""
+    cfg, pretrained, distiller = run.cfg, run.pretrained, run.distiller
+    return {
+        **flatten(config_to_dict(shareable(cfg))),
+        "config_hash": config_hash(cfg),
+        **{f"plan.{k}": v for k, v in json.loads(run.plan.to_json()).items() if k not in ("notes", "intensity")},
+        "plan_hash": run.plan.hash(),
+        "dataset.name": run.dataset.name,
+        "dataset.hash": dataset_hash(run.dataset),
+        "dataset.n_train": len(run.train_cases),
+        "dataset.n_val": len(run.val_cases),
+        "device": str(run.device),
+        "world_size": run.rank.world_size,
+        "git_commit": git_commit() or "unknown",
+        **{f"version.{k}": v for k, v in versions().items()},
+        **({f"pretrained.{k}": pretrained[k] for k in ("file", "sha256", "loaded", "total")} if pretrained else {}),
+        **({"distill.teachers": len(distiller.members),
+            "distill.teacher_sha256": ",".join(str(r["weights_sha256"])[:16] for r in distiller.records())}
+           if distiller is not None else {}),
+    }
+
+
+def _epoch(run: _Run, state: TrainState, epoch: int, progress, bar) -> dict:
+    """One epoch of optimisation steps; returns its record (loss, learning rate, time, throughput).
+
+    Raises:
+        TrainingError: ``TRAIN_NONFINITE_LOSS`` naming epoch, step and cases (the best model is kept).
+    """
+    threads.refresh()  # another program may have started or ended: take the current CPU share
+    run.model.train()
+    start, losses = time.perf_counter(), []
+    progress.update(bar, completed=0, description=f"epoch {epoch} iterations")
+    for batch in run.loader:
+        loss = train_step(run.model, run.loss_fn, run.optimizer, run.scaler, run.scheduler, batch, run.cfg, run.device,
+                          run.use_amp, run.amp_dtype, run.distiller)
+        if ddp.any_rank(not bool(torch.isfinite(loss)), run.rank):
+            raise TrainingError(
+                "TRAIN_NONFINITE_LOSS",
+                f"loss is not finite at epoch {epoch}, step {state.step}; cases {', '.join(batch['case_id'])} "
+                f"(rank {run.rank.rank})", "lower train.lr or check those cases for extreme intensities; the best model was kept",
+            )
+        losses.append(loss.item())
+        state.step += 1
+        progress.update(bar, advance=1, description=f"epoch {epoch} loss {losses[-1]:.3f}")
+    elapsed = time.perf_counter() - start
+    return {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": run.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": elapsed, "samples_per_s": run.n_samples * run.rank.world_size / elapsed}
+
+
+def _validate_and_keep_best(run: _Run, state: TrainState, record: dict) -> bool:
+    """Validates on rank 0 when it is due, saves a better model folder as ``RUN/model``; returns whether early
+    stopping is due."""
+    cfg, epoch = run.cfg, record["epoch"]
+    if not run.rank.is_main or not (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs):
+        return False
+    fg_labels = sorted(k for k in run.dataset.labels if k != 0)
+    scores = validate(run.net, run.validator, run.val_ds, fg_labels)
+    record.update({f"val_dice_{run.dataset.labels[lab]}": v for lab, v in scores.items()})
+    record["val_dice_mean"] = float(np.nanmean(list(scores.values())))
+    if record["val_dice_mean"] > state.best_metric:
+        state.best_metric, state.best_epoch, state.stale = record["val_dice_mean"], epoch, 0
+        save_model_dir(run.run_dir / "model", run.net, cfg, run.plan,
+                       {**run.model_info, "epoch": epoch, "val_dice_mean": state.best_metric})
+    else:
+        state.stale += 1
+    return cfg.train.early_stopping is not None and state.stale >= cfg.train.early_stopping
+
+
+def _save(run: _Run, state: TrainState, record: dict, progress, bar) -> None:
+    """The epoch's metrics to the tracker and the checkpoint (atomic) with every random state (rank 0 writes)."""
+    rng_states = ddp.gather(capture_rng(run.augment, run.sampler_gen), run.rank)
+    if not run.rank.is_main:
+        return
+    run.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=state.epoch)
+    save_checkpoint(run.checkpoint_path, {
+        **state.to_checkpoint(), "model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_states,
+        "config_hash": config_hash(run.cfg),
+    })
+    write_json(run.checkpoint_path.with_name("last.json"), {"epoch": state.epoch, "step": state.step})
+    val_text = f", val Dice {record['val_dice_mean']:.3f}" if "val_dice_mean" in record else ""
+    log.info("epoch %d/%d: loss %.4f%s (%.1fs)", state.epoch, run.cfg.train.epochs, record["train_loss"], val_text,
+             record["epoch_time_s"])
+    progress.update(bar, advance=1, description=f"epoch {state.epoch} loss {record['train_loss']:.3f}{val_text}")
+
+
+def _finish(run: _Run, state: TrainState) -> None:
+    """Rank 0: the last epoch's model folder, the softmax temperature of both folders, history and curves, and
+    the run's artifacts in the tracker; then every process leaves the process group."""
+    cfg, run_dir, tracker = run.cfg, run.run_dir, run.tracker
+    if run.rank.is_main:
+        save_model_dir(run_dir / "model_last", run.net, cfg, run.plan,
+                       {**run.model_info, "epoch": state.history[-1]["epoch"] if state.history else 0})
+        if cfg.inference.qc.calibrate and len(run.val_ds):
             for folder in ("model", "model_last"):
                 if (run_dir / folder).is_dir():
-                    fitted = calibrate_model_dir(run_dir / folder, val_ds, device)
+                    fitted = calibrate_model_dir(run_dir / folder, run.val_ds, run.device)
                     if folder == "model":
                         tracker.log_metrics({"qc_temperature": fitted["temperature"]})
-        (run_dir / "history.json").write_text(json.dumps(history, indent=2))
-        save_curves(history, run_dir / "training_curves.png")
-        log.info("preprocessed cases: %d computed, %d read from the cache", cache.computed, cache.loaded)
-        with tempfile.TemporaryDirectory() as tmp:  # the logged config.yaml holds no path of this machine
-            save_config(shareable(cfg), Path(tmp) / "config.yaml")
-            tracker.log_artifact(Path(tmp) / "config.yaml")
-        for name in ("plan.json", "fingerprint.json", "splits.json", "history.json", "training_curves.png", "pretrained.json"):
-            if name != "pretrained.json" or (run_dir / name).is_file():
-                tracker.log_artifact(run_dir / name)
-        tracker.log_artifact(run_dir / "model", "model")
-        tracker.log_artifact(run_dir / "model_last", "model_last")
-        tracker.log_metrics({"best_val_dice_mean": best, "best_epoch": best_epoch})
-        if cfg.tracking.log_model and hasattr(tracker, "log_pytorch_model"):
-            tracker.log_pytorch_model(net, in_channels, spatial_dims, int(np.prod(cfg.model.strides)), cfg.tracking)
-    ddp.barrier(rank)
-    ddp.shutdown(rank)
-    return FitResult(run_dir, run_dir / "model", best, best_epoch, history, stopped_early, rank.is_main)
+        write_json(run_dir / "history.json", state.history)
+        save_curves(state.history, run_dir / "training_curves.png")
+        log.info("preprocessed cases: %d computed, %d read from the cache", run.cache.computed, run.cache.loaded)
+        _log_artifacts(run, state)
+    ddp.barrier(run.rank)
+    ddp.shutdown(run.rank)
+
+
+def _log_artifacts(run: _Run, state: TrainState) -> None:
+    cfg, run_dir, tracker = run.cfg, run.run_dir, run.tracker
+    with tempfile.TemporaryDirectory() as tmp:  # the logged config.yaml holds no path of this machine
+        save_config(shareable(cfg), Path(tmp) / "config.yaml")
+        tracker.log_artifact(Path(tmp) / "config.yaml")
+    for name in ("plan.json", "fingerprint.json", "splits.json", "history.json", "training_curves.png", "pretrained.json"):
+        if name != "pretrained.json" or (run_dir / name).is_file():
+            tracker.log_artifact(run_dir / name)
+    tracker.log_artifact(run_dir / "model", "model")
+    tracker.log_artifact(run_dir / "model_last", "model_last")
+    tracker.log_metrics({"best_val_dice_mean": state.best_metric, "best_epoch": state.best_epoch})
+    if cfg.tracking.log_model and hasattr(tracker, "log_pytorch_model"):
+        tracker.log_pytorch_model(run.net, int(run.val_ds[0][IMAGE].shape[0]), len(cfg.data.spacing),
+                                  int(np.prod(cfg.model.strides)), cfg.tracking)

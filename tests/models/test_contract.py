@@ -18,7 +18,7 @@ from medseg.errors import ConfigError, ModelError
 from medseg.models import MODELS, build_model
 from medseg.models.folder import save_model_dir
 from medseg.plan.planner import Plan
-from network_sizes import SMALL, dims_of, entries
+from network_sizes import SMALL, entries
 
 ENTRIES = entries()
 # knobs that must change the parameter count of each entry (beyond SMALL): width, depth or size
@@ -108,7 +108,7 @@ def test_onnx_export_parity_or_a_coded_refusal(name: str, dims: int, tmp_path: P
     plan = Plan(dims, [1.0] * dims, list(cfg.data.patch_size), 2, list(cfg.model.channels), list(cfg.model.strides),
                 ["zscore"], [{}], False, "test")
     folder = save_model_dir(tmp_path / "model", net, cfg, plan, {"labels": {0: "bg", 1: "a", 2: "b"}, "spatial_dims": dims, "in_channels": 1})
-    reason = getattr(MODELS.get(name), "not_exportable", None)
+    reason = MODELS.get(name).spec.not_exportable
     if reason:
         with pytest.raises(ModelError) as info:
             export_model(folder, "onnx", tmp_path / "onnx")
@@ -141,12 +141,9 @@ def test_channels_last_cpu_path_matches(name: str, dims: int):
 
 
 @pytest.mark.parametrize("name,dims", ENTRIES)
-def test_torch_export_for_mlflow_or_a_stated_reason(name: str, dims: int):
+def test_torch_export_for_mlflow(name: str, dims: int):
     net = _net(name, dims).eval()
     x = torch.randn(2, 1, *[_divisor(name) * 2] * dims)
-    reason = getattr(MODELS.get(name), "not_torch_exportable", None)
-    if reason:
-        pytest.skip(f"{name}: {reason}")
     program = torch.export.export(net, (x,))
     with torch.no_grad():
         assert (program.module()(x) - net(x)).abs().max().item() < 1e-4

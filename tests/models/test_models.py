@@ -1,8 +1,13 @@
 """Contract every registered network passes, plus registry behaviour."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from typer.testing import CliRunner
+
+from medseg.cli import app
 from medseg.config import load_config
 from medseg.errors import ConfigError
 from medseg.models import MODELS, build_model
@@ -106,7 +111,8 @@ def test_unet_refuses_deep_supervision():
     cfg = load_config("smoke", ["model.deep_supervision=true"]).model
     with pytest.raises(ConfigError) as info:
         build_model(cfg, 3, 1, 2)
-    assert "deep supervision" in info.value.message and "dynunet or unetpp" in info.value.hint
+    assert "deep supervision" in info.value.message
+    assert info.value.hint == "networks with deep supervision: dynunet, resenc_unet, unetpp"  # from their specs
 
 
 @pytest.mark.parametrize("name", ["segresnet", "swinunetr"])
@@ -141,3 +147,30 @@ def test_swinunetr_feature_size_is_rounded_up_to_a_multiple_of_12():
     net = build_model(cfg, 2, 1, 2)
     reference = SwinUNETR(in_channels=1, out_channels=2, feature_size=24, spatial_dims=2)
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+@pytest.mark.parametrize("sets, code, named", [
+    (["model.name=unte"], "CONFIG_UNKNOWN_NAME", "did you mean 'unet'"),
+    (["loss.name=dice_focall"], "CONFIG_UNKNOWN_NAME", "did you mean 'dice_focal'"),
+    (["train.optimizer=adam"], "CONFIG_UNKNOWN_NAME", "adamw"),
+    (["model.name=swinunetr", "model.channels=[12,24,48,96,192,384]", "model.strides=[2,2,2,2,2]",
+      "data.patch_size=[32,32,32]"], "CONFIG_INVALID_VALUE", "deepest level"),
+    (["model.name=segformer"], "CONFIG_INVALID_VALUE", "2D network"),
+    (["model.name=resenc_unet", "model.size=XL"], "CONFIG_INVALID_VALUE", "M | L | cpu"),
+])
+def test_network_loss_and_optimizer_are_checked_before_any_case_is_read(sets, code, named, tmp_path: Path,
+                                                                       monkeypatch):
+    """Names and what the spec forbids fail at once: no dataset read, no run folder or MLflow store written."""
+    from medseg import workflow
+    from medseg.io import dataset as dataset_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the dataset was read before the configuration was checked")
+
+    for module in (dataset_module, workflow):
+        monkeypatch.setattr(module, "load_dataset", never)
+    result = CliRunner().invoke(app, ["train", "-c", "smoke", "-o", str(tmp_path / "run"),
+                                      "--set", f"data.dataset={tmp_path}", *[a for s in sets for a in ("--set", s)]])
+    assert isinstance(result.exception, ConfigError), result.output + repr(result.exception)
+    assert result.exception.code == code and named in result.exception.one_line()
+    assert not (tmp_path / "run").exists()

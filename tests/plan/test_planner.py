@@ -89,7 +89,7 @@ def test_fixed_depth_networks():
 def test_swinunetr_plans_patches_divisible_by_32():
     from medseg.models import MODELS
 
-    levels = MODELS.get("swinunetr").fixed_levels
+    levels = MODELS.get("swinunetr").spec.fixed_levels
     plan = make_plan(_fp([[0.8, 0.8, 2.5]] * 2, [[150, 140, 50]] * 2), PLAN_CFG, on_gpu=False, fixed_levels=levels)
     assert plan.strides == [2] * 5 and all(p % 32 == 0 for p in plan.patch_size)
     cfg = apply_plan(load_config(None, ["model.name=swinunetr"]), plan)
@@ -135,8 +135,9 @@ def test_network_memory_factors_are_the_measured_ones_and_shrink_the_patch():
     relative to the UNet of the same dimension), and a larger factor gives a smaller patch x batch."""
     from pathlib import Path
 
-    from medseg.models.registry import MEMORY_FACTOR
+    from medseg.models.registry import MODELS, spec_of
 
+    MEMORY_FACTOR = {n: spec_of(n).memory_factor for n in MODELS.names() if spec_of(n).memory_factor != 1.0}
     measured = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "models.json").read_text())["networks"]
     assert set(MEMORY_FACTOR) == {key.rsplit("_", 1)[0] for key in measured} - {"unet"}
     for name, factor in MEMORY_FACTOR.items():

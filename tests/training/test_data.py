@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import pytest
 
 import medseg.transforms.pipeline as pipeline
 from medseg.config import load_config

@@ -8,7 +8,7 @@ import torch
 from medseg.config import load_config
 from medseg.errors import TrainingError
 from medseg.losses import build_loss
-from medseg.training.components import lr_factor
+from medseg.training.optim import lr_factor
 from medseg.training.trainer import fit
 
 
@@ -96,7 +96,7 @@ def test_run_folder_has_best_and_last_models_and_checkpoint(tiny_dataset: Path, 
 
 
 def test_optimiser_schedule_and_deep_supervision_knobs_come_from_the_config(tiny_dataset: Path, tmp_path: Path, monkeypatch):
-    from medseg.training.components import deep_supervision_loss
+    from medseg.models.contract import deep_supervision_loss
 
     cfg = load_config("smoke", ["train.schedule=poly", "train.poly_exponent=2", "train.epochs=10",
                                 "train.iterations_per_epoch=10", "train.warmup_epochs=0"])
