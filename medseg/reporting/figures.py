@@ -13,7 +13,9 @@ import numpy as np  # noqa: E402
 
 from medseg.reporting.overlays import PRED_COLOUR, REF_COLOUR  # noqa: E402
 
-DISTRIBUTION_METRICS = (("dice", "Dice"), ("nsd", "NSD"), ("hd95", "HD95 (mm)"), ("assd", "ASSD (mm)"))
+from medseg.metrics.catalogue import METRICS  # noqa: E402
+
+DISTRIBUTION_METRICS = tuple(m for m in METRICS.values() if m.distribution)
 
 
 def _png(fig) -> bytes:
@@ -31,7 +33,8 @@ def distributions(rows: list[dict], labels: list[str]) -> bytes:
     """Box plots with the individual cases as points, one panel per metric, one box per label."""
     fig, axes = plt.subplots(1, len(DISTRIBUTION_METRICS), figsize=(3.0 * len(DISTRIBUTION_METRICS), 3.2))
     rng = np.random.default_rng(0)
-    for ax, (key, title) in zip(axes, DISTRIBUTION_METRICS):
+    for ax, metric in zip(axes, DISTRIBUTION_METRICS):
+        key, title = metric.name, metric.title
         data = [_column(rows, lab, key) for lab in labels]
         data = [d[np.isfinite(d)] for d in data]
         ax.boxplot([d if d.size else [np.nan] for d in data], tick_labels=labels, showfliers=False, widths=0.5)
@@ -39,7 +42,7 @@ def distributions(rows: list[dict], labels: list[str]) -> bytes:
             ax.scatter(i + rng.uniform(-0.12, 0.12, d.size), d, s=10, color=REF_COLOUR, alpha=0.7, zorder=3)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=8)
-        if key in ("dice", "nsd"):
+        if metric.bounded:
             ax.set_ylim(-0.02, 1.02)
     fig.tight_layout()
     return _png(fig)

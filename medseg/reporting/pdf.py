@@ -47,6 +47,9 @@ def _fmt(value: float) -> str:
     return "–" if value != value else f"{value:.3f}"
 
 
+from medseg.metrics.catalogue import METRICS  # noqa: E402
+
+
 def write_pdf(data: dict, path: Path) -> Path:
     """Writes the PDF version of a report built by :func:`medseg.reporting.report.build_report` (atomically)."""
     from medseg.fsutil import atomic_write
@@ -67,15 +70,13 @@ def _write_pdf(data: dict, path: Path) -> Path:
             lines += [(sentence, 9, "normal") for sentence in data["cards"][name]]
         _text_page(pdf, lines)
 
-        header = ["case", "label", "Dice", "NSD", "HD95", "ASSD", "vol err %", "flags"]
+        columns = [m for m in METRICS.values() if m.pdf]  # the catalogue's PDF columns
+        header = ["case", "label", *(m.title.replace(" (mm)", "") for m in columns), "flags"]
         rows = data["rows"]
         for start in range(0, len(rows), ROWS_PER_PAGE):
             chunk = rows[start : start + ROWS_PER_PAGE]
-            cells = [
-                [r["case"], r["label"], _fmt(r["dice"]), _fmt(r["nsd"]), _fmt(r["hd95"]), _fmt(r["assd"]),
-                 _fmt(r["vol_err_pct"]), "; ".join(r["flags"])[:48]]
-                for r in chunk
-            ]
+            cells = [[r["case"], r["label"], *(_fmt(r[m.name]) for m in columns), "; ".join(r["flags"])[:48]]
+                     for r in chunk]
             fig, ax = plt.subplots(figsize=A4)
             ax.set_axis_off()
             table = ax.table(cellText=cells, colLabels=header, loc="upper center", cellLoc="left")

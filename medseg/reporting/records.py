@@ -15,15 +15,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
 
 from medseg.errors import InputError, require_exists
+from medseg.metrics.catalogue import METRICS
 
-NUMERIC = (
-    "dice", "iou", "hd95", "hd", "assd", "nsd", "vol_ref_ml", "vol_pred_ml", "vol_err_ml", "vol_err_pct",
-    "lesions_ref", "lesions_pred", "lesions_tp", "lesion_f1", "lesions_fp", "lesions_fn", "lesion_sensitivity",
-    "lesion_precision", "lesion_dice", "nsd_tol_mm",
-)
+NUMERIC = tuple(m for m in METRICS if m != "touches_border")  # metrics.csv's numeric columns (the catalogue's)
 FILES = ("metrics.csv", "summary.json", "evaluation.json")
 _HINT = "run `medseg evaluate` again to recreate the evaluation folder"
 
@@ -103,16 +100,13 @@ class _Pooled(_Record):
     fp_per_case: float | None = None
 
 
-class _LabelSummary(_Record):
-    dice: _Metric
-    iou: _Metric
-    nsd: _Metric
-    hd95: _Metric
-    hd: _Metric
-    assd: _Metric
-    vol_err_pct: _Metric
-    lesion_f1: _Metric
-    lesions_pooled: _Pooled
+#: What a label's entry in summary.json holds: every summarised metric of the catalogue (required: those the report's
+#: sentences use; optional: the others, so a folder written before a metric was added still reads).
+_REQUIRED = ("dice", "iou", "nsd", "hd95", "hd", "assd", "vol_err_pct", "lesion_f1")
+_LabelSummary = create_model(
+    "_LabelSummary", __base__=_Record, lesions_pooled=(_Pooled, ...),
+    **{m.name: (_Metric, ...) if m.name in _REQUIRED else (_Metric | None, None) for m in METRICS.values() if m.summary},
+)
 
 
 class _Overlay(_Record):
@@ -182,7 +176,7 @@ def read_rows(path: Path, labels: set[str], cases: set[str]) -> list[dict]:
         if row.get("case") not in cases or row.get("label") not in labels:
             raise InputError("EVAL_DIR_INVALID", f"metrics.csv, line {i}: case {row.get('case')!r:.40} / label "
                              f"{row.get('label')!r:.40} is not one evaluation.json lists", _HINT)
-        for key in NUMERIC:
+        for key in NUMERIC:  # a column added to the catalogue after the folder was written reads as undefined
             row[key] = _number(row.get(key), f"line {i}, {key}")
         row["touches_border"] = row.get("touches_border") == "True"
     return rows
@@ -205,5 +199,5 @@ def load_evaluation(eval_dir: Path) -> tuple[list[dict], dict, dict]:
     if names - set(summary):
         raise InputError("EVAL_DIR_INVALID", f"summary.json lacks the label(s) {sorted(names - set(summary))}", _HINT)
     rows = read_rows(eval_dir / "metrics.csv", names, set(record.cases))
-    plain_summary = {name: entry.model_dump() for name, entry in summary.items()}
+    plain_summary = {name: entry.model_dump(exclude_none=True) for name, entry in summary.items()}
     return rows, plain_summary, record.model_dump(mode="json")

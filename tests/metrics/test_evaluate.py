@@ -160,3 +160,31 @@ def test_2d_png_masks(tmp_path: Path):
     assert record["units"]["volume"] == "cm²" and record["cases"]["d1"]["dims"] == 2
     row = _rows(tmp_path / "ev")[0]
     assert float(row["vol_ref_ml"]) == pytest.approx(400 / 100)  # 400 px of 1 mm² = 4 cm²
+
+
+def test_a_catalogue_entry_reaches_csv_summary_report_and_tracking(folders, tmp_path: Path):
+    """The relative volume difference is one module and one registration (medseg.metrics.relative_volume): it is a
+    metrics.csv column, summarised in summary.json, a row of the report's per-label table and an MLflow metric,
+    and its values are (V_pred - V_ref) / V_ref counted here independently from the label maps."""
+    import nibabel as nib
+
+    from medseg.metrics.catalogue import names
+    from medseg.reporting.report import build_report
+    from medseg.reporting.report import write_overlays
+    from medseg.workflow import summary_metrics
+
+    pred, ref = folders
+    out = tmp_path / "ev"
+    summary = evaluate_folders(pred, ref, out, labels={1: "organ", 2: "lesion"})
+    write_overlays(out, pred, ref)
+    rows = {(r["case"], r["label"]): r for r in _rows(out)}
+    assert COLUMNS[-1] == "rvd" and "rvd" in names("summary")
+    for (case, label), row in rows.items():
+        value = {"organ": 1, "lesion": 2}[label]
+        p = int((np.asarray(nib.load(pred / f"{case}.nii.gz").dataobj) == value).sum())
+        r = int((np.asarray(nib.load(ref / f"{case}.nii.gz").dataobj) == value).sum())
+        expected = (p - r) / r if r else math.nan
+        assert (math.isnan(expected) and row["rvd"] == "nan") or float(row["rvd"]) == pytest.approx(expected, rel=1e-5)
+    assert summary["organ"]["rvd"]["n"] == 3 and summary["lesion"]["rvd"]["n"] == 2  # undefined without a reference
+    assert ("rvd", "RVD") in build_report(out)["card_metrics"]
+    assert "eval_rvd_organ" in summary_metrics(summary, "eval")

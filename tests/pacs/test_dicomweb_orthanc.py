@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from dicom_helpers import CANARY_ID, CANARY_NAME, tool
 from pacs_helpers import rtstruct_masks, write_study
 
