@@ -199,5 +199,6 @@ def load_evaluation(eval_dir: Path) -> tuple[list[dict], dict, dict]:
     if names - set(summary):
         raise InputError("EVAL_DIR_INVALID", f"summary.json lacks the label(s) {sorted(names - set(summary))}", _HINT)
     rows = read_rows(eval_dir / "metrics.csv", names, set(record.cases))
-    plain_summary = {name: entry.model_dump(exclude_none=True) for name, entry in summary.items()}
+    # An optional metric absent from an older folder is left out; undefined statistics inside a metric stay None.
+    plain_summary = {name: {k: v for k, v in entry.model_dump().items() if v is not None} for name, entry in summary.items()}
     return rows, plain_summary, record.model_dump(mode="json")

@@ -161,3 +161,23 @@ def test_the_evaluation_folder_alone_renders_its_report(evaluated: Path, tmp_pat
     shutil.rmtree(copy / "overlays")
     with pytest.raises(InputError, match="EVAL_DIR_INVALID|overlays"):
         build_report(copy)
+
+def test_a_label_whose_distances_are_undefined_in_every_case_still_reports(tiny_dataset: Path, tmp_path: Path):
+    """The lesion is missed in every case (HD95 undefined, its summary statistics null): the report says so
+    instead of failing (a 1-case validation split hit this as INTERNAL_ERROR: KeyError 'median')."""
+    import nibabel as nib
+
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for ref in sorted((tiny_dataset / "labelsTs").glob("*.nii.gz")):
+        img = nib.load(ref)
+        data = np.asarray(img.dataobj).copy()
+        data[data == 2] = 0  # no lesion predicted
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), pred / ref.name)
+    evaluate_folders(pred, tiny_dataset / "labelsTs", tmp_path / "ev", labels={1: "organ", 2: "lesion"})
+    write_overlays(tmp_path / "ev", pred, tiny_dataset / "labelsTs", tiny_dataset / "imagesTs")
+    data = build_report(tmp_path / "ev")
+    assert data["summary"]["lesion"]["hd95"]["median"] is None
+    assert not any("median HD95" in s for s in data["cards"]["lesion"])
+    assert any("median HD95" in s for s in data["cards"]["organ"])
+    assert "lesion" in write_report(tmp_path / "ev").read_text()
