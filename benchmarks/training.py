@@ -29,7 +29,8 @@ from medseg.models import build_model  # noqa: E402
 from medseg.plan.fingerprint import compute_fingerprint  # noqa: E402
 from medseg.plan.planner import apply_plan, make_plan  # noqa: E402
 from medseg.training.optim import lr_factor  # noqa: E402
-from medseg.training.data import CaseDataset, PreprocessedCache, preprocessing_spec  # noqa: E402
+from medseg.training.data import CaseDataset, PreprocessedCache
+from medseg.transforms.pipeline import preprocessing_hash as preprocessing_spec  # noqa: E402
 from medseg.training.trainer import train_step as _step  # noqa: E402
 from medseg.transforms.pipeline import build_augment_transforms, build_preprocess_transforms  # noqa: E402
 

@@ -154,7 +154,7 @@ def plan(
     cfg = load_config(config, set_)
     if out is not None:
         check_output_file(out)
-    fingerprint = compute_fingerprint(load_dataset(dataset))
+    fingerprint = compute_fingerprint(load_dataset(dataset), clip_percentiles=cfg.plan.ct_clip_percentiles)
     made = make_plan(fingerprint, cfg.plan, on_gpu=gpu)
     if out is None:
         typer.echo(made.to_json())
@@ -450,12 +450,11 @@ def export(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 quantisation (ONNX)."),
 ) -> None:
     """Export the network to ONNX or TorchScript as a model folder `medseg predict` loads directly."""
-    import json
-
     from medseg.deploy.export import export_model
+    from medseg.models.folder import ModelFolder
 
     folder = export_model(model, format, out, quantize)
-    parity = json.loads((folder / "model.json").read_text())["parity"]["max_abs_logit_diff"]
+    parity = ModelFolder.read(folder).info["parity"]["max_abs_logit_diff"]
     typer.echo(f"exported: {folder} (max |logit difference| to PyTorch {parity:.2e})")
 
 
@@ -487,11 +486,11 @@ def evaluate(
     settings = load_config(config, set_).evaluation
     labels, context = None, {}
     if model is not None:
-        from medseg.models.folder import load_model_dir
+        from medseg.models.folder import ModelFolder
 
-        info = load_model_dir(model)[3]  # validates the folder
-        labels = {k: v for k, v in info["labels"].items() if k != 0}
-        context = {"Model": model.resolve().name, "Dataset": info.get("dataset"), "Config hash": info.get("config_hash")}
+        folder = ModelFolder.read(model)
+        labels = {k: v for k, v in folder.labels.items() if k != 0}
+        context = {"Model": folder.name, "Dataset": folder.info.get("dataset"), "Config hash": folder.info.get("config_hash")}
     if dataset is not None:
         labels = {k: v for k, v in load_dataset(dataset).labels.items() if k != 0}
     summary = evaluate_folders(pred, ref, out, settings=settings, labels=labels, metadata=metadata, context=context,

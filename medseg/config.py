@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -109,6 +107,16 @@ class PlanConfig(_Strict):
     cpu_memory_gb: float = Field(gt=0)
     base_channels: int = Field(ge=1)
     max_channels: int = Field(ge=1)
+    max_batch_size: int = Field(ge=1, description="the plan doubles the batch while the patch covers the image, up to this")
+    anisotropy_ratio: float = Field(gt=1, description="largest / smallest median spacing above which a dataset is anisotropic")
+    ct_clip_percentiles: tuple[float, float] = Field(description="foreground percentiles CT normalisation clips to")
+
+    @field_validator("ct_clip_percentiles")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] < value[1] <= 100:
+            raise ValueError("two percentiles, 0 <= low < high <= 100")
+        return value
 
 
 class LossConfig(_Strict):
@@ -170,7 +178,8 @@ class QcConfig(_Strict):
     min_present: float = Field(ge=0, le=1, description="an empty label present in at least this share of training cases is reviewed")
     volume_margin: float = Field(ge=0, description="a label volume outside [min / (1 + m), max * (1 + m)] of training is reviewed")
     components_margin: int = Field(ge=0, description="more components than the training maximum plus this are reviewed")
-    border: bool = Field(description="review a structure touching the field-of-view border when training cases' rarely did (< 5 %)")
+    border: bool = Field(description="review a structure touching the field-of-view border when training cases' rarely did")
+    border_share: float = Field(ge=0, le=1, description="'rarely': in fewer than this share of the training cases")
     intensity_margin: float = Field(ge=0, description="input percentiles outside the training range widened by this share "
                                                       "of the training 1-99 % spread are reviewed")
     spacing_factor: float = Field(ge=1, description="a spacing outside [min / f, max * f] of training is reviewed")
@@ -203,7 +212,10 @@ class InferenceConfig(_Strict):
     overlap: float = Field(ge=0, lt=1)
     sw_batch_size: int = Field(ge=1)
     blend: Literal["gaussian", "constant"]
-    tta: bool = Field(description="average predictions over mirrored inputs (2^dims flips)")
+    tta: bool = Field(description="average predictions over mirrored inputs (2^axes flips)")
+    tta_axes: list[Annotated[int, Field(ge=0, le=2)]] | None = Field(
+        description="spatial axes TTA mirrors (0 = X); null = every axis")
+    gaussian_sigma: float = Field(gt=0, le=1, description="Gaussian blending: sigma as a share of the window size")
     fast_overlap: float = Field(ge=0, lt=1, description="overlap used by --fast (which also turns TTA off)")
     amp: bool = Field(description="mixed precision for the network on CUDA")
     dicom: DicomConfig
@@ -264,6 +276,7 @@ class PacsConfig(_Strict):
     max_incoming_mb: float = Field(gt=0, description="listener: disk held by received, unprocessed instances")
     allowed_calling_aets: list[str] = Field(description="listener: calling AE titles accepted; empty = any (others: LISTENER_CALLER_REJECTED)")
     send_retries: int = Field(ge=0, description="listener: retries of the C-STORE of a result to --dest")
+    dimse_timeout_s: float = Field(gt=0, description="listener: seconds without an answer on a DICOM association")
 
     @field_validator("uid_root")
     @classmethod
@@ -274,6 +287,22 @@ class PacsConfig(_Strict):
             raise ValueError("not a UID prefix: digits and dots ending in '.', at most 40 characters "
                              "(the generated part needs the rest of the 64)")
         return value
+
+
+Code = tuple[str, str, str]  # (coding scheme, value, meaning), e.g. ("SCT", "10200004", "Liver")
+
+
+
+class LabelCoding(_Strict):
+    """How DICOM outputs code one label (``labels.<name>``): the DICOM-SEG segment's SNOMED CT property category and
+    type, and the RTSTRUCT ROI's RTROIInterpretedType."""
+
+    category: Code | None = None
+    type: Code | None = None
+    rt_type: Literal["", "EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "BOLUS", "AVOIDANCE",
+                     "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER", "CONTRAST_AGENT", "CAVITY", "BRACHY_CHANNEL",
+                     "BRACHY_ACCESSORY", "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD", "SUPPORT", "FIXATION", "DOSE_REGION",
+                     "CONTROL"] = ""
 
 
 class Config(_Strict):
@@ -291,6 +320,7 @@ class Config(_Strict):
     tracking: TrackingConfig
     distill: DistillConfig
     pacs: PacsConfig
+    labels: dict[str, LabelCoding]
 
 
 def presets_dir() -> Path:
@@ -586,8 +616,9 @@ def shareable(cfg: Config) -> Config:
 def config_hash(cfg: Config) -> str:
     """Returns a short SHA-256 of the canonical JSON form of the configuration, without the paths of this
     machine (:func:`shareable`): the same settings on another machine have the same hash."""
-    canonical = json.dumps(config_to_dict(shareable(cfg)), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    from medseg.fsutil import json_hash
+
+    return json_hash(config_to_dict(shareable(cfg)), compact=True)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

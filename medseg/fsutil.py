@@ -203,12 +203,32 @@ def read_json(path: Path, code: str, what: str, hint: str | None = None, error: 
         raise error(code, f"cannot read {what} {path.name}: {describe(exc, path)}", hint) from None
 
 
+def json_hash(data: Any, length: int = 16, compact: bool = False) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``data`` as canonical JSON (sorted keys; ``compact``: no
+    spaces after separators). The one way medseg names content by hash (plans, fingerprints, configs, caches).
+
+    Examples:
+        >>> json_hash({"b": 1, "a": [1, 2]}) == json_hash({"a": [1, 2], "b": 1})
+        True
+        >>> len(json_hash([1, 2, 3], length=8))
+        8
+    """
+    import json
+
+    separators = (",", ":") if compact else None
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=separators, default=str).encode()).hexdigest()[:length]
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Writes ``text`` (UTF-8) through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json(path: Path, data: Any, **dumps: Any) -> Path:
     """Writes ``data`` as indented JSON (UTF-8, a final newline) through :func:`atomic_write`."""
     import json
 
-    text = json.dumps(data, indent=2, **dumps) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return write_text(path, json.dumps(data, indent=2, **dumps) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:

@@ -27,6 +27,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.draw import bezier_curve
 
+from medseg.fsutil import write_json
 from medseg.io.nifti import write_nifti
 from medseg.io.volume import Volume
 
@@ -220,7 +221,7 @@ def write_sample_data(out: str | Path, cases: int = 16, seed: int = 0, kinds: tu
                 "SyntheticDermoscopy", "dermoscopy-like RGB photos with one pigmented lesion",
                 {"0": "R", "1": "G", "2": "B"}, {"0": "background", "1": "lesion"}, train, test, ".png",
             )
-        (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_json(root / "dataset.json", meta)
         roots[kind] = root
     _write_checksums(out)
     return roots

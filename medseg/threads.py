@@ -351,6 +351,13 @@ def workers(requested: int, tasks: int) -> int:
     return max(1, min(requested or share, tasks))
 
 
+def io_threads(requested: int | None = None) -> int:
+    """Threads for reading files (DICOM headers and pixel data): ``requested``, else this process's share
+    (:func:`claim`; the CPU budget when none was claimed), at least 1. Decoding compressed pixel data is CPU work,
+    so a reader beside other programs takes no more than the share ``--threads auto`` gives the network."""
+    return max(1, requested or current() or cpu_budget())
+
+
 def refresh() -> int | None:
     """Re-applies the share of a process that called :func:`claim` (between epochs, between cases); else None."""
     return _SHARE.refresh() if _SHARE is not None else None

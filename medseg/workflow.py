@@ -6,25 +6,25 @@ one library call; this module wires them and records results in the training run
 
 from __future__ import annotations
 
-import json
-import shutil
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.config import Config, config_hash, load_config
 from medseg.errors import ConfigError, DatasetError, InputError
+from medseg.fsutil import read_json, write_json, write_text
+from medseg.inference.manifest import qc_records
 from medseg.inference.predictor import Predictor
 from medseg.inference.runner import predict_files
 from medseg.io.dataset import Case, load_dataset
 from medseg.io.readers import files_by_id
 from medseg.metrics.catalogue import names
 from medseg.metrics.evaluate import evaluate_folders
-from medseg.inference.manifest import qc_records
 from medseg.reporting.report import write_overlays, write_report
 from medseg.tracking import MlflowTracker, resolve_tracking_uri
-from medseg.training.tracker import NullTracker, Tracker, tracked_run
 from medseg.training.folds import load_or_make_splits
+from medseg.training.tracker import NullTracker, Tracker, tracked_run
 from medseg.training.trainer import FitResult, fit
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def train_and_validate(
     resolved = load_config(run_dir / "config.yaml")
     dataset = load_dataset(resolved.data.dataset or "")
     by_id = {c.id: c for c in dataset.training}
-    val_ids = json.loads((run_dir / "splits.json").read_text())["val"]
+    val_ids = read_json(run_dir / "splits.json", "SPLITS_MISMATCH", "split record")["val"]
     cases = [by_id[i] for i in val_ids]
     evaluation = evaluate_model(result, resolved, cases, run_dir / "validation", "val", tracker, getattr(tracker, "uri", ""))
     return result, evaluation
@@ -177,14 +177,23 @@ def check_inputs(cfg: Config, run_dir: Path) -> None:
     if int(os.environ.get("RANK", "0")) != 0 or cfg.data.dataset is None:
         return
     dataset = load_dataset(cfg.data.dataset)
+    unknown = sorted(set(cfg.labels) - {str(v) for v in dataset.labels.values()})
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], [str(v) for v in dataset.labels.values()], n=1)
+        raise ConfigError("CONFIG_INVALID_VALUE", f"labels: {', '.join(unknown)} is not a label of the dataset",
+                          f"did you mean {close[0]!r}?" if close else
+                          f"the dataset's labels: {', '.join(str(v) for v in dataset.labels.values())}")
     if (run_dir / "fingerprint.json").is_file():
-        load_or_compute(dataset, run_dir / "fingerprint.json")
+        load_or_compute(dataset, run_dir / "fingerprint.json", cfg.plan.ct_clip_percentiles)
         return
     from medseg.plan.fingerprint import compute_fingerprint
 
-    fingerprint = compute_fingerprint(dataset)  # raises before the run folder is created
+    # raises before the run folder is created
+    fingerprint = compute_fingerprint(dataset, clip_percentiles=cfg.plan.ct_clip_percentiles)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "fingerprint.json").write_text(fingerprint.to_json())
+    write_text(run_dir / "fingerprint.json", fingerprint.to_json())
 
 
 def open_run_tracker(cfg: Config, run_dir: Path, run_name: str, resume: bool, store_dir: Path | None = None) -> Tracker:
@@ -195,7 +204,7 @@ def open_run_tracker(cfg: Config, run_dir: Path, run_name: str, resume: bool, st
         return NullTracker()
     record = run_dir / "run.json"
     if resume and record.is_file():
-        saved = json.loads(record.read_text())
+        saved = read_json(record, "CHECKPOINT_UNREADABLE", "run record")
         tracker = MlflowTracker(saved["tracking_uri"], cfg.tracking.experiment, run_id=saved["mlflow_run_id"])
     else:
         store = store_dir or run_dir
@@ -204,7 +213,7 @@ def open_run_tracker(cfg: Config, run_dir: Path, run_name: str, resume: bool, st
         artifact_dir = store / "mlartifacts" if uri.startswith("sqlite:") else None
         tracker = MlflowTracker(uri, cfg.tracking.experiment, run_name=run_name, artifact_dir=artifact_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri}, indent=2))
+        write_json(record, {"mlflow_run_id": tracker.run_id, "tracking_uri": uri})
     if cfg.tracking.system_metrics:
         tracker.start_system_metrics()
     return tracker
@@ -260,17 +269,18 @@ def cross_validate(cfg: Config, root: Path, folds: list[int | str], resume: bool
         "std_over_folds": {lab: _std([r["val_dice"][lab] for r in numeric]) for lab in labels},
         "pooled": pooled.summary if pooled else None,
     }
-    (root / "cv_summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None))
+    write_json(root / "cv_summary.json", summary, default=lambda v: None)
     return CrossValidationResult(results, root / "cv_summary.json", pooled)
 
 
 def _finished_fold(run_dir: Path, fold: int | str) -> dict | None:
     """The result of a fold that trained and validated to the end (its validation summary exists), else None."""
+    from medseg.models.folder import INFO, read_info
+
     summary_path = run_dir / "validation" / "evaluation" / "summary.json"
-    info_path = run_dir / "model" / "model.json"
-    if not (summary_path.is_file() and info_path.is_file()):
+    if not (summary_path.is_file() and (run_dir / "model" / INFO).is_file()):
         return None
-    summary, info = json.loads(summary_path.read_text()), json.loads(info_path.read_text())
+    summary, info = read_json(summary_path, "EVAL_DIR_INVALID", "summary"), read_info(run_dir / "model")
     return {"fold": fold, "best_epoch": info.get("epoch"), "best_val_dice_mean": info.get("val_dice_mean"),
             "val_dice": {name: m["dice"]["mean"] for name, m in summary.items()}, "run_dir": str(run_dir)}
 

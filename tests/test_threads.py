@@ -180,3 +180,33 @@ def test_cli_refuses_bad_threads(tmp_path: Path, how: str):
                           timeout=120)
     assert done.returncode == 2
     assert "THREADS_INVALID" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_dicom_reading_threads_follow_the_cpu_share(monkeypatch, tmp_path):
+    """Header scan and pixel decoding use this process's share (--threads), not a fixed pool of 4."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dicom_helpers import series
+
+    from medseg import threads
+    from medseg.io import dicom, dicom_headers
+
+    series(tmp_path / "s", shape=(8, 8, 5))
+    pools: list[int] = []
+
+    class Recording(ThreadPoolExecutor):
+        def __init__(self, max_workers=None, **kw):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers, **kw)
+
+    monkeypatch.setattr(dicom, "ThreadPoolExecutor", Recording)
+    monkeypatch.setattr(dicom_headers, "ThreadPoolExecutor", Recording)
+    monkeypatch.setattr(threads, "current", lambda: 3)
+    volume = dicom.read_dicom(tmp_path / "s")
+    assert volume.spatial_shape == (8, 8, 5) and pools == [3, 3]  # scan, then pixels
+    monkeypatch.setattr(threads, "current", lambda: None)
+    monkeypatch.setattr(threads, "cpu_budget", lambda: 1)
+    pools.clear()
+    dicom.read_dicom(tmp_path / "s")
+    assert pools == [1, 1]
+    assert threads.io_threads(6) == 6

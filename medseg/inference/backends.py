@@ -11,7 +11,6 @@ logits by about 0.1).
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -34,9 +33,12 @@ def _need(module: str, package: str, backend: str) -> None:
 
 
 def folder_format(model_dir: Path, info: dict | None = None) -> str:
-    """``pytorch``, ``onnx`` or ``torchscript``."""
-    info = info if info is not None else json.loads((model_dir / "model.json").read_text())
-    return info.get("format", "pytorch")
+    """``pytorch``, ``onnx`` or ``torchscript`` (from the folder's checked ``model.json``)."""
+    if info is None:
+        from medseg.models.folder import ModelFolder
+
+        info = ModelFolder.read(model_dir).info
+    return str(info.get("format", "pytorch"))
 
 
 def load_backend(model_dir: Path, name: str, device: torch.device, net: torch.nn.Module | None = None,

@@ -1,5 +1,5 @@
-"""Grid bookkeeping for prediction: reorienting to RAS without copying, and mapping a label map from the model
-grid back onto the input grid by nearest neighbour with one index array per axis (uint8 in, uint8 out: no
+"""Grid bookkeeping for prediction: mapping a label map from the model grid (the input reoriented to RAS by
+:func:`medseg.io.orientation.to_ras`, and resampled) back onto the input grid by nearest neighbour with one index array per axis (uint8 in, uint8 out: no
 float copy of the volume).
 
 The model grid is the input reoriented to RAS (axis permutation and flips, as MONAI's ``Orientation`` does)
@@ -10,30 +10,8 @@ depends on exactly one input axis. :func:`map_back` relies on that and refuses a
 from __future__ import annotations
 
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from medseg.errors import InputError
-
-
-def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorients a channel-first array ``(C, *spatial)`` to the closest RAS axes: a numpy view (flips and an
-    axis permutation), and the matching affine.
-
-    2D arrays (``(C, X, Y)`` with a 4x4 affine whose first two columns are in-plane) are reoriented in-plane.
-    """
-    ndim = array.ndim - 1
-    sub = affine if ndim == 3 else affine[np.ix_([0, 1, 3], [0, 1, 3])]
-    ornt = io_orientation(sub)
-    transform = ornt_transform(ornt, axcodes2ornt("RAS"[:ndim]))
-    shape = array.shape[1:]
-    # apply_orientation works on spatial-first arrays: put channels last, reorient, put them first again
-    view = np.moveaxis(apply_orientation(np.moveaxis(array, 0, -1), transform), -1, 0)
-    new_sub = sub @ inv_ornt_aff(transform, shape)
-    if ndim == 3:
-        return view, new_sub
-    out = affine.copy()
-    out[np.ix_([0, 1, 3], [0, 1, 3])] = new_sub
-    return view, out
 
 
 def axis_map(model_affine: np.ndarray, input_affine: np.ndarray, model_shape: tuple[int, ...],

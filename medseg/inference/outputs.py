@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medseg.fsutil import atomic_write, sha256_file
-from medseg.io.dicom_derived import PYDICOM_ROOT, Producer
+from medseg.io.dicom_derived import PYDICOM_ROOT, Producer, label_codes
 from medseg.io.nifti import write_nifti
 from medseg.io.volume import Volume
 
@@ -29,7 +29,8 @@ def producer_for(predictor: "Predictor", uid_root: str = PYDICOM_ROOT) -> Produc
     name = members[0].model_dir.resolve().name + (f"+{len(members) - 1}" if len(members) > 1 else "")
     hashes = [str(m.info.get("weights_sha256") or "") for m in members]
     weights = hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
-    return Producer(name, members[0].cfg.model.name, weights, medseg.__version__, uid_root)
+    return Producer(name, members[0].cfg.model.name, weights, medseg.__version__, uid_root,
+                    label_codes(members[0].cfg.labels))
 
 
 def write_probabilities(probabilities: Volume, target: Path, label_names: dict[int, str]) -> None:
@@ -59,51 +60,50 @@ def label_volumes_ml(labels: Volume, label_names: dict[int, str]) -> dict[str, f
 
 def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict[int, str],
                   uncertainty: Volume | None = None) -> None:
-    """PNG with the three orthogonal planes through the labelled region's centre (one plane for 2D), labels
-    overlaid in colour; with ``uncertainty`` a second row shows the uncertainty map (normalised entropy, 0..1)
-    over the same planes. Planes are shown in voxel order, scaled by spacing."""
+    """PNG with the axial, coronal and sagittal planes through the labelled region's centre, in radiological
+    convention like the evaluation report's overlays (:func:`medseg.io.orientation.radiological_planes`; 2D
+    pictures: one panel as stored), labels overlaid in colour; with ``uncertainty`` a second row shows the
+    uncertainty map (normalised entropy, 0..1) over the same planes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = np.asarray(image.array[0], dtype=np.float32)
-    lab = labels.array[0]
-    unc = uncertainty.array[0] if uncertainty is not None else None
-    lo, hi = np.percentile(data, [1, 99]) if data.size else (0, 1)
-    fg = np.argwhere(lab > 0)
-    centre = fg.mean(axis=0).round().astype(int) if len(fg) else np.array(lab.shape) // 2
-    spacing = image.spacing
-    if lab.ndim == 2:
-        cuts = [((slice(None), slice(None)), spacing[1] / spacing[0], "plane")]
+    from medseg.io.orientation import radiological_planes, ras_spacing, to_ras
+
+    arrays = [image.array[:1], labels.array] + ([uncertainty.array] if uncertainty is not None else [])
+    if len(image.spatial_shape) == 3:
+        ras = [to_ras(a, image.affine)[0][0] for a in arrays]
+        fg = np.argwhere(ras[1] > 0)
+        centre = tuple(fg.mean(axis=0).round().astype(int)) if len(fg) else tuple(s // 2 for s in ras[1].shape)
+        views = [radiological_planes(a, centre, ras_spacing(image.affine)) for a in ras]
     else:
-        cuts = [((slice(None), slice(None), centre[2]), spacing[1] / spacing[0], f"axis 3 = {centre[2]}"),
-                ((slice(None), centre[1], slice(None)), spacing[2] / spacing[0], f"axis 2 = {centre[1]}"),
-                ((centre[0], slice(None), slice(None)), spacing[2] / spacing[1], f"axis 1 = {centre[0]}")]
-    planes = [(data[cut], lab[cut], aspect, title) for cut, aspect, title in cuts]
+        views = [[("plane", a[0].T, image.spacing[1] / image.spacing[0])] for a in arrays]
+    data = np.asarray(image.array[0], dtype=np.float32)
+    lo, hi = np.percentile(data, [1, 99]) if data.size else (0, 1)
     colours = plt.get_cmap("tab10")
-    rows = 1 if unc is None else 2
-    fig, axes = plt.subplots(rows, len(planes), figsize=(4 * len(planes), 4 * rows), squeeze=False)
-    if unc is not None:
-        for ax, (cut, aspect, title) in zip(axes[1], cuts):
-            ax.imshow(data[cut].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect)
-            shown = ax.imshow(np.ma.masked_less(unc[cut].T / 255.0, 0.02), cmap="inferno", vmin=0, vmax=1,
-                              alpha=0.8, origin="lower", aspect=aspect)
-            ax.set_title(f"uncertainty, {title}", fontsize=9)
-            ax.axis("off")
-        fig.colorbar(shown, ax=list(axes[1]), fraction=0.02, pad=0.01, label="normalised entropy")
-    for ax, (img, seg, aspect, title) in zip(axes[0], planes):
-        ax.imshow(img.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect)
-        overlay = np.zeros((*seg.T.shape, 4))
+    rows = 1 if uncertainty is None else 2
+    fig, axes = plt.subplots(rows, len(views[0]), figsize=(4 * len(views[0]), 4 * rows), squeeze=False)
+    for ax, (name, plane, aspect), (_, seg, _) in zip(axes[0], views[0], views[1]):
+        ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
+        overlay = np.zeros((*seg.shape, 4))
         for k in sorted(label_names):
             if k > 0:
-                overlay[seg.T == k] = (*colours((k - 1) % 10)[:3], 0.45)
-        ax.imshow(overlay, origin="lower", aspect=aspect)
-        ax.set_title(title, fontsize=9)
+                overlay[seg == k] = (*colours((k - 1) % 10)[:3], 0.45)
+        ax.imshow(overlay, aspect=aspect)
+        ax.set_title(name, fontsize=9)
         ax.axis("off")
+    if uncertainty is not None:
+        for ax, (name, plane, aspect), (_, unc, _) in zip(axes[1], views[0], views[2]):
+            ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
+            shown = ax.imshow(np.ma.masked_less(unc / 255.0, 0.02), cmap="inferno", vmin=0, vmax=1, alpha=0.8,
+                              aspect=aspect)
+            ax.set_title(f"uncertainty, {name}", fontsize=9)
+            ax.axis("off")
+        fig.colorbar(shown, ax=list(axes[1]), fraction=0.02, pad=0.01, label="normalised entropy")
     names = ", ".join(f"{k}={v}" for k, v in sorted(label_names.items()) if k)
-    fig.suptitle(f"labels: {names}", fontsize=9)
-    if unc is None:
+    fig.suptitle(f"labels: {names} (radiological: patient right on the left)", fontsize=9)
+    if uncertainty is None:
         fig.tight_layout()
     atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)

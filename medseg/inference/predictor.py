@@ -25,7 +25,6 @@ its probabilities are the softmax of the blended logits.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 import warnings
@@ -41,17 +40,18 @@ from medseg.config import Config
 from medseg.errors import InputError, ModelError
 from medseg import threads
 from medseg.inference.backends import Backend, load_backend
-from medseg.inference.grid import axis_map, map_back, to_ras
+from medseg.inference.grid import axis_map, map_back
+from medseg.io.orientation import ras_order, to_ras
 from medseg.inference.postprocess import postprocess
 from medseg.inference.sliding_window import WindowLayout, argmax_labels, sliding_window
 from medseg.io.nifti import TORCH_COPYABLE
 from medseg.io.volume import Volume
-from medseg.models.folder import load_model_dir
+from medseg.models.folder import ModelFolder
 from medseg.plan.planner import Plan
 from medseg.qc.signals import QcAccumulator
 from medseg.device import select_device
 from medseg.transforms.intensity import normalization
-from medseg.transforms.pipeline import IMAGE, build_infer_transforms, volume_to_metatensor
+from medseg.transforms.pipeline import IMAGE, build_infer_transforms, preprocessing_identity, volume_to_metatensor
 
 log = logging.getLogger(__name__)
 POINTWISE = ("ct", "window", "rgb")  # normalisations that act voxel by voxel with fixed parameters
@@ -122,8 +122,8 @@ class Predictor:
         self.spatial_dims = int(first.info["spatial_dims"])
         self.streaming = all(not m.cfg.data.clahe.enabled and all(s in POINTWISE for s in m.schemes) for m in members)
         self._normalize = [normalization(m.cfg.data.intensity, m.plan.normalization, m.plan.intensity) for m in members]
-        spec = [(m.cfg.data.intensity.model_dump_json(), m.schemes, json.dumps(m.plan.intensity, sort_keys=True)) for m in members]
-        self._shared_normalisation = all(x == spec[0] for x in spec)
+        identities = [preprocessing_identity(m.cfg, m.plan) for m in members]
+        self._shared_normalisation = all(x == identities[0] for x in identities)
         self._preprocess = build_infer_transforms(first.cfg, first.plan)
 
     # ------------------------------------------------------------------------------------------- loading
@@ -137,9 +137,10 @@ class Predictor:
         dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
         members = []
         for d in dirs:
-            model, cfg, plan, info = load_model_dir(d, dev)
-            members.append(Member(load_backend(Path(d), backend, dev, model, info, threads.current()), cfg, plan, info,
-                                  Path(d)))
+            folder = ModelFolder.read(d)
+            net = folder.load_network(dev)
+            members.append(Member(load_backend(folder.path, backend, dev, net, folder.info, threads.current()),
+                                  folder.config, folder.plan, folder.info, folder.path))
         if fast:
             tta, overlap = False, members[0].cfg.inference.fast_overlap if overlap is None else overlap
         return cls(members, dev, tta=tta, overlap=overlap)
@@ -180,7 +181,7 @@ class Predictor:
         source = _window_source(image, layout, 0.0)
         for z0, z1, values in sliding_window(source, layout, self._network(True), len(self.labels),
                                               sw_batch_size=self.sw_batch_size, mode=self.cfg.inference.blend,
-                                              device=self.device, accumulate=torch.device("cpu"), dtype=torch.float32):
+                                              sigma_scale=self.cfg.inference.gaussian_sigma, device=self.device, accumulate=torch.device("cpu"), dtype=torch.float32):
             out[..., z0:z1] = values.float().cpu()
         return out
 
@@ -240,8 +241,18 @@ class Predictor:
         if len(self.members) > 1:
             groups["ensemble"] = len(self.members)
         if self.tta:
-            groups["tta"] = 2 ** self.spatial_dims
+            groups["tta"] = len(self.flips())
         return groups
+
+    def flips(self) -> list[tuple[int, ...]]:
+        """Tensor axes each TTA pass mirrors: ``()`` (no mirror) first, then every combination of the
+        ``inference.tta_axes`` (spatial axes of the RAS model grid, 0 = X; all when null)."""
+        if not self.tta:
+            return [()]
+        axes = self.cfg.inference.tta_axes
+        axes = range(self.spatial_dims) if axes is None else sorted({a for a in axes if a < self.spatial_dims})
+        dims = [2 + a for a in axes]  # (B, C, *spatial)
+        return [()] + [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
 
     @property
     def temperature(self) -> float:
@@ -249,7 +260,6 @@ class Predictor:
         return float((self.info.get("qc") or {}).get("temperature") or 1.0)
 
     def _assess(self, volume: Volume, labels: Volume, acc: QcAccumulator) -> dict:
-        from medseg.plan.fingerprint import ras_order
         from medseg.qc.assess import assess
         from medseg.plan.statistics import image_percentiles, label_stats
 
@@ -349,7 +359,8 @@ class Predictor:
         else:  # raw windows mark padding with NaN; each member normalises and zeroes it (see _network)
             source = _window_source(image, layout, float("nan"))
         for z0, z1, values in sliding_window(source, layout, network, n_out, sw_batch_size=self.sw_batch_size,
-                                              mode=self.cfg.inference.blend, device=self.device, accumulate=target,
+                                              mode=self.cfg.inference.blend, sigma_scale=self.cfg.inference.gaussian_sigma,
+                                              device=self.device, accumulate=target,
                                               dtype=dtype, on_window=on_window):
             mean = values[:k]
             label_slab = argmax_labels(mean, torch.int32 if labels.dtype == np.uint16 else torch.uint8)
@@ -375,8 +386,7 @@ class Predictor:
     def _network(self, normalised: bool, with_units: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
         """The batch function of the sliding window: the averaged output ``(B, K, ...)`` and, ``with_units``,
         each ensemble member's and each flip's probabilities after it (the QC agreement units)."""
-        dims = self.spatial_dims
-        flips = [()] + ([c for r in range(1, dims + 1) for c in itertools.combinations(range(2, 2 + dims), r)] if self.tta else [])
+        flips = self.flips()
         use_amp = self.device.type == "cuda" and self.cfg.inference.amp
         per_member = not normalised and not self._shared_normalisation
         logits = self._blends_logits

@@ -55,9 +55,59 @@ class WindowLayout:
         return sorted(slices, key=lambda s: s[-1].start)
 
 
-def importance_map(roi: Sequence[int], mode: str, device: torch.device) -> torch.Tensor:
-    """MONAI's window weights: Gaussian (sigma 0.125 x window) or constant."""
-    return compute_importance_map(tuple(roi), mode=mode, sigma_scale=0.125, device=device, dtype=torch.float32)
+def importance_map(roi: Sequence[int], mode: str, device: torch.device, sigma_scale: float = 0.125) -> torch.Tensor:
+    """MONAI's window weights: Gaussian (sigma ``sigma_scale`` x window; config ``inference.gaussian_sigma``) or
+    constant."""
+    return compute_importance_map(tuple(roi), mode=mode, sigma_scale=sigma_scale, device=device, dtype=torch.float32)
+
+
+class _Ring:
+    """Weighted sums over a ring buffer along the last axis: padded plane z lives at z % depth.
+
+    Before a batch runs, every plane below its first window's start has been handed out, and no window of it
+    reaches beyond its last start + roi: depth = roi + the largest start spread within a batch suffices.
+    """
+
+    def __init__(self, layout: WindowLayout, n_out: int, depth: int, weight: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.layout, self.depth, self.weight = layout, depth, weight
+        padded = layout.padded
+        self.acc = torch.zeros((n_out, *padded[:-1], depth), dtype=dtype, device=device)
+        self.norm = torch.zeros((*padded[:-1], depth), dtype=dtype, device=device)
+        self.emitted = 0  # padded last-axis index up to which output has been handed out
+        self.inner = tuple(slice(b, b + s) for (b, _), s in zip(layout.pad[:-1], layout.shape[:-1]))
+
+    def pieces(self, start: int, stop: int) -> list[tuple[slice, slice]]:
+        """(ring planes, offset within [start, stop)) pieces of the padded range [start, stop)."""
+        a, n, depth = start % self.depth, stop - start, self.depth
+        if a + n <= depth:
+            return [(slice(a, a + n), slice(0, n))]
+        first = depth - a
+        return [(slice(a, depth), slice(0, first)), (slice(0, n - first), slice(first, n))]
+
+    def add(self, window: tuple[slice, ...], values: torch.Tensor) -> None:
+        """Weights and accumulates one window's output ``(n_out, *roi)`` in one pass."""
+        for r, part in self.pieces(window[-1].start, window[-1].stop):
+            self.acc[(slice(None), *window[:-1], r)].addcmul_(values[..., part], self.weight[..., part])
+            self.norm[(*window[:-1], r)] += self.weight[..., part]
+
+    def emit(self, upto: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Hands out the finished planes below padded index ``upto`` and frees those windows will write again."""
+        if upto <= self.emitted:
+            return
+        z_pad, z_size = self.layout.pad[-1][0], self.layout.shape[-1]
+        # padded range [emitted, upto) intersected with the unpadded image [z_pad, z_pad + z_size)
+        start, stop = max(self.emitted, z_pad), min(upto, z_pad + z_size)
+        if stop > start:  # normalised in place: the slab is a view, valid until the next step of the generator
+            parts = [self.acc[(slice(None), *self.inner, r)].div_(self.norm[(*self.inner, r)])
+                     for r, _ in self.pieces(start, stop)]
+            yield start - z_pad, stop - z_pad, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        reused = min(upto, self.layout.padded[-1] - self.depth)  # planes z with z + depth inside the image come again
+        if reused > self.emitted:
+            for r, _ in self.pieces(self.emitted, reused):  # free them for the windows to come
+                self.acc[..., r] = 0
+                self.norm[..., r] = 0
+        self.emitted = upto
 
 
 def sliding_window(
@@ -68,6 +118,7 @@ def sliding_window(
     *,
     sw_batch_size: int = 2,
     mode: str = "gaussian",
+    sigma_scale: float = 0.125,
     device: torch.device | str = "cpu",
     accumulate: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -82,6 +133,7 @@ def sliding_window(
         n_out: Output channels.
         sw_batch_size: Windows per network call.
         mode: ``gaussian`` or ``constant`` blending.
+        sigma_scale: Gaussian sigma as a share of the window size (MONAI's default 0.125).
         device: Where windows are predicted.
         accumulate: Where the accumulator lives (default: ``device``); ``cpu`` stitches on the host.
         dtype: Accumulator dtype (float16 halves its memory; only for bounded outputs such as probabilities).
@@ -95,58 +147,22 @@ def sliding_window(
     device = torch.device(device)
     acc_device = torch.device(accumulate) if accumulate is not None else device
     windows = layout.windows()
-    roi, padded, pad = layout.roi, layout.padded, layout.pad
-    weight = importance_map(roi, mode, acc_device).to(dtype)
+    weight = importance_map(layout.roi, mode, acc_device, sigma_scale).to(dtype)
     # batches run over the sorted windows regardless of their start (as MONAI's do: no half-empty batches)
     batches = [windows[b : b + sw_batch_size] for b in range(0, len(windows), sw_batch_size)]
-    # ring buffer over the last axis: padded plane z lives at z % depth. Before a batch runs, every plane below
-    # its first window's start has been handed out, and no window of it reaches beyond its last start + roi:
-    # depth = roi + the largest start spread within a batch suffices.
     spread = max((batch[-1][-1].start - batch[0][-1].start for batch in batches), default=0)
-    depth = roi[-1] + spread
-    acc = torch.zeros((n_out, *padded[:-1], depth), dtype=dtype, device=acc_device)
-    norm = torch.zeros((*padded[:-1], depth), dtype=dtype, device=acc_device)
-    emitted = 0  # padded last-axis index up to which output has been handed out
-    inner = tuple(slice(b, b + s) for (b, _), s in zip(pad[:-1], layout.shape[:-1]))
-    z_pad, z_size = pad[-1][0], layout.shape[-1]
-
-    def ring(start: int, stop: int) -> list[tuple[slice, slice]]:
-        """(ring planes, offset within [start, stop)) pieces of the padded range [start, stop)."""
-        a, n = start % depth, stop - start
-        if a + n <= depth:
-            return [(slice(a, a + n), slice(0, n))]
-        first = depth - a
-        return [(slice(a, depth), slice(0, first)), (slice(0, n - first), slice(first, n))]
-
-    def emit(upto: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        nonlocal emitted
-        if upto <= emitted:
-            return
-        # padded range [emitted, upto) intersected with the unpadded image [z_pad, z_pad + z_size)
-        start, stop = max(emitted, z_pad), min(upto, z_pad + z_size)
-        if stop > start:  # normalised in place: the slab is a view, valid until the next step of the generator
-            parts = [acc[(slice(None), *inner, r)].div_(norm[(*inner, r)]) for r, _ in ring(start, stop)]
-            yield start - z_pad, stop - z_pad, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        reused = min(upto, padded[-1] - depth)  # planes z with z + depth inside the image are written again
-        if reused > emitted:
-            for r, _ in ring(emitted, reused):  # free them for the windows to come
-                acc[..., r] = 0
-                norm[..., r] = 0
-        emitted = upto
-
+    ring = _Ring(layout, n_out, layout.roi[-1] + spread, weight, acc_device, dtype)
     done, total = 0, len(windows)
     for batch_slices in batches:
-        yield from emit(batch_slices[0][-1].start)  # nothing below this start can change any more
+        yield from ring.emit(batch_slices[0][-1].start)  # nothing below this start can change any more
         batch = torch.stack([source(s) for s in batch_slices]).to(device)
         out = network(batch).to(acc_device, dtype)
         for s, values in zip(batch_slices, out):
-            for r, part in ring(s[-1].start, s[-1].stop):  # weighting and accumulation in one pass
-                acc[(slice(None), *s[:-1], r)].addcmul_(values[..., part], weight[..., part])
-                norm[(*s[:-1], r)] += weight[..., part]
+            ring.add(s, values)
         done += len(batch_slices)
         if on_window is not None:
             on_window(done, total)
-    yield from emit(padded[-1])
+    yield from ring.emit(layout.padded[-1])
 
 
 def argmax_labels(values: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.threads import io_threads
 from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, LPS_TO_RAS, DicomTolerances, stack_geometry, untilt
 from medseg.io.dicom_headers import DicomFile, DicomScan, DicomSeries, check_rescale, floats, number, read_header, scan_dicom
 from medseg.io.dicom_pixels import check_decodable, native_dtype, read_frame_into, read_pixels, rescale_dtype
@@ -41,7 +42,7 @@ def load_series(
     tolerances: DicomTolerances = DEFAULT_TOLERANCES,
     allow_tilt: bool = False,
     max_bytes: int = MAX_VOLUME_BYTES,
-    workers: int = 4,
+    workers: int | None = None,
 ) -> Volume:
     """Validates and loads one scanned series (or one multi-frame object) as a :class:`Volume` ``(C, X, Y, Z)``.
 
@@ -85,7 +86,7 @@ def _finish(array: np.ndarray, geometry, meta: dict, files: list[DicomFile], wha
     return Volume(array, geometry.affine, meta)
 
 
-def _read_stack(ordered: list[DicomFile], workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_stack(ordered: list[DicomFile], workers: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stored values of sorted slices into one slice-major buffer, rescaled in place where exact.
 
     Returns ``(array (C, X, Y, Z) view of the buffer, slopes, intercepts)``. Memory: one buffer of the stored
@@ -107,7 +108,7 @@ def _read_stack(ordered: list[DicomFile], workers: int) -> tuple[np.ndarray, np.
             raise InputError("DICOM_PIXELS_CORRUPT", f"{f.label}: matrix size differs from the series")
         read_frame_into(f, buffer[k])
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=io_threads(workers)) as pool:
         list(pool.map(fill, range(n)))
     slopes = np.array([f.slope for f in ordered])
     intercepts = np.array([f.intercept for f in ordered])

@@ -13,7 +13,15 @@ source's header (institution, operators, protocol, private tags) is carried over
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+
+Code = tuple[str, str, str]  # (coding scheme, value, meaning)
+ANATOMICAL_STRUCTURE: Code = ("SCT", "123037004", "Anatomical Structure")
+TISSUE: Code = ("SCT", "85756007", "Tissue")
+ABNORMAL_STRUCTURE: Code = ("SCT", "49755003", "Morphologically Abnormal Structure")
+LESION: Code = ("SCT", "52988006", "Lesion")
+_LESION_LIKE = re.compile(r"tumou?r|lesion|metasta|nodule|cancer|carcinoma|neoplasm|mass|cyst", re.IGNORECASE)
 
 # Patient module (type 2: PatientName, PatientID, PatientBirthDate, PatientSex) and General Study module
 # (StudyInstanceUID type 1; StudyDate, StudyTime, ReferringPhysicianName, StudyID, AccessionNumber type 2)
@@ -26,6 +34,40 @@ PYDICOM_ROOT = "1.2.826.0.1.3680043.8.498."
 
 
 @dataclass(frozen=True)
+class LabelCode:
+    """How a derived object codes one label: the SEG segment's property category and type (SNOMED CT), the
+    RTSTRUCT ROI's RTROIInterpretedType."""
+
+    category: Code
+    type: Code
+    rt_type: str = ""
+
+    @classmethod
+    def default(cls, name: str) -> "LabelCode":
+        """Without configuration (config ``labels.<name>``): a lesion-like name (tumour, lesion, metastasis,
+        nodule, cancer, cyst ...) is a Morphologically Abnormal Structure / Lesion, anything else an Anatomical
+        Structure / Tissue; the RT type stays empty (type 2).
+
+        >>> LabelCode.default("liver tumour").type[2], LabelCode.default("liver").type[2]
+        ('Lesion', 'Tissue')
+        """
+        if _LESION_LIKE.search(name):
+            return cls(ABNORMAL_STRUCTURE, LESION)
+        return cls(ANATOMICAL_STRUCTURE, TISSUE)
+
+
+def label_codes(labels) -> dict[str, LabelCode]:
+    """Config ``labels`` ({name: :class:`medseg.config.LabelCoding`}) as the writers take it, the unset parts
+    from :meth:`LabelCode.default`."""
+    out = {}
+    for name, coding in labels.items():
+        default = LabelCode.default(name)
+        out[name] = LabelCode(tuple(coding.category or default.category), tuple(coding.type or default.type),
+                              coding.rt_type or default.rt_type)
+    return out
+
+
+@dataclass(frozen=True)
 class Producer:
     """The model that made a derived object: model folder name, network, weights hash and medseg's version."""
 
@@ -34,6 +76,11 @@ class Producer:
     weights_sha256: str = ""
     version: str = ""
     uid_root: str = PYDICOM_ROOT
+    codes: dict[str, LabelCode] = field(default_factory=dict, hash=False, compare=False)  # per label name
+
+    def code(self, name: str) -> LabelCode:
+        """The configured coding of label ``name``, else :meth:`LabelCode.default`."""
+        return self.codes.get(name) or LabelCode.default(name)
 
     @property
     def series_description(self) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError, describe, require_exists
+from medseg.threads import io_threads
 
 NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
@@ -293,12 +294,12 @@ def _orientation_key(f: DicomFile) -> tuple:
     return tuple(np.round(f.orientation, 1)) if f.orientation is not None else ()
 
 
-def scan_dicom(root: str | Path, workers: int = 4) -> DicomScan:
+def scan_dicom(root: str | Path, workers: int | None = None) -> DicomScan:
     """Scans a folder (recursively) or a single file for DICOM image series.
 
     Args:
         root: Folder or file.
-        workers: Threads for the header pass.
+        workers: Threads for the header pass (default: :func:`medseg.threads.io_threads`, this process's CPU share).
 
     Returns:
         :class:`DicomScan`; series are numbered in order of their first file path.
@@ -311,7 +312,7 @@ def scan_dicom(root: str | Path, workers: int = 4) -> DicomScan:
     return scan_paths(root, [root] if root.is_file() else walk_files(root), workers)
 
 
-def scan_paths(root: Path, paths: list[Path], workers: int = 4) -> DicomScan:
+def scan_paths(root: Path, paths: list[Path], workers: int | None = None) -> DicomScan:
     """Like :func:`scan_dicom` over the given files (``root`` is recorded for messages)."""
     scan = DicomScan(Path(root))
 
@@ -321,7 +322,7 @@ def scan_paths(root: Path, paths: list[Path], workers: int = 4) -> DicomScan:
         except InputError as exc:
             return Skipped(path, exc.code, exc.message)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=io_threads(workers)) as pool:
         headers = list(pool.map(header, paths))
     groups: dict[tuple, list[DicomFile]] = {}
     for item in headers:

@@ -112,8 +112,8 @@ def write_dicom_seg(
         hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=str(label_names[value])[:64],
-            segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=codes.SCT.Tissue,
+            segmented_property_category=_concept(producer.code(str(label_names[value])).category),
+            segmented_property_type=_concept(producer.code(str(label_names[value])).type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identification,
             display_color=hd.color.CIELabColor.from_rgb(*label_colour(value)),
@@ -141,3 +141,10 @@ def write_dicom_seg(
     seg.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the SeriesDescription has an em dash (highdicom copies Latin-1)
     path = Path(path)
     return atomic_write(path, lambda tmp: seg.save_as(tmp))
+
+
+def _concept(code: tuple[str, str, str]):
+    import highdicom as hd
+
+    scheme, value, meaning = code
+    return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)

@@ -160,7 +160,7 @@ def build_rtstruct(labels: Volume, source: Volume, label_names: dict[int, str], 
         observation.ObservationNumber = number
         observation.ReferencedROINumber = number
         observation.ROIObservationLabel = roi.ROIName
-        observation.RTROIInterpretedType = ""
+        observation.RTROIInterpretedType = producer.code(str(label_names[value])).rt_type
         observation.ROIInterpreter = ""
         observations.append(observation)
     ds.StructureSetROISequence = Sequence(rois)

@@ -279,28 +279,27 @@ def _download_series(web, endpoint: Endpoint, info: SeriesInfo, target: Path, se
 
 
 def push_files(files: list[Path], endpoint: Endpoint, settings: PacsConfig, http_session) -> dict:
-    """Stores ``files`` (one case's DICOM results) in one STOW-RS request and returns what happened:
-    ``{"to", "status": "ok"|"failed", "instances", "error_code", "error", "seconds"}``. Never raises for the
-    server's answer: a refusal is the returned record (``DICOMWEB_PUSH_REJECTED`` and the HTTP codes)."""
-    import pydicom
+    """Stores ``files`` (one case's DICOM results) in one STOW-RS request (:func:`medseg.pacs.delivery.deliver`;
+    connection errors and 502/503/504 are retried by the session, ``pacs.retries`` times from ``pacs.backoff_s``)
+    and returns the ``delivery`` record. Never raises for the server's answer: a refusal is the returned record
+    (``DICOMWEB_PUSH_REJECTED`` and the HTTP codes)."""
+    from medseg.pacs.delivery import deliver
 
-    start = time.perf_counter()
-    record = {"to": endpoint.display, "status": "ok", "instances": len(files), "error_code": None, "error": None}
-    try:
-        datasets = [pydicom.dcmread(f) for f in files]
-        answer = client(endpoint, settings, http_session).store_instances(datasets=datasets)
+    def send(datasets: list) -> None:
+        try:
+            answer = client(endpoint, settings, http_session).store_instances(datasets=datasets)
+        except Exception as exc:  # noqa: BLE001 - translated to the code a user acts on
+            error = translate(exc, endpoint, "storing the results")
+            if error.code in ("DICOMWEB_HTTP_ERROR", "DICOMWEB_STUDY_NOT_FOUND"):
+                error = OutputError("DICOMWEB_PUSH_REJECTED", error.message, "see the server's log for the reason")
+            raise error from None
         failed = answer.get("FailedSOPSequence") if answer is not None else None
         if failed:
             reasons = sorted({int(item.get("FailureReason", 0)) for item in failed})
             raise OutputError("DICOMWEB_PUSH_REJECTED", f"the server refused {len(failed)} of {len(files)} instance(s) "
                               f"(failure reason {', '.join(hex(r) for r in reasons)})")
-    except Exception as exc:  # noqa: BLE001 - recorded per case
-        error = translate(exc, endpoint, "storing the results")
-        if error.code == "DICOMWEB_HTTP_ERROR" or error.code == "DICOMWEB_STUDY_NOT_FOUND":
-            error = OutputError("DICOMWEB_PUSH_REJECTED", error.message, "see the server's log for the reason")
-        record.update(status="failed", error_code=error.code, error=error.one_line())
-    record["seconds"] = round(time.perf_counter() - start, 3)
-    return record
+
+    return deliver(files, endpoint.display, send, 0, settings.backoff_s, "DICOMWEB_PUSH_REJECTED")
 
 
 def series_case_id(info: SeriesInfo) -> str:

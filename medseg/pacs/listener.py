@@ -81,40 +81,30 @@ def parse_dest(text: str) -> Destination:
     return Destination(check_ae_title(match.group(1), "--dest AE title"), match.group(2).strip("[]"), int(match.group(3)))
 
 
-def send_files(files: list[Path], dest: Destination, calling_ae: str, retries: int, backoff_s: float = 1.0) -> dict:
-    """C-STOREs ``files`` to ``dest`` in one association (retried whole, ``retries`` times with backoff) and returns
-    the ``delivery`` record: ``{"to", "status", "instances", "error_code", "error", "seconds"}``."""
-    import pydicom
+def send_files(files: list[Path], dest: Destination, calling_ae: str, settings: PacsConfig) -> dict:
+    """C-STOREs ``files`` to ``dest`` in one association (:func:`medseg.pacs.delivery.deliver`: retried whole,
+    ``pacs.send_retries`` times from ``pacs.backoff_s``) and returns the ``delivery`` record."""
     from pynetdicom import AE
 
-    start = time.perf_counter()
-    record = {"to": str(dest), "status": "ok", "instances": len(files), "error_code": None, "error": None}
-    datasets = [pydicom.dcmread(f) for f in files]
-    error = ""
-    for attempt in range(retries + 1):
+    from medseg.pacs.delivery import Retriable, deliver
+
+    def send(datasets: list) -> None:
         ae = AE(ae_title=calling_ae)
         for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
             ae.add_requested_context(sop_class)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.dimse_timeout_s
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        if assoc.is_established:
-            try:
-                statuses = [assoc.send_c_store(ds) for ds in datasets]
-            finally:
-                assoc.release()
-            bad = [s for s in statuses if not s or int(s.Status) not in (0x0000, 0xB000, 0xB007, 0xB006)]
-            if not bad:
-                record["seconds"] = round(time.perf_counter() - start, 3)
-                return record
-            error = "refused: status " + ", ".join(hex(int(s.Status)) if s else "none (connection lost)" for s in bad)
-        else:
-            error = "association rejected" if assoc.is_rejected else "no association (peer unreachable or aborted)"
-        if attempt < retries:
-            time.sleep(backoff_s * 2**attempt)
-    record.update(status="failed", error_code="DICOM_SEND_FAILED",
-                  error=f"DICOM_SEND_FAILED: C-STORE to {dest} failed after {retries + 1} tries: {error}")
-    record["seconds"] = round(time.perf_counter() - start, 3)
-    return record
+        if not assoc.is_established:
+            raise Retriable("association rejected" if assoc.is_rejected else "no association (peer unreachable or aborted)")
+        try:
+            statuses = [assoc.send_c_store(ds) for ds in datasets]
+        finally:
+            assoc.release()
+        bad = [s for s in statuses if not s or int(s.Status) not in (0x0000, 0xB000, 0xB007, 0xB006)]
+        if bad:
+            raise Retriable("refused: status " + ", ".join(hex(int(s.Status)) if s else "none (connection lost)" for s in bad))
+
+    return deliver(files, str(dest), send, settings.send_retries, settings.backoff_s, "DICOM_SEND_FAILED")
 
 
 @dataclass
@@ -307,7 +297,7 @@ class Listener:
             if result.status == "ok" and self.dest is not None:
                 files = result_files(result, self.out_dir)
                 if files:
-                    result.delivery = send_files(files, self.dest, self.ae_title, self.settings.send_retries)
+                    result.delivery = send_files(files, self.dest, self.ae_title, self.settings)
                     if result.delivery["status"] == "failed":
                         log.error("case %s: %s", result.case_id, result.delivery["error"])
                 else:
@@ -355,7 +345,7 @@ class Listener:
         ae.add_supported_context(Verification)
         ae.maximum_associations = 4
         ae.maximum_pdu_size = 0  # unlimited: the default 16 kB PDUs cost pynetdicom ~45 ms per CT slice
-        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
+        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.settings.dimse_timeout_s
         if self.settings.allowed_calling_aets:
             ae.require_calling_aet = list(self.settings.allowed_calling_aets)
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_ABORTED, self.on_aborted), (evt.EVT_REJECTED, self.on_rejected)]

@@ -7,15 +7,15 @@ a fixed seed, as nnU-Net does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
+from medseg.fsutil import json_hash, write_text
 from medseg.io.dataset import Dataset
+from medseg.io.orientation import ras_order
 from medseg.io.validate import check_case, refuse
 
 
@@ -31,7 +31,7 @@ class JsonRecord:
 
     def hash(self) -> str:
         """Short SHA-256 of the canonical JSON."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return json_hash(asdict(self))
 
 
 @dataclass
@@ -45,24 +45,21 @@ class Fingerprint(JsonRecord):
     channels: int
     spacings: list[list[float]]  # per case, (X, Y[, Z]) in RAS order, mm
     shapes: list[list[int]]  # per case, voxels in RAS order
-    intensity: list[dict[str, float]]  # per channel: p00_5, p99_5, mean, std, min, max (foreground)
+    intensity: list[dict[str, float]]  # per channel: clip_low, clip_high, mean, std, min, max (foreground)
     class_frequency: dict[str, float]  # share of all voxels per label
     # per case, no case ID: image percentiles and label volumes/components/border contact (medseg.plan.statistics),
     # from which the model folder's QC reference is made
     cases: list[dict] = field(default_factory=list)
+    # the foreground percentiles clip_low/clip_high were taken at (config plan.ct_clip_percentiles)
+    clip_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
 
 
-def ras_order(affine: np.ndarray, dims: int) -> np.ndarray:
-    """Index of the source axis that becomes each RAS axis."""
-    if dims == 2:
-        return np.array([0, 1])
-    ornt = nib.orientations.io_orientation(affine)  # row i: RAS axis of source axis i
-    order = np.empty(3, dtype=int)
-    order[ornt[:, 0].astype(int)] = np.arange(3)
-    return order
-
-
-def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: int = 0) -> Fingerprint:
+def compute_fingerprint(
+    dataset: Dataset,
+    samples_per_case: int = 10_000,
+    seed: int = 0,
+    clip_percentiles: tuple[float, float] | list[float] = (0.5, 99.5),
+) -> Fingerprint:
     """Measures the training cases of ``dataset``, checking each one as ``medseg validate`` does in the same read
     (files readable, no NaN/Inf, channel count, image and label on one grid, label values declared).
 
@@ -70,6 +67,7 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
         dataset: A discovered dataset.
         samples_per_case: Foreground voxels sampled per case for the intensity statistics.
         seed: Seed of that sampling.
+        clip_percentiles: Foreground percentiles CT images are clipped at (``plan.ct_clip_percentiles``).
 
     Raises:
         DatasetError / InputError: the first failing check's code (``LABEL_VALUES_UNEXPECTED``,
@@ -78,6 +76,7 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
 
     from medseg.plan.statistics import image_percentiles, label_stats
 
+    low_pct, high_pct = clip_percentiles
     rng = np.random.default_rng(seed)
     spacings, shapes, samples, case_stats = [], [], [], []
     fg_ids = sorted(k for k in dataset.labels if k != 0)
@@ -111,12 +110,12 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
     for c in range(channels):
         v = pooled[c]
         if v.size == 0:
-            intensity.append(dict.fromkeys(["p00_5", "p99_5", "mean", "std", "min", "max"], 0.0))
+            intensity.append(dict.fromkeys(["clip_low", "clip_high", "mean", "std", "min", "max"], 0.0))
             continue
         intensity.append(
             {
-                "p00_5": float(np.percentile(v, 0.5)),
-                "p99_5": float(np.percentile(v, 99.5)),
+                "clip_low": float(np.percentile(v, low_pct)),  # plan.ct_clip_percentiles of the foreground
+                "clip_high": float(np.percentile(v, high_pct)),
                 "mean": float(v.mean()),
                 "std": float(v.std()),
                 "min": float(v.min()),
@@ -134,16 +133,26 @@ def compute_fingerprint(dataset: Dataset, samples_per_case: int = 10_000, seed: 
         intensity=intensity,
         class_frequency={str(k): counts.get(k, 0) / max(total, 1) for k in sorted(dataset.labels)},
         cases=case_stats,
+        clip_percentiles=[float(low_pct), float(high_pct)],
     )
 
 
-def load_or_compute(dataset: Dataset, path: Path) -> Fingerprint:
-    """Reads ``path`` if it exists and describes this dataset, else computes and writes it."""
+def load_or_compute(
+    dataset: Dataset, path: Path, clip_percentiles: tuple[float, float] | list[float] = (0.5, 99.5)
+) -> Fingerprint:
+    """Reads ``path`` if it exists and describes this dataset measured at ``clip_percentiles``, else computes and
+    writes it."""
+    wanted = [float(p) for p in clip_percentiles]
     if path.is_file():
         fp = Fingerprint.from_json(path.read_text())
-        if fp.dataset == dataset.name and len(fp.shapes) == len(dataset.training) and len(fp.cases) == len(fp.shapes):
+        if (
+            fp.dataset == dataset.name
+            and len(fp.shapes) == len(dataset.training)
+            and len(fp.cases) == len(fp.shapes)
+            and fp.clip_percentiles == wanted
+        ):
             return fp
-    fp = compute_fingerprint(dataset)
+    fp = compute_fingerprint(dataset, clip_percentiles=wanted)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(fp.to_json())
+    write_text(path, fp.to_json())
     return fp

@@ -83,7 +83,7 @@ def make_plan(fp: Fingerprint, cfg: PlanConfig, on_gpu: bool, fixed_levels: int 
     spacings = np.array(fp.spacings, dtype=float)  # (N, D)
     shapes = np.array(fp.shapes, dtype=float)
     spacing = np.median(spacings, axis=0)
-    anisotropic = bool(spacing.max() / spacing.min() > 3)
+    anisotropic = bool(spacing.max() / spacing.min() > cfg.anisotropy_ratio)
     notes.append(f"target spacing = median per axis {np.round(spacing, 3).tolist()}")
     if anisotropic:
         notes.append("anisotropic: each axis keeps its own median spacing (no isotropic resampling)")
@@ -103,7 +103,7 @@ def make_plan(fp: Fingerprint, cfg: PlanConfig, on_gpu: bool, fixed_levels: int 
     patch_size = rounded
     notes.append(f"patch {patch_size} (median image {np.round(median_size).astype(int).tolist()}), budget {budget} GB")
     covers = all(p >= m for p, m in zip(patch_size, median_size))
-    while covers and batch < 8 and memory_factor * estimate_memory_gb(patch_size, batch * 2, cfg.base_channels) <= budget:
+    while covers and batch * 2 <= cfg.max_batch_size and memory_factor * estimate_memory_gb(patch_size, batch * 2, cfg.base_channels) <= budget:
         batch *= 2
     channels = [min(cfg.base_channels * 2**i, cfg.max_channels) for i in range(levels + 1)]
     modality = [fp.modality.get(str(c), "").upper() for c in range(fp.channels)]

@@ -49,7 +49,7 @@ def assess(reference: dict | None, label_stats: dict[str, dict], percentiles: li
         top = (ref["components"] or (0, 0))[1]
         if s["components"] > top + settings.components_margin:
             reasons.append(_reason("COMPONENTS", f"{name} has {s['components']} separate parts; training cases had at most {int(top)}", name))
-        if settings.border and s["touches_border"] and ref["touches_border"] < 0.05:
+        if settings.border and s["touches_border"] and ref["touches_border"] < settings.border_share:
             reasons.append(_reason("BORDER", f"{name} touches the edge of the scan (cut off?); it did in "
                                    f"{ref['touches_border']:.0%} of the training cases", name))
     if reference:

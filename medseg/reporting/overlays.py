@@ -13,21 +13,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from medseg.io.orientation import radiological_planes, ras_spacing, to_ras  # noqa: E402
+
 REF_COLOUR, PRED_COLOUR = "#0072B2", "#E69F00"
 LINESTYLES = ("solid", "dashed", "dotted", "dashdot")
-
-
-def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorders/flips the axes of ``(X, Y, Z)`` to RAS+; returns the array and its per-axis spacing."""
-    ornt = nib.orientations.io_orientation(affine)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    canonical_spacing = np.empty(3)
-    canonical_spacing[ornt[:, 0].astype(int)] = spacing
-    return nib.orientations.apply_orientation(array, ornt), canonical_spacing
 
 
 def _window(image: np.ndarray, near: np.ndarray) -> tuple[float, float]:
@@ -76,9 +68,9 @@ def overlay_3d(
     Returns:
         ``(png, caption)``; the caption names the slices and the window.
     """
-    ref_c, spacing = to_canonical(ref, affine)
-    pred_c, _ = to_canonical(pred, affine)
-    img_c = to_canonical(image, affine)[0] if image is not None else np.zeros(ref_c.shape, np.float32)
+    ref_c, pred_c = to_ras(ref[None], affine)[0][0], to_ras(pred[None], affine)[0][0]
+    spacing = ras_spacing(affine)
+    img_c = to_ras(image[None], affine)[0][0] if image is not None else np.zeros(ref_c.shape, np.float32)
     focus = ref_c > 0 if (ref_c > 0).any() else pred_c > 0
     centre = (
         [int(round(c)) for c in ndimage.center_of_mass(focus)] if focus.any() else [s // 2 for s in ref_c.shape]
@@ -86,17 +78,11 @@ def overlay_3d(
     if window is None:
         window = _window(img_c, ndimage.binary_dilation(focus, iterations=10)) if image is not None else (0.0, 1.0)
     x, y, z = centre
-    sx, sy, sz = spacing
-    # screen: rows top->bottom, columns left->right; flip so that R is left, A/S are up
-    views = [
-        ("axial", lambda a: a[::-1, :, z].T[::-1], sy / sx),
-        ("coronal", lambda a: a[::-1, y, :].T[::-1], sz / sx),
-        ("sagittal", lambda a: a[x, ::-1, :].T[::-1], sz / sy),
-    ]
     fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.0))
-    for ax, (name, cut, aspect) in zip(axes, views):
-        _draw(ax, cut(img_c), cut(ref_c), cut(pred_c), labels, window, aspect)
-        ax.set_title(name, fontsize=8)
+    planes = [radiological_planes(a, (x, y, z), spacing) for a in (img_c, ref_c, pred_c)]
+    for ax, (img_p, ref_p, pred_p) in zip(axes, zip(*planes)):
+        _draw(ax, img_p[1], ref_p[1], pred_p[1], labels, window, img_p[2])
+        ax.set_title(img_p[0], fontsize=8)
     fig.tight_layout(pad=0.8)
     caption = f"slices x={x + 1}, y={y + 1}, z={z + 1} (RAS voxel grid); window [{window[0]:.0f}, {window[1]:.0f}]"
     return _png(fig), caption

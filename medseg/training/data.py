@@ -8,8 +8,6 @@ atomically and read without pickle. Later epochs therefore only run the random a
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,24 +16,8 @@ import torch
 from monai.data import MetaTensor
 from torch.utils.data import Dataset
 
-from medseg.config import Config
-from medseg.fsutil import atomic_write
-from medseg.plan.planner import Plan
+from medseg.fsutil import atomic_write, json_hash
 from medseg.transforms.pipeline import IMAGE, LABEL
-
-
-def preprocessing_spec(cfg: Config, plan: Plan) -> str:
-    """Hash of everything that changes the preprocessed arrays."""
-    import medseg
-
-    spec = {
-        "plan": plan.hash(),
-        "spacing": cfg.data.spacing,
-        "intensity": cfg.data.intensity.model_dump(mode="json"),
-        "clahe": cfg.data.clahe.model_dump(mode="json"),
-        "medseg": medseg.__version__,
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _file_key(path: "str | list[str]") -> list:
@@ -57,7 +39,7 @@ class PreprocessedCache:
         preprocess: The deterministic transform (reads files, resamples, normalises).
         mode: ``disk``, ``memory`` or ``none``.
         cache_dir: Folder of the disk cache.
-        spec: :func:`preprocessing_spec` of the run.
+        spec: :func:`medseg.transforms.pipeline.preprocessing_hash` of the run.
     """
 
     def __init__(self, preprocess: Callable[[dict], dict], mode: str, cache_dir: Path | None, spec: str) -> None:
@@ -68,7 +50,7 @@ class PreprocessedCache:
 
     def key(self, item: dict) -> str:
         parts = {"case": item["case_id"], IMAGE: _file_key(item[IMAGE]), LABEL: _file_key(item[LABEL]), "spec": self.spec}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+        return json_hash(parts, length=24)
 
     def get(self, item: dict) -> dict:
         """The preprocessed case: ``{image, label}`` MetaTensors and ``case_id``."""

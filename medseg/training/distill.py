@@ -23,7 +23,6 @@ model folder's ``model.json`` records the teachers without paths (network, weigh
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,28 +33,11 @@ from torch import nn
 
 from medseg.config import Config
 from medseg.errors import ConfigError, TrainingError
+from medseg.fsutil import read_json, write_json
 from medseg.plan.planner import Plan
+from medseg.transforms.pipeline import config_identity, preprocessing_identity
 
 TEACHERS_FILE = "teachers.json"
-
-
-def config_identity(cfg: Config) -> dict:
-    """The configured preprocessing (spacing, intensity scheme and window, CLAHE): what must match before a run starts."""
-    return {
-        "spacing": [round(float(s), 4) for s in cfg.data.spacing] if cfg.data.spacing else None,
-        "intensity": cfg.data.intensity.model_dump(mode="json"),
-        "clahe": cfg.data.clahe.model_dump(mode="json"),
-    }
-
-
-def preprocessing_identity(cfg: Config, plan: Plan) -> dict:
-    """Everything that decides the preprocessed arrays a network reads (what must match between teacher and student):
-    the configured preprocessing and the planned normalisation with its dataset statistics."""
-    return {
-        **config_identity(cfg),
-        "normalization": list(plan.normalization),
-        "intensity_statistics": json.loads(json.dumps(plan.intensity, sort_keys=True, default=float)),
-    }
 
 
 def _refuse_difference(mine: dict, theirs: dict) -> None:
@@ -192,7 +174,7 @@ class Teachers:
     def save(self, run_dir: Path) -> None:
         """``RUN/teachers.json``: paths (for --resume on this machine) and weights hashes."""
         payload = [{"path": str(t.path.resolve()), **t.record()} for t in self.members]
-        (run_dir / TEACHERS_FILE).write_text(json.dumps({"temperature": self.temperature, "teachers": payload}, indent=2) + "\n")
+        write_json(run_dir / TEACHERS_FILE, {"temperature": self.temperature, "teachers": payload})
 
 
 def saved_teacher_paths(run_dir: Path) -> list[Path]:
@@ -205,7 +187,7 @@ def saved_teacher_paths(run_dir: Path) -> list[Path]:
     if not record.is_file():
         raise TrainingError("CHECKPOINT_NOT_FOUND", f"{run_dir.name} has no {TEACHERS_FILE}: not a distillation run",
                             "resume a training run with `medseg train --resume`")
-    return [Path(t["path"]) for t in json.loads(record.read_text())["teachers"]]
+    return [Path(t["path"]) for t in read_json(record, "CHECKPOINT_UNREADABLE", "teachers record")["teachers"]]
 
 
 def check_same_teachers(teachers: Teachers, run_dir: Path) -> None:
@@ -214,7 +196,7 @@ def check_same_teachers(teachers: Teachers, run_dir: Path) -> None:
     Raises:
         TrainingError: ``RESUME_MISMATCH``.
     """
-    saved = json.loads((run_dir / TEACHERS_FILE).read_text())["teachers"]
+    saved = read_json(run_dir / TEACHERS_FILE, "CHECKPOINT_UNREADABLE", "teachers record")["teachers"]
     if [t["weights_sha256"] for t in saved] != [r["weights_sha256"] for r in teachers.records()]:
         raise TrainingError("RESUME_MISMATCH", "the teachers are not the ones this distillation run started with",
                             "resume with the same -m folders (or none: the run's teachers.json names them)")

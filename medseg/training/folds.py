@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from medseg.errors import ConfigError
+from medseg.fsutil import read_json, write_json
 from medseg.io.dataset import Case
 
 
@@ -50,7 +50,7 @@ def load_or_make_splits(path: Path, case_ids: list[str], k: int, seed: int) -> l
         ConfigError: ``SPLITS_MISMATCH`` when the saved splits name other cases or another k.
     """
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, "SPLITS_MISMATCH", "split record")
         folds = saved["folds"]
         cases = sorted({c for f in folds for c in f["val"]})
         if len(folds) != k or cases != sorted(case_ids):
@@ -62,7 +62,7 @@ def load_or_make_splits(path: Path, case_ids: list[str], k: int, seed: int) -> l
         return folds
     folds = make_folds(case_ids, k, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"seed": seed, "k": k, "folds": folds}, indent=2))
+    write_json(path, {"seed": seed, "k": k, "folds": folds})
     return folds
 
 

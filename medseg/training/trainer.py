@@ -14,7 +14,6 @@ Run folder layout::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -33,7 +32,7 @@ from torch import nn
 from medseg import threads
 from medseg.config import Config, config_hash, config_to_dict, flatten, save_config, shareable
 from medseg.errors import ConfigError, TrainingError
-from medseg.fsutil import git_commit, versions, write_json
+from medseg.fsutil import git_commit, json_hash, read_json, versions, write_json, write_text
 from medseg.io.dataset import Case, Dataset, load_dataset
 from medseg.losses import build_loss
 from medseg.device import select_device
@@ -51,9 +50,11 @@ from medseg.training.curves import save_curves
 from medseg.training.folds import split_cases
 from medseg.training.optim import build_optimizer, lr_factor
 from medseg.training.validation import validate
-from medseg.training.data import CaseDataset, PreprocessedCache, preprocessing_spec
+from medseg.training.data import CaseDataset, PreprocessedCache
 from medseg.training.distill import combined_loss
-from medseg.transforms.pipeline import IMAGE, LABEL, build_augment_transforms, build_preprocess_transforms
+from medseg.transforms.pipeline import (
+    IMAGE, LABEL, build_augment_transforms, build_preprocess_transforms, preprocessing_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def plan_run(cfg: Config, dataset: Dataset, run_dir: Path, device: torch.device,
     """Fingerprints the dataset (``RUN/fingerprint.json``), plans, fills unpinned config values, saves ``plan.json``."""
     from medseg.models.registry import spec_of
 
-    fingerprint = load_or_compute(dataset, run_dir / "fingerprint.json")
+    fingerprint = load_or_compute(dataset, run_dir / "fingerprint.json", cfg.plan.ct_clip_percentiles)
     spec = spec_of(cfg.model.name)
     hints = spec.plan_hints(cfg.model, fingerprint.dims) if spec.plan_hints else {}
     plan = make_plan(fingerprint, cfg.plan.model_copy(update=hints), on_gpu=device.type == "cuda",
@@ -83,7 +84,7 @@ def plan_run(cfg: Config, dataset: Dataset, run_dir: Path, device: torch.device,
     if hints:
         plan.notes.append(f"{cfg.model.name} (size {cfg.model.size}): plan settings {hints}")
     if write:
-        (run_dir / "plan.json").write_text(plan.to_json())
+        write_text(run_dir / "plan.json", plan.to_json())
     return apply_plan(cfg, plan), plan
 
 
@@ -92,7 +93,7 @@ def _pretrained(net: nn.Module, cfg: Config, run_dir: Path, resume: bool, is_mai
     returns what ``RUN/pretrained.json`` records (file name, SHA-256, loaded/missing/unexpected tensors)."""
     record = run_dir / "pretrained.json"
     if resume or not cfg.model.pretrained:
-        return json.loads(record.read_text()) if resume and record.is_file() else None
+        return read_json(record, "CHECKPOINT_UNREADABLE", "pretrained record") if resume and record.is_file() else None
     from medseg.fsutil import sha256_file
     from medseg.models.pretrained import load_pretrained
 
@@ -140,8 +141,7 @@ def calibrate_model_dir(model_dir: Path, val_ds, device: torch.device) -> dict:
 def dataset_hash(dataset: Dataset) -> str:
     """Short hash of the dataset description and the size of every training file (not the patient data)."""
     parts = [(c.id, c.image.stat().st_size, c.label.stat().st_size if c.label else 0) for c in dataset.training]
-    payload = json.dumps({"name": dataset.name, "labels": dataset.labels, "files": parts}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return json_hash({"name": dataset.name, "labels": dataset.labels, "files": parts})
 
 
 def _items(cases: list[Case]) -> list[dict]:
@@ -344,7 +344,7 @@ def _prepare(cfg: Config, run_dir: Path, tracker: Tracker | None, resume: bool,
         write_json(run_dir / "splits.json", {"seed": cfg.seed, "train": [c.id for c in train_cases],
                                              "val": [c.id for c in val_cases]})
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
-    cache = PreprocessedCache(build_preprocess_transforms(cfg, plan), cfg.data.cache, cache_dir, preprocessing_spec(cfg, plan))
+    cache = PreprocessedCache(build_preprocess_transforms(cfg, plan), cfg.data.cache, cache_dir, preprocessing_hash(cfg, plan))
     augment = build_augment_transforms(cfg)
     train_ds = CaseDataset(_items(train_cases), cache, augment)
     sampler_gen = torch.Generator().manual_seed(cfg.seed + rank.rank)

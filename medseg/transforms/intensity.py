@@ -58,7 +58,9 @@ def normalization(cfg: IntensityConfig, schemes: list[str], stats: list[dict[str
 
 def _single(cfg: IntensityConfig, scheme: str, stats: dict[str, float], key: str) -> MapTransform:
     if scheme == "ct":
-        return ClipZScored(key, stats["p00_5"], stats["p99_5"], stats["mean"], stats["std"])
+        # clip_low/clip_high: plan.ct_clip_percentiles of the foreground; p00_5/p99_5 in plans written before
+        low, high = stats.get("clip_low", stats.get("p00_5")), stats.get("clip_high", stats.get("p99_5"))
+        return ClipZScored(key, low, high, stats["mean"], stats["std"])
     if scheme == "window":
         if cfg.window is None:
             raise ConfigError("CONFIG_INVALID_VALUE", "data.intensity.window is required for scheme window", "e.g. [-160, 240]")

@@ -37,6 +37,27 @@ def test_sliding_window_matches_monai(shape, roi, overlap):
     assert ours.shape == ref.shape and (ours - ref).abs().max().item() <= 1e-5
 
 
+def test_gaussian_sigma_reaches_the_blend_as_monais_sigma_scale():
+    """``inference.gaussian_sigma`` is MONAI's ``sigma_scale``: a wider Gaussian blends as MONAI's does."""
+    from monai.inferers import sliding_window_inference
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    shape, roi = (40, 37, 29), (24, 24, 16)
+    net = UNet(3, 1, 3, (8, 16), (2,), num_res_units=1).eval()
+    x = torch.randn(1, 1, *shape)
+    layout = WindowLayout(shape, roi, 0.5)
+    padded = torch.nn.functional.pad(x, [p for pair in reversed(layout.pad) for p in pair])[0]
+    with torch.no_grad():
+        ref = sliding_window_inference(x, roi, 3, net, overlap=0.5, mode="gaussian", sigma_scale=0.3)[0]
+        ours = torch.cat([v.clone() for _, _, v in sliding_window(lambda s: padded[(slice(None), *s)], layout, net,
+                                                                   3, sigma_scale=0.3)], dim=-1)
+        default = torch.cat([v.clone() for _, _, v in sliding_window(lambda s: padded[(slice(None), *s)], layout,
+                                                                      net, 3)], dim=-1)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert (default - ref).abs().max().item() > 1e-3  # the sigma made a difference the check above could see
+
+
 def test_accumulator_is_one_window_deep():
     """Slabs are handed out while later windows are still running: the accumulator never spans the volume."""
     layout = WindowLayout((8, 8, 100), (8, 8, 10), 0.5)
@@ -102,6 +123,24 @@ def test_tta_averages_softmax_over_all_mirrorings(smoke_model: Path):
     no_tta = _manual([member.backend], _normalised(member, volume), [()])[0]
     assert (expected - no_tta).abs().max().item() > 0.05  # the check above could tell TTA from no TTA
     assert np.array_equal(got.labels.array[0], expected.argmax(0).numpy())
+
+
+def test_tta_axes_limit_the_mirrorings(smoke_model: Path):
+    """``inference.tta_axes: [0, 1]`` mirrors X, Y and both (4 passes, not 8); QC counts those 4 as flips."""
+    member = _fake_member(smoke_model, _asymmetric(0.7))
+    inference = member.cfg.inference.model_copy(update={"tta_axes": [0, 1]})
+    member = Member(member.backend, member.cfg.model_copy(update={"inference": inference}), member.plan, member.info,
+                    member.model_dir)
+    volume = _patch_volume(member)
+    predictor = Predictor([member], torch.device("cpu"), tta=True)
+    assert predictor.flips() == [(), (2,), (3,), (2, 3)]
+    got = predictor.predict_case(volume, probabilities=True)
+    expected = _manual([member.backend], _normalised(member, volume), [(), (2,), (3,), (2, 3)])[0]
+    assert np.abs(got.probabilities.array.astype(np.float32) - expected.numpy()).max() < 2e-3
+    every = _manual([member.backend], _normalised(member, volume),
+                    [()] + [c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)])[0]
+    assert (expected - every).abs().max().item() > 0.01  # mirroring Z too would have given another answer
+    assert predictor._qc_groups().get("tta") == 4
 
 
 def test_ensemble_averages_member_probabilities(smoke_model: Path):

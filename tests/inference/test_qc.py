@@ -191,3 +191,20 @@ def test_uncertainty_map_has_the_input_geometry_and_reads_back_as_0_to_1(smoke_m
 
     with Image.open(tmp_path / "pred" / result.outputs["preview"]["file"]) as preview:
         assert preview.height > 400  # two rows: prediction, uncertainty
+
+
+def test_border_share_decides_what_rarely_touching_the_border_means():
+    from medseg.config import load_config
+    from medseg.qc.assess import assess
+
+    settings = load_config(None).inference.qc
+    reference = {"labels": {"organ": {"present": 1.0, "volume_ml": [1.0, 100.0], "components": [1, 1],
+                                      "touches_border": 0.1}}}
+    stats = {"organ": {"volume_ml": 10.0, "components": 1, "touches_border": True}}
+
+    def border_reasons(share: float) -> list:
+        result = assess(reference, stats, [], [1.0, 1.0, 1.0], {}, settings.model_copy(update={"border_share": share}))
+        return [r for r in result["reasons"] if r["code"] == "BORDER"]
+
+    assert border_reasons(0.05) == []  # 10 % of the training cases touched it: not rare at 5 %
+    assert len(border_reasons(0.2)) == 1 and border_reasons(0.2)[0]["label"] == "organ"

@@ -189,7 +189,7 @@ def test_nrrd_label_output_keeps_the_input_geometry(predictor, tiny_dataset: Pat
 
     src = tiny_dataset / "imagesTs" / "ct_003.nii.gz"
     nrrd = predict_folder(predictor, src, tmp_path / "nrrd", options=RunOptions(output_type="nrrd", progress=False))[0]
-    nifti = predict_folder(predictor, src, tmp_path / "nifti", options=RunOptions(progress=False))[0]
+    assert predict_folder(predictor, src, tmp_path / "nifti", options=RunOptions(progress=False))[0].status == "ok"
     assert nrrd.status == "ok" and nrrd.output == "ct_003.nrrd"
     a, b = read_sitk(tmp_path / "nrrd" / "ct_003.nrrd"), read_nifti(tmp_path / "nifti" / "ct_003.nii.gz")
     assert a.same_grid(b, atol_mm=1e-4) and np.array_equal(a.array, b.array)

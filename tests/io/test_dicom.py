@@ -177,3 +177,25 @@ def test_convert_cli_writes_one_file_per_series_and_lists_skipped(tmp_path: Path
     assert len(written) == 1
     back = read_nifti(written[0])
     assert np.array_equal(back.array, a.array) and np.abs(back.affine - a.affine).max() < 1e-4
+
+
+def test_dicom_seg_codes_segments_from_the_config_labels_and_by_name_otherwise(tmp_path: Path):
+    """``labels.<name>`` sets a segment's SNOMED CT type (and category); an unconfigured lesion-like name is coded
+    Morphologically Abnormal Structure / Lesion, anything else Anatomical Structure / Tissue."""
+    from medseg.config import load_config
+    from medseg.io.dicom_derived import Producer, label_codes
+
+    cfg = load_config(None, ['labels={liver: {type: [SCT, "10200004", Liver]}}'])
+    series(tmp_path / "s", shape=(12, 12, 4))
+    source = read_dicom(tmp_path / "s")
+    labels = np.zeros((1, 12, 12, 4), np.uint8)
+    labels[0, 2:5, 2:5, 1:3], labels[0, 7:10, 7:10, 1:3], labels[0, 1:3, 8:11, 0:2] = 1, 2, 3
+    names = {0: "background", 1: "liver", 2: "tumour", 3: "spleen"}
+    producer = Producer("m", codes=label_codes(cfg.labels))
+    path = write_dicom_seg(source.with_array(labels), source, tmp_path / "seg.dcm", names, producer)
+    segments = pydicom.dcmread(path).SegmentSequence
+    coded = [(s.SegmentLabel, s.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning,
+              s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in segments]
+    assert coded == [("liver", "Anatomical Structure", "10200004"),
+                     ("tumour", "Morphologically Abnormal Structure", "52988006"),
+                     ("spleen", "Anatomical Structure", "85756007")]

@@ -121,3 +121,18 @@ def test_rtstruct_refuses_a_nifti_source(tmp_path: Path, make_volume):
     with pytest.raises(MedsegError) as info:
         write_rtstruct(volume.with_array(np.zeros((1, *volume.spatial_shape), np.uint8)), volume, tmp_path / "x.dcm", NAMES)
     assert info.value.code == "DICOM_SEG_NO_SOURCE"
+
+
+def test_roi_interpreted_type_comes_from_the_config_labels(tmp_path: Path):
+    from dataclasses import replace
+
+    from medseg.config import load_config
+    from medseg.io.dicom_derived import label_codes
+
+    cfg = load_config(None, ["labels={organ: {rt_type: ORGAN}}"])
+    series(tmp_path / "s", shape=(60, 60, 6))
+    source = read_dicom(tmp_path / "s")
+    producer = replace(PRODUCER, codes=label_codes(cfg.labels))
+    path = write_rtstruct(source.with_array(shapes((60, 60, 6))), source, tmp_path / "rt.dcm", NAMES, producer)
+    observations = pydicom.dcmread(path).RTROIObservationsSequence
+    assert [o.RTROIInterpretedType for o in observations] == ["ORGAN", ""]  # lesion: not configured, left empty

@@ -122,7 +122,7 @@ def test_fingerprint_of_sample_data_matches_direct_measurement(tiny_dataset):
         read_nifti(c.image).array[0][read_nifti(c.label).array[0] > 0].astype(float) for c in ds.training
     ])
     assert fp.intensity[0]["mean"] == pytest.approx(values.mean())
-    assert fp.intensity[0]["p99_5"] == pytest.approx(np.percentile(values, 99.5))
+    assert fp.intensity[0]["clip_high"] == pytest.approx(np.percentile(values, 99.5))
     assert len(fp.spacings) == 3 and fp.dims == 3 and fp.modality == {"0": "CT"}
     # spacings are in RAS order: the slice axis (2-5 mm) is last for every case
     assert all(2.0 <= s[2] <= 5.0 and s[0] < 1.0 for s in fp.spacings)
@@ -147,3 +147,42 @@ def test_network_memory_factors_are_the_measured_ones_and_shrink_the_patch():
     plain = make_plan(fp, PLAN_CFG, on_gpu=False)
     heavy = make_plan(fp, PLAN_CFG, on_gpu=False, memory_factor=MEMORY_FACTOR["swinunetr"])
     assert np.prod(heavy.patch_size) * heavy.batch_size < np.prod(plain.patch_size) * plain.batch_size
+
+
+def test_clip_percentiles_follow_the_config_and_a_stored_fingerprint_is_remeasured(tiny_dataset, tmp_path):
+    from medseg.plan.fingerprint import load_or_compute
+
+    ds = load_dataset(tiny_dataset)
+    values = np.concatenate([
+        read_nifti(c.image).array[0][read_nifti(c.label).array[0] > 0].astype(float) for c in ds.training
+    ])
+    fp = compute_fingerprint(ds, samples_per_case=10**9, clip_percentiles=(2.0, 98.0))
+    assert fp.intensity[0]["clip_low"] == pytest.approx(np.percentile(values, 2.0))
+    assert fp.intensity[0]["clip_high"] == pytest.approx(np.percentile(values, 98.0))
+    path = tmp_path / "fingerprint.json"
+    assert load_or_compute(ds, path).clip_percentiles == [0.5, 99.5]
+    again = load_or_compute(ds, path, (2.0, 98.0))  # the stored one was taken at other percentiles
+    assert again.clip_percentiles == [2.0, 98.0] and Fingerprint.from_json(path.read_text()) == again
+
+
+def test_a_plan_written_with_the_old_percentile_keys_still_normalises():
+    from medseg.transforms.intensity import normalization
+
+    import torch
+
+    cfg = load_config(None).data.intensity.model_copy(update={"scheme": None})
+    old = {"p00_5": -100.0, "p99_5": 300.0, "mean": 50.0, "std": 25.0}
+    new = {"clip_low": -100.0, "clip_high": 300.0, "mean": 50.0, "std": 25.0}
+    x = {"image": torch.tensor([[-500.0, 0.0, 50.0, 900.0]])}
+    a = normalization(cfg, ["ct"], [old])(dict(x))["image"]
+    b = normalization(cfg, ["ct"], [new])(dict(x))["image"]
+    assert np.allclose(np.asarray(a), np.asarray(b)) and np.allclose(np.asarray(a)[0, [0, 3]], [-6.0, 10.0])
+
+
+def test_max_batch_size_and_anisotropy_ratio_are_config_values():
+    small = _fp([[1.0, 1.0, 1.0]] * 3, [[24, 24, 24]] * 3)  # the patch covers the image: the batch grows
+    assert make_plan(small, PLAN_CFG, on_gpu=True).batch_size == PLAN_CFG.max_batch_size
+    assert make_plan(small, PLAN_CFG.model_copy(update={"max_batch_size": 4}), on_gpu=True).batch_size == 4
+    fp = _fp([[1.0, 1.0, 2.5]] * 3, [[200, 200, 60]] * 3)  # ratio 2.5
+    assert not make_plan(fp, PLAN_CFG, on_gpu=True).anisotropic
+    assert make_plan(fp, PLAN_CFG.model_copy(update={"anisotropy_ratio": 2.0}), on_gpu=True).anisotropic

@@ -66,3 +66,14 @@ def test_the_checks_and_the_fingerprint_are_one_read(tiny_dataset: Path, tmp_pat
     assert sorted(reads) == labels  # each training label read once, checked and measured in that read
     load_or_compute(load_dataset(tiny_dataset), tmp_path / "run" / "fingerprint.json")  # what training calls
     assert sorted(reads) == labels  # ... and not read again
+
+
+def test_a_label_coding_for_a_label_the_dataset_lacks_is_refused_before_the_run(tiny_dataset: Path, tmp_path: Path):
+    from medseg.errors import ConfigError
+    from medseg.workflow import check_inputs
+
+    cfg = load_config("smoke", [f"data.dataset={tiny_dataset}", "labels={livr: {rt_type: ORGAN}}"])
+    with pytest.raises(ConfigError) as err:
+        check_inputs(cfg, tmp_path / "run")
+    assert err.value.code == "CONFIG_INVALID_VALUE" and "livr" in str(err.value)
+    assert not (tmp_path / "run").exists()
