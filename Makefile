@@ -27,7 +27,7 @@ BIN := $(VENV)/bin
 TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
 PIP = $(1)/bin/python -m pip install -q
 
-.PHONY: demo test install lock test-latest test-torchvision clean
+.PHONY: demo test test-quick lint install lock test-latest test-torchvision clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,17 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tier (under 2 minutes on 2 cores): no training, no subprocess CLI runs, no servers or browser.
+QUICK_TESTS := tests/test_config.py tests/test_errors.py tests/test_losses.py tests/test_layers.py tests/test_doctests.py \
+	tests/test_presets.py tests/metrics tests/transforms tests/io/test_nifti.py tests/io/test_case_ids.py tests/io/test_dataset.py
+test-quick: install
+	$(BIN)/python -m pytest -q $(QUICK_TESTS) -m "not slow and not gpu and not browser" $(PYTEST_ARGS)
+
+# ruff (pyflakes, import order, bugbear, blind excepts, stale noqa) and mypy; CI runs it before the tests.
+lint: install
+	$(BIN)/ruff check medseg tests benchmarks pipelines tools
+	$(BIN)/mypy medseg
 
 # A scratch venv with the newest releases pyproject.toml allows (what `pip install medseg` gives a user today).
 $(LATEST_VENV)/.installed: pyproject.toml

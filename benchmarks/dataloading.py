@@ -21,15 +21,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save  # noqa: E402
+from _common import save
 
-from medseg.config import load_config  # noqa: E402
-from medseg.io.dataset import load_dataset  # noqa: E402
-from medseg.plan.fingerprint import compute_fingerprint  # noqa: E402
-from medseg.plan.planner import apply_plan, make_plan  # noqa: E402
+from medseg.config import load_config
+from medseg.io.dataset import load_dataset
+from medseg.plan.fingerprint import compute_fingerprint
+from medseg.plan.planner import apply_plan, make_plan
 from medseg.training.data import CaseDataset, PreprocessedCache
-from medseg.transforms.pipeline import preprocessing_hash as preprocessing_spec  # noqa: E402
-from medseg.transforms.pipeline import build_augment_transforms, build_preprocess_transforms  # noqa: E402
+from medseg.transforms.pipeline import build_augment_transforms, build_preprocess_transforms
+from medseg.transforms.pipeline import preprocessing_hash as preprocessing_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

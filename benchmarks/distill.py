@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, save  # noqa: E402
+from _common import RESULTS, save
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "sample_data" / "ct3d"

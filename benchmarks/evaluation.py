@@ -18,12 +18,12 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save  # noqa: E402
+from _common import save
 
-from medseg.io.nifti import read_nifti, write_nifti  # noqa: E402
-from medseg.io.volume import Volume  # noqa: E402
-from medseg.metrics.evaluate import evaluate_folders  # noqa: E402
-from medseg.reporting.report import write_report  # noqa: E402
+from medseg.io.nifti import read_nifti, write_nifti
+from medseg.io.volume import Volume
+from medseg.metrics.evaluate import evaluate_folders
+from medseg.reporting.report import write_report
 
 
 def make_pair(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:

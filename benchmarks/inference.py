@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save  # noqa: E402
+from _common import save
 
 SPACING = (0.8, 0.8, 1.5)
 PATCH = (96, 96, 64)
@@ -181,7 +181,7 @@ def peak_rss_mb() -> float:
 def child(args: argparse.Namespace) -> None:
     """One pipeline in this (fresh) process; prints its time (after imports: throughput over a folder does not
     pay start-up per case) and peak RSS as JSON."""
-    import monai.inferers  # noqa: F401
+    import monai.inferers
     import monai.transforms  # noqa: F401
 
     import medseg.inference.runner  # noqa: F401

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import median_time, save  # noqa: E402
+from _common import median_time, save
 
-from medseg.io.dicom import read_dicom  # noqa: E402
-from medseg.io.dicom_write import write_dicom_series  # noqa: E402
-from medseg.io.nifti import read_nifti, write_nifti  # noqa: E402
-from medseg.io.volume import Volume  # noqa: E402
+from medseg.io.dicom import read_dicom
+from medseg.io.dicom_write import write_dicom_series
+from medseg.io.nifti import read_nifti, write_nifti
+from medseg.io.volume import Volume
 
 
 def ct_like(size: int, slices: int, seed: int = 0) -> Volume:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine  # noqa: E402
+from _common import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS = 20

@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from _common import save  # noqa: E402
-from inference import ct_volume, make_model_dir  # noqa: E402
+from _common import save
+from inference import ct_volume, make_model_dir
 
 
 def _medseg(*args: str) -> list[str]:
@@ -119,11 +119,10 @@ class StoreScp:
 
 
 def bench_listener(model: Path, work: Path, shape, rounds: int, idle: float, device: str, server=None) -> dict:
+    import orthanc
     import pydicom
     from pydicom.uid import generate_uid
     from pynetdicom import AE
-
-    import orthanc
 
     scp = None if server is not None else StoreScp()
     dest = f"{server.aet}@127.0.0.1:{server.dicom_port}" if server is not None else f"BENCHDEST@127.0.0.1:{scp.port}"

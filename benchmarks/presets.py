@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine  # noqa: E402
+from _common import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,8 @@ def main() -> None:
     pred = run / "test_predictions"
     subprocess.run([sys.executable, "-m", "medseg", "-q", "predict", "-i", str(data / "imagesTs"), "-o", str(pred),
                     "-m", str(run / "model"), "--overwrite"], check=True)
-    from medseg.metrics.evaluate import evaluate_folders
     from medseg.io.dataset import load_dataset
+    from medseg.metrics.evaluate import evaluate_folders
 
     labels = {k: v for k, v in load_dataset(data).labels.items() if k != 0}
     summary = evaluate_folders(pred, data / "labelsTs", run / "test_evaluation", labels=labels)

@@ -36,16 +36,16 @@ from scipy import ndimage, stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import save  # noqa: E402
+from _common import save
 
-from medseg import threads  # noqa: E402
-from medseg.config import load_config  # noqa: E402
-from medseg.inference.predictor import Predictor  # noqa: E402
-from medseg.io.readers import read_volume  # noqa: E402
-from medseg.io.volume import Volume  # noqa: E402
-from medseg.qc.assess import PLAUSIBILITY  # noqa: E402
-from medseg.sample_data import write_sample_data  # noqa: E402
-from medseg.training.trainer import fit  # noqa: E402
+from medseg import threads
+from medseg.config import load_config
+from medseg.inference.predictor import Predictor
+from medseg.io.readers import read_volume
+from medseg.io.volume import Volume
+from medseg.qc.assess import PLAUSIBILITY
+from medseg.sample_data import write_sample_data
+from medseg.training.trainer import fit
 
 VARIANTS = ("clean", "noise", "mr", "crop", "flip", "blur", "undertrained")
 

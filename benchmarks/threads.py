@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, save  # noqa: E402
-from inference import ct_volume, make_model_dir  # noqa: E402
+from _common import RESULTS, save
+from inference import ct_volume, make_model_dir
 
 SHAPE = (256, 256, 96)
 

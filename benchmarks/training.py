@@ -20,19 +20,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save  # noqa: E402
+from _common import save
 
-from medseg.config import load_config  # noqa: E402
-from medseg.io.dataset import load_dataset  # noqa: E402
-from medseg.losses import build_loss  # noqa: E402
-from medseg.models import build_model  # noqa: E402
-from medseg.plan.fingerprint import compute_fingerprint  # noqa: E402
-from medseg.plan.planner import apply_plan, make_plan  # noqa: E402
-from medseg.training.optim import lr_factor  # noqa: E402
+from medseg.config import load_config
+from medseg.io.dataset import load_dataset
+from medseg.losses import build_loss
+from medseg.models import build_model
+from medseg.plan.fingerprint import compute_fingerprint
+from medseg.plan.planner import apply_plan, make_plan
 from medseg.training.data import CaseDataset, PreprocessedCache
-from medseg.transforms.pipeline import preprocessing_hash as preprocessing_spec  # noqa: E402
-from medseg.training.trainer import train_step as _step  # noqa: E402
-from medseg.transforms.pipeline import build_augment_transforms, build_preprocess_transforms  # noqa: E402
+from medseg.training.optim import lr_factor
+from medseg.training.trainer import train_step as _step
+from medseg.transforms.pipeline import build_augment_transforms, build_preprocess_transforms
+from medseg.transforms.pipeline import preprocessing_hash as preprocessing_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import typer
 
@@ -42,7 +41,7 @@ def _dicom_option():
         "defaults: the model's inference.dicom (configs/base.yaml)."))
 
 
-def _dicom_tolerances(cfg, assignments: List[str]):
+def _dicom_tolerances(cfg, assignments: list[str]):
     from medseg.config import dicom_settings
     from medseg.io.dicom_geometry import DicomTolerances
 
@@ -101,7 +100,7 @@ def sample_data(
 @app.command()
 def validate(
     dataset: Path = typer.Argument(..., help="Dataset folder (MSD, nnU-Net v2 raw, images/+labels/) or a CSV manifest."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the findings as JSON here."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the findings as JSON here."),
 ) -> None:
     """Check a dataset's integrity (files, readability, NaN/Inf, channels, image/label geometry, label values).
 
@@ -138,18 +137,17 @@ def validate(
 @app.command()
 def plan(
     dataset: Path = typer.Argument(..., help="Dataset folder (MSD, nnU-Net v2 raw, images/+labels/) or CSV manifest."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan here (default: print it)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Config whose 'plan' budgets to use."),
-    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the plan here (default: print it)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Config whose 'plan' budgets to use."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     gpu: bool = typer.Option(False, "--gpu/--cpu", help="Plan for the GPU or the CPU memory budget."),
 ) -> None:
     """Fingerprint a dataset and derive the plan (spacing, patch, batch, network, normalisation) as JSON."""
     from medseg.config import load_config
+    from medseg.fsutil import atomic_write, check_output_file
     from medseg.io.dataset import load_dataset
     from medseg.plan.fingerprint import compute_fingerprint
     from medseg.plan.planner import make_plan
-
-    from medseg.fsutil import atomic_write, check_output_file
 
     cfg = load_config(config, set_)
     if out is not None:
@@ -168,12 +166,12 @@ def plan(
 
 @app.command()
 def train(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset name (demo, smoke, ...) or YAML path."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<time>)."),
-    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    config: str | None = typer.Option(None, "--config", "-c", help="Preset name (demo, smoke, ...) or YAML path."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/<time>)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint."),
-    fold: Optional[str] = typer.Option(None, "--fold", help="Train one cross-validation fold: K or all."),
-    folds: Optional[str] = typer.Option(None, "--folds", help="Train folds in sequence, e.g. 0-4; then pool them."),
+    fold: str | None = typer.Option(None, "--fold", help="Train one cross-validation fold: K or all."),
+    folds: str | None = typer.Option(None, "--folds", help="Train folds in sequence, e.g. 0-4; then pool them."),
     threads: str = _threads_option(),
 ) -> None:
     """Train a model, then evaluate it on the validation cases; all tracked in MLflow. Works under torchrun."""
@@ -184,7 +182,7 @@ def train(
     run_dir = _start_run(threads, resume, out, config, "a config")
     if fold is not None or folds is not None:
         cfg = load_config(config, set_) if config else resume_config(run_dir / "fold_0", set_)
-        selected = parse_folds(fold if fold is not None else folds, cfg.data.folds)
+        selected = parse_folds(fold if fold is not None else folds or "", cfg.data.folds)
         result = cross_validate(cfg, run_dir, selected, resume=resume)
         for r in result.folds:
             typer.echo(f"fold {r['fold']}: best validation Dice {r['best_val_dice_mean']:.3f} at epoch {r['best_epoch']}")
@@ -233,10 +231,10 @@ def _train_tracked(cfg, run_dir: Path, resume: bool, name: str, teachers: list[P
 
 @app.command()
 def distill(
-    model: List[Path] = typer.Option([], "--model", "-m", help="Teacher model folder; repeat for an ensemble (e.g. the folds of a cross-validation)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="The student: a preset name or YAML path (its model section is the student network)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<time>)."),
-    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    model: list[Path] = typer.Option([], "--model", "-m", help="Teacher model folder; repeat for an ensemble (e.g. the folds of a cross-validation)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="The student: a preset name or YAML path (its model section is the student network)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/<time>)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint (teachers from its teachers.json)."),
     threads: str = _threads_option(),
 ) -> None:
@@ -267,7 +265,7 @@ def _select_option():
         "model's inference.series_selection."))
 
 
-def _pacs_settings(cfg, pacs: List[str], select: List[str]):
+def _pacs_settings(cfg, pacs: list[str], select: list[str]):
     """The model's config with the command's --pacs and --select overrides (validated)."""
     from medseg.config import with_overrides
 
@@ -279,13 +277,13 @@ def _pacs_settings(cfg, pacs: List[str], select: List[str]):
 def predict(
     input: str = typer.Option(..., "--input", "-i", help="An image file, a DICOM series folder, a folder of cases (image files and DICOM series), or a DICOMweb study URL http(s)://host:port/dicom-web/studies/<StudyInstanceUID>."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: not inside an input folder, nor the folder of an input file (a folder beside it is fine)."),
-    model: List[Path] = typer.Option(..., "--model", "-m", help="Model folder from `medseg train`; repeat for an ensemble (probabilities averaged)."),
+    model: list[Path] = typer.Option(..., "--model", "-m", help="Model folder from `medseg train`; repeat for an ensemble (probabilities averaged)."),
     output_type: str = typer.Option("nifti", "--output-type", "-t", help=output_help()),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
-    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
+    tta: bool | None = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
     fast: bool = typer.Option(False, "--fast", help="Lower overlap (inference.fast_overlap) and no TTA."),
-    overlap: Optional[float] = typer.Option(None, "--overlap", min=0.0, max=0.95, help="Sliding-window overlap."),
+    overlap: float | None = typer.Option(None, "--overlap", min=0.0, max=0.95, help="Sliding-window overlap."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     resume: bool = typer.Option(False, "--resume", help="Skip cases whose outputs are complete (recorded hash matches)."),
     shard: str = typer.Option("0/1", "--shard", help="i/n: predict every n-th case starting at i (split a folder across workers)."),
@@ -293,15 +291,15 @@ def predict(
     stats: bool = typer.Option(False, "--stats", help="Volume in mL per label per case (stats.csv and manifest)."),
     preview: bool = typer.Option(False, "--preview", help="PNG overlay of three orthogonal slices per case (previews/)."),
     allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted DICOM series instead of refusing them."),
-    dicom: List[str] = _dicom_option(),
+    dicom: list[str] = _dicom_option(),
     threads: str = _threads_option(),
-    qc: Optional[bool] = typer.Option(None, "--qc/--no-qc", help="Quality control per case: verdict ok/review with reasons in manifest.json (default: the model's inference.qc.enabled)."),
+    qc: bool | None = typer.Option(None, "--qc/--no-qc", help="Quality control per case: verdict ok/review with reasons in manifest.json (default: the model's inference.qc.enabled)."),
     save_uncertainty: bool = typer.Option(False, "--save-uncertainty", help="Also write the voxel uncertainty map (uncertainty/, NIfTI 0..1) on the input grid; --preview then shows it."),
-    push: Optional[str] = typer.Option(None, "--push", metavar="[URL]", help="DICOMweb input: store the DICOM results by STOW-RS on the same server (--push alone) or on another DICOMweb root (--push URL)."),
-    token_file: Optional[Path] = typer.Option(None, "--token-file", help="DICOMweb bearer token from this file (first line); otherwise from $MEDSEG_DICOMWEB_TOKEN (pacs.token_env). Never give a token on the command line."),
-    ca_bundle: Optional[Path] = typer.Option(None, "--ca-bundle", help="CA certificates (PEM) that sign the DICOMweb server's TLS certificate; verification is always on."),
-    pacs: List[str] = _pacs_option(),
-    select: List[str] = _select_option(),
+    push: str | None = typer.Option(None, "--push", metavar="[URL]", help="DICOMweb input: store the DICOM results by STOW-RS on the same server (--push alone) or on another DICOMweb root (--push URL)."),
+    token_file: Path | None = typer.Option(None, "--token-file", help="DICOMweb bearer token from this file (first line); otherwise from $MEDSEG_DICOMWEB_TOKEN (pacs.token_env). Never give a token on the command line."),
+    ca_bundle: Path | None = typer.Option(None, "--ca-bundle", help="CA certificates (PEM) that sign the DICOMweb server's TLS certificate; verification is always on."),
+    pacs: list[str] = _pacs_option(),
+    select: list[str] = _select_option(),
 ) -> None:
     """Segment a file, a DICOM series, a folder of cases or a DICOMweb study; writes labels on each input's grid,
     manifest.json and provenance.json. Exit code 1 when any case failed (or a push failed)."""
@@ -369,31 +367,30 @@ def _report_cases(results, out: Path) -> None:
 
 @app.command()
 def serve(
-    model: List[Path] = typer.Option(..., "--model", "-m", help="Model folder; repeat for an ensemble."),
+    model: list[Path] = typer.Option(..., "--model", "-m", help="Model folder; repeat for an ensemble."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: results, manifest.json, and .incoming/ (received, unprocessed instances)."),
     port: int = typer.Option(11112, "--port", "-p", min=0, max=65535, help="DICOM port to listen on (0: any free port, printed)."),
     ae_title: str = typer.Option("MEDSEG", "--ae-title", help="This listener's AE title."),
-    dest: Optional[str] = typer.Option(None, "--dest", metavar="AE@HOST:PORT", help="C-STORE each series' DICOM results to this peer (e.g. the PACS)."),
+    dest: str | None = typer.Option(None, "--dest", metavar="AE@HOST:PORT", help="C-STORE each series' DICOM results to this peer (e.g. the PACS)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 listens on every interface (see README 'PACS' security notes)."),
     output_type: str = typer.Option("dicom-seg", "--output-type", "-t", help=output_help()),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
-    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
+    tta: bool | None = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
     allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted series instead of refusing them."),
-    dicom: List[str] = _dicom_option(),
+    dicom: list[str] = _dicom_option(),
     threads: str = _threads_option(),
-    pacs: List[str] = _pacs_option(),
-    select: List[str] = _select_option(),
+    pacs: list[str] = _pacs_option(),
+    select: list[str] = _select_option(),
 ) -> None:
     """A DICOM listener (C-STORE SCP): segments each received series once it has been idle for pacs.idle_s seconds
     and C-STOREs the results to --dest. Runs until SIGTERM/SIGINT, then finishes the case in progress."""
     import signal
 
+    from medseg.inference.formats import parse_output_type
     from medseg.inference.predictor import Predictor
     from medseg.inference.runner import RunOptions
     from medseg.pacs.listener import Listener, parse_dest
-
-    from medseg.inference.formats import parse_output_type
 
     parse_output_type(output_type)
     target = parse_dest(dest) if dest else None
@@ -422,7 +419,7 @@ def convert(
     out: Path = typer.Option(..., "--out", "-o", help="OUT.nii.gz / .nii / .nrrd / .mha, or a folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted series (recorded) instead of refusing."),
-    dicom: List[str] = _dicom_option(),
+    dicom: list[str] = _dicom_option(),
 ) -> None:
     """Convert DICOM series (one output per series, named by index and UID hash) or any image to NIfTI/NRRD/MHA."""
     from medseg.io.convert import convert as run_convert
@@ -446,8 +443,8 @@ def convert(
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="Model folder written by `medseg train`."),
     format: str = typer.Option(..., "--format", "-f", help="onnx or torchscript."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Exported model folder (default MODEL_<format>)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 quantisation (ONNX)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Exported model folder (default MODEL_<format>)."),
+    quantize: str | None = typer.Option(None, "--quantize", help="int8: dynamic int8 quantisation (ONNX)."),
 ) -> None:
     """Export the network to ONNX or TorchScript as a model folder `medseg predict` loads directly."""
     from medseg.deploy.export import export_model
@@ -463,22 +460,22 @@ def evaluate(
     pred: Path = typer.Option(..., "--pred", "-p", help="Folder of predicted label maps (NIfTI or PNG)."),
     ref: Path = typer.Option(..., "--ref", "-r", help="Folder of reference label maps."),
     out: Path = typer.Option(..., "--out", "-o", help="Evaluation folder."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Folder of the images (for report overlays)."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Dataset folder whose dataset.json names the labels."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (its labels and provenance go in the report)."),
-    metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV with a 'case' column and subgroup columns."),
-    window: Optional[Tuple[float, float]] = typer.Option(
+    images: Path | None = typer.Option(None, "--images", help="Folder of the images (for report overlays)."),
+    dataset: Path | None = typer.Option(None, "--dataset", help="Dataset folder whose dataset.json names the labels."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Model folder (its labels and provenance go in the report)."),
+    metadata: Path | None = typer.Option(None, "--metadata", help="CSV with a 'case' column and subgroup columns."),
+    window: tuple[float, float] | None = typer.Option(
         None, "--window", help="Display window of the images in the report, e.g. --window -160 240 (CT, HU)."
     ),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Config whose 'evaluation' section to use."),
-    set_: List[str] = typer.Option([], "--set", help="e.g. --set evaluation.nsd_tolerance_mm=1 (repeatable)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Config whose 'evaluation' section to use."),
+    set_: list[str] = typer.Option([], "--set", help="e.g. --set evaluation.nsd_tolerance_mm=1 (repeatable)."),
     threads: str = _threads_option(),
 ) -> None:
     """Per-case metrics (metrics.csv) and their summary with confidence intervals (summary.json)."""
 
     from medseg.config import load_config
-    from medseg.io.dataset import load_dataset
     from medseg.inference.manifest import qc_records
+    from medseg.io.dataset import load_dataset
     from medseg.metrics.evaluate import evaluate_folders
     from medseg.reporting.report import write_overlays
 
@@ -523,7 +520,7 @@ def _log_to_active_mlflow_run(eval_dir: Path, summary: dict) -> None:
 @app.command()
 def report(
     eval_dir: Path = typer.Argument(..., help="Folder written by `medseg evaluate`, or by `medseg predict` (review report)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML path (default EVAL_DIR/report.html, PRED_DIR/review.html)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="HTML path (default EVAL_DIR/report.html, PRED_DIR/review.html)."),
     pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Also write report.pdf beside the HTML (evaluation reports)."),
 ) -> None:
     """Render the self-contained HTML report (and its PDF version) of an evaluation folder, or the review-first
@@ -543,7 +540,7 @@ def report(
 def demo(
     out: Path = typer.Option(Path("demo_output"), "--out", "-o", help="Output folder."),
     config: str = typer.Option("demo", "--config", "-c", help="Preset name or YAML path."),
-    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     cases: int = typer.Option(16, "--cases", "-n", min=4, help="Synthetic 3D cases to generate."),
     threads: str = _threads_option(),
 ) -> None:
@@ -572,7 +569,7 @@ def demo(
         raise typer.Exit(1)
 
 
-def optional_push_value(args: List[str]) -> List[str]:
+def optional_push_value(args: list[str]) -> list[str]:
     """``--push`` given without a URL (last, or followed by another option) means the input's own server: it is
     passed on as ``--push same``."""
     out = []
@@ -583,7 +580,7 @@ def optional_push_value(args: List[str]) -> List[str]:
     return out
 
 
-def _click_exceptions(name: str) -> tuple[type, ...]:
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
     """The exception class ``name`` of Click and of the copy of Click that newer typer releases carry
     (``typer._click``): the command line raises one or the other depending on the installed typer."""
     import importlib
@@ -616,7 +613,7 @@ def _stop_on_signals() -> None:
 
     from medseg.errors import Interrupted
 
-    def handler(signum, frame) -> None:  # noqa: ANN001 - signal's signature
+    def handler(signum, frame) -> None:
         _SIGNALLED.append(signum)
         raise Interrupted(signum)
 
@@ -649,7 +646,8 @@ def main() -> None:
         if _SIGNALLED:
             _interrupted(_SIGNALLED[0])
     except _click_exceptions("NoArgsIsHelpError") as exc:
-        typer.echo(exc.ctx.get_help() if exc.ctx is not None else "medseg -h lists the commands")
+        ctx = getattr(exc, "ctx", None)  # a Click UsageError's context
+        typer.echo(ctx.get_help() if ctx is not None else "medseg -h lists the commands")
         sys.exit(2)
     except _click_exceptions("Abort"):  # what older Click makes of Ctrl-C
         _interrupted(_SIGNALLED[0] if _SIGNALLED else 2)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -335,6 +336,8 @@ def preset_names() -> list[str]:
 
 #: What a config file may cost to parse: its size, its nesting and the nodes its aliases expand to (a YAML
 #: "billion laughs" file expands 9 aliases over 9 levels to 387 million strings).
+T = TypeVar("T")
+
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_DEPTH = 64
 MAX_YAML_NODES = 100_000
@@ -346,7 +349,7 @@ class _BudgetLoader(yaml.SafeLoader):
 
     depth = 0
 
-    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+    def compose_node(self, parent, index):
         self.depth += 1
         if self.depth > MAX_YAML_DEPTH:
             raise _TooComplex(f"nested more than {MAX_YAML_DEPTH} levels")
@@ -531,6 +534,23 @@ def _format_validation_error(exc: ValidationError, source: str) -> ConfigError:
     shown = shown if len(shown) <= 200 else shown[:200] + " ..."
     return ConfigError("CONFIG_INVALID_VALUE", f"{source}: '{dotted}': {err['msg']} (found {shown})")
 
+
+def planned(value: T | None, key: str) -> T:
+    """``value`` of a config key whose ``null`` means "the plan sets it" (``data.patch_size``, ``data.spacing``,
+    ``train.batch_size``, ``model.channels``/``strides``), refused when no plan filled it in.
+
+    Examples:
+        >>> planned((96, 96, 64), "data.patch_size")
+        (96, 96, 64)
+        >>> planned(None, "data.patch_size")
+        Traceback (most recent call last):
+        ...
+        medseg.errors.ConfigError: data.patch_size is null and no plan filled it in
+    """
+    if value is None:
+        raise ConfigError("CONFIG_INVALID_VALUE", f"{key} is null and no plan filled it in",
+                          "use a planned config (medseg plan / train plan it), or set the value")
+    return value
 
 def load_config(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Loads and validates a configuration.

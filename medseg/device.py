@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def select_device(name: str) -> "torch.device":
+def select_device(name: str) -> torch.device:
     """Maps ``auto|cpu|cuda|mps`` to a device; ``auto`` prefers CUDA, then MPS, then CPU.
 
     Examples:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 #: Every error code medseg reports, declared once with its meaning (``docs/errors.md`` is generated from it:
 #: ``python -m medseg.errors > docs/errors.md``; a test fails when code raises a code missing here).
@@ -165,6 +165,9 @@ NOT_CODES = frozenset({
     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "LPS_TO_RAS",
     "MEDSEG_DICOMWEB_TOKEN", "CLOSED_PLANAR", "AUTOMATIC", "RTSTRUCT", "MEDSEG", "SC_CLK_TCK",
+    # RT ROI Interpreted Type values (labels.<name>.rt_type in the config)
+    "TREATED_VOLUME", "IRRAD_VOLUME", "CONTRAST_AGENT", "BRACHY_CHANNEL", "BRACHY_ACCESSORY", "BRACHY_SRC_APP",
+    "BRACHY_CHNL_SHLD", "DOSE_REGION",
 })
 
 
@@ -186,7 +189,7 @@ class MedsegError(Exception):
     def __reduce__(self):  # keep code and hint when raised in a worker process
         return (self.__class__, (self.code, self.message, self.hint))
 
-    def one_line(self, roots: "Sequence[str | os.PathLike]" = ()) -> str:
+    def one_line(self, roots: Sequence[str | os.PathLike] = ()) -> str:
         """Returns the error as a single line: ``CODE: message (hint: ...)``, scrubbed of folder names
         (:func:`scrub_paths`; paths under ``roots`` shown relative to them)."""
         text = f"{self.code}: {self.message}"
@@ -233,7 +236,7 @@ _QUOTED_PATH = re.compile(r"""(['"`])((?:[A-Za-z]:)?[^'"`\n]*[/\\][^'"`\n]*)\1""
 _BARE_PATH = re.compile(r"""(?<![\w.~$/:-])(?:~|[A-Za-z]:)?/(?:[^\s'"`:;,()\[\]{}<>]+/?)*""")
 
 
-def _path_forms(path: "str | os.PathLike") -> set[str]:
+def _path_forms(path: str | os.PathLike) -> set[str]:
     forms = {str(path), os.path.abspath(path)}
     try:
         forms.add(str(Path(path).resolve()))
@@ -247,7 +250,7 @@ def _last_part(text: str) -> str:
     return name or "<path>"
 
 
-def scrub_paths(text: str, roots: "Sequence[str | os.PathLike]" = (), files: "Sequence[str | os.PathLike]" = ()) -> str:
+def scrub_paths(text: str, roots: Sequence[str | os.PathLike] = (), files: Sequence[str | os.PathLike] = ()) -> str:
     """``text`` without folder names: what every message medseg records or shows passes through.
 
     Input folders are often named after patients (PACS exports: ``DOE^JANE_19010203/``), and third-party libraries
@@ -271,7 +274,7 @@ def scrub_paths(text: str, roots: "Sequence[str | os.PathLike]" = (), files: "Se
     return _BARE_PATH.sub(lambda m: _last_part(m.group(0)) if len(m.group(0)) > 1 else m.group(0), text)
 
 
-def describe(exc: BaseException, *files: "str | os.PathLike", roots: "Sequence[str | os.PathLike]" = (),
+def describe(exc: BaseException, *files: str | os.PathLike, roots: Sequence[str | os.PathLike] = (),
              limit: int = 300) -> str:
     """The one way a third-party exception's text enters medseg's messages and records: ``Type: first line``,
     scrubbed of paths (:func:`scrub_paths`; ``files`` become their names) and cut to ``limit`` characters.
@@ -298,7 +301,7 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def require_file(path: "str | os.PathLike", what: str) -> Path:
+def require_file(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a :class:`Path` when it is a regular, readable file.
 
     Raises:
@@ -327,7 +330,7 @@ def require_file(path: "str | os.PathLike", what: str) -> Path:
     return p
 
 
-def from_os_error(exc: OSError, name: str | None = None) -> "MedsegError":
+def from_os_error(exc: OSError, name: str | None = None) -> MedsegError:
     """An ``OSError`` met while writing ``name`` (default: the error's own file name), as the coded error a user
     can act on (``DISK_FULL``, ``OUTPUT_NOT_WRITABLE``, ``OUTPUT_IS_FILE``; anything else ``OUTPUT_NOT_WRITABLE``
     with the system's reason). Only the file's name is shown."""
@@ -347,7 +350,7 @@ def from_os_error(exc: OSError, name: str | None = None) -> "MedsegError":
                        "choose an output folder on a writable disk where you have write permission")
 
 
-def require_exists(path: "str | object", what: str) -> None:
+def require_exists(path: str | object, what: str) -> None:
     """Raises :class:`InputError` ``PATH_NOT_FOUND`` when ``path`` does not exist.
 
     Args:

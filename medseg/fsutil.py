@@ -10,11 +10,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from medseg.errors import OutputError, from_os_error
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once at import: files get the usual permissions, not mkstemp's 0600

@@ -84,5 +84,16 @@ def build_loss(cfg: LossConfig) -> nn.Module:
 
     Raises:
         ConfigError: ``CONFIG_UNKNOWN_NAME`` for an unregistered name.
+
+    Examples:
+        >>> import torch
+        >>> from medseg.config import load_config
+        >>> loss = build_loss(load_config("smoke").loss)
+        >>> logits = torch.full((1, 2, 4, 4), -10.0)
+        >>> logits[:, 1] = 10.0  # confident foreground everywhere
+        >>> perfect = loss(logits, torch.ones(1, 1, 4, 4))
+        >>> wrong = loss(logits, torch.zeros(1, 1, 4, 4))
+        >>> bool(perfect < 0.05 < wrong)
+        True
     """
     return LOSSES.get(cfg.name)(cfg)

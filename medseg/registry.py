@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from medseg.errors import ConfigError
 
-T = TypeVar("T", bound=Callable)
+T = TypeVar("T")  # a builder function, or an entry that holds one (models.registry.Network)
 
 
 class Registry(Generic[T]):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -64,7 +65,8 @@ def make_ct_case(rng: np.random.Generator) -> Volume:
     """
     spacing = np.array([rng.uniform(0.6, 1.0)] * 2 + [rng.uniform(2.0, 5.0)]).round(3)
     fov = np.array([rng.uniform(84, 96), rng.uniform(76, 90), rng.uniform(90, 115)])
-    shape = tuple(int(round(f / s)) for f, s in zip(fov, spacing))
+    sx, sy, sz = (int(round(f / s)) for f, s in zip(fov, spacing))
+    shape = (sx, sy, sz)
     affine = _ct_affine(rng, shape, spacing)
     centre = affine[:3, :3] @ ((np.array(shape) - 1) / 2.0) + affine[:3, 3]
 
@@ -150,7 +152,8 @@ def make_derm_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     hair = np.zeros((h, w), dtype=bool)
     for _ in range(int(rng.integers(0, 7))):
         pts = rng.uniform(0, 1, size=(3, 2)) * [h - 1, w - 1]
-        rr, cc = bezier_curve(*pts[0].astype(int), *pts[1].astype(int), *pts[2].astype(int), 1.0, shape=(h, w))
+        (r0, c0), (r1, c1), (r2, c2) = pts.astype(int).tolist()
+        rr, cc = bezier_curve(r0, c0, r1, c1, r2, c2, 1.0, shape=(h, w))
         hair[rr, cc] = True
     if rng.random() < 0.5:  # thicker hairs in half the cases
         hair = ndimage.binary_dilation(hair)
@@ -243,7 +246,7 @@ _CHECKSUMS = ("SHA256SUMS", "README.md")
 def _nifti_content(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img: Any = nib.load(str(path))  # a Nifti1Image
     header = img.header
     geometry = {
         "sform": header.get_sform(), "qform": header.get_qform(),

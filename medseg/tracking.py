@@ -74,7 +74,7 @@ class MlflowTracker:
                 raise ValueError(f"reopen must be 'resume' or 'attach', not {reopen!r}")
             self.client.get_run(run_id)  # fails now, not at the first log call, when the run does not exist
             self._mode, self._running = reopen, False
-        self.run_id: str | None = run_id
+        self.run_id: str = run_id
 
     def _writing(self) -> None:
         """A resumed run is RUNNING again from its first write on (an attached run keeps its status)."""

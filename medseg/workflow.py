@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.config import Config, config_hash, load_config
+from medseg.config import Config, config_hash, load_config, planned
 from medseg.errors import ConfigError, DatasetError, InputError
 from medseg.fsutil import read_json, write_json, write_text
 from medseg.inference.manifest import qc_records
@@ -89,12 +89,14 @@ def evaluate_model(
             f"see {out / 'predictions' / 'manifest.json'} for each case's error",
         )
     context = {
-        "Model": f"{fit_result.model_dir.name} of run {fit_result.model_dir.parent.name}",
+        # the network and its folder as the user sees it: "unet 3D (run/model)", not "model of run run"
+        "Model": f"{cfg.model.name} {len(planned(cfg.data.patch_size, 'data.patch_size'))}D ({fit_result.model_dir.parent.name}/{fit_result.model_dir.name})",
         "Dataset": f"{dataset.name} ({name} cases)",
         "MLflow run": f"{tracker.run_id} ({shown_uri(tracking_uri)})",
         "Config hash": config_hash(cfg),
     }
     window = report_window(cfg)
+    assert ok[0].label is not None  # evaluation cases carry labels (load_dataset)
     summary = evaluate_folders(
         out / "predictions", ok[0].label.parent, out / "evaluation", settings=cfg.evaluation, labels=labels,
         context=context, window=window, cases=[c.id for c in ok], qc=qc_records(out / "predictions"),
@@ -135,7 +137,7 @@ def train_and_validate(
     by_id = {c.id: c for c in dataset.training}
     val_ids = read_json(run_dir / "splits.json", "SPLITS_MISMATCH", "split record")["val"]
     cases = [by_id[i] for i in val_ids]
-    evaluation = evaluate_model(result, resolved, cases, run_dir / "validation", "val", tracker, getattr(tracker, "uri", ""))
+    evaluation = evaluate_model(result, resolved, cases, run_dir / "validation", "val", tracker, tracker.uri)
     return result, evaluation
 
 
@@ -308,6 +310,7 @@ def _pool_folds(cfg: Config, root: Path, folds: list[dict]) -> EvaluationResult:
             shutil.copy2(path, pooled / path.name)  # label files only (not manifest.json, provenance.json)
     labels = {k: v for k, v in dataset.labels.items() if k != 0}
     first = dataset.training[0]
+    assert first.label is not None  # training cases carry labels (load_dataset)
     ids = sorted(files_by_id(pooled))
     summary = evaluate_folders(
         pooled, first.label.parent, root / "cv" / "evaluation", settings=cfg.evaluation, labels=labels,

@@ -64,8 +64,7 @@ def rtstruct_masks(series_folder: Path, rtstruct: Path) -> dict[str, np.ndarray]
     rt-utils' own ``get_roi_mask_by_name`` is not used: it rounds vertices to whole pixels and fills them with
     their boundary (OpenCV), which grows every structure by up to a pixel, and it swaps row and column spacing,
     which misplaces contours on pixels that are not square."""
-    from rt_utils import RTStructBuilder
-    from rt_utils import image_helper
+    from rt_utils import RTStructBuilder, image_helper
     from rt_utils.ds_helper import get_contour_sequence_by_roi_number
     from skimage.draw import polygon2mask
 

@@ -112,8 +112,9 @@ def test_claim_sets_torch_openmp_and_child_variables():
         with pytest.raises(ConfigError):
             threads.claim(0)
     finally:
-        threads.claim(None)
-    assert threads.current() == before or before is None
+        restored = threads.claim(None)
+    # automatic again: the share follows the machine's load (it may differ from `before` when that load changed)
+    assert before is None or (not threads._SHARE.me.fixed and restored == threads.current())
 
 
 def _worker_threads(_: int) -> tuple[int, str]:

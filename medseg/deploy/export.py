@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.config import planned
 from medseg.errors import ModelError, OutputError, describe
 from medseg.fsutil import sha256_file
-from medseg.models.folder import CONFIG, INFO, NETWORK_HASH, PLAN, load_model_dir, write_info
 from medseg.models.contract import final_output
+from medseg.models.folder import CONFIG, INFO, NETWORK_HASH, PLAN, load_model_dir, write_info
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 
@@ -120,13 +121,13 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     if unsupported:
         raise ModelError("EXPORT_UNSUPPORTED", f"model {cfg.model.name} cannot be exported: {unsupported}",
                          "predict with the model folder itself (--backend torch)")
-    if info.get("format", "pytorch") != "pytorch":
-        raise ModelError("MODEL_DIR_INVALID", f"{model_dir} is already an exported ({info['format']}) model folder")
+    if net is None or info.get("format", "pytorch") != "pytorch":
+        raise ModelError("MODEL_DIR_INVALID", f"{model_dir} is already an exported ({info.get('format')}) model folder")
     out = Path(out) if out else model_dir.with_name(f"{model_dir.name}_{fmt}{'_int8' if quantize else ''}")
     if out.exists():
         raise OutputError("OUTPUT_EXISTS", f"{out} exists", "choose another -o or remove it")
     wrapped = _FinalOutput(net).eval()
-    divisor = int(np.prod(cfg.model.strides)) * (2 if cfg.model.name == "unetpp" else 1)
+    divisor = int(np.prod(planned(cfg.model.strides, "model.strides"))) * (2 if cfg.model.name == "unetpp" else 1)
     inputs = parity_inputs(info, max(divisor, 4))
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -145,7 +146,7 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
         except ModelError:  # a missing package: no other exporter helps
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        except Exception as error:  # noqa: BLE001 - any exporter or runtime failure moves on to the next exporter
+        except Exception as error:
             if exporter == exporters[-1]:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise ModelError("EXPORT_FAILED", f"{fmt} export of {cfg.model.name} failed: {describe(error, limit=2000)}",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ def channels_last_3d(net: nn.Module) -> nn.Module:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.modules.instancenorm._InstanceNorm):
                 setattr(module, name, ChannelsLastInstanceNorm(child))
-    return net.to(memory_format=torch.channels_last_3d)
+    return net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # Module.to takes it; the stubs omit it
 
 
 class ChannelsLastInstanceNorm(nn.Module):

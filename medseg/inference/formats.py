@@ -9,9 +9,10 @@ format is chosen once, by name, never again by file suffix. A new format is its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from medseg.errors import InputError
 
@@ -58,25 +59,25 @@ def register_format(fmt: OutputFormat) -> OutputFormat:
     return fmt
 
 
-def _label_dtype(labels: "Volume") -> type:
+def _label_dtype(labels: Volume) -> type:
     import numpy as np
 
     return np.uint8 if labels.array.dtype == np.uint8 else np.uint16
 
 
-def _nifti(labels: "Volume", target: Path, source: "Volume", names: dict[int, str], producer: "Producer") -> None:
+def _nifti(labels: Volume, target: Path, source: Volume, names: dict[int, str], producer: Producer) -> None:
     from medseg.io.nifti import write_nifti
 
     write_nifti(labels, target, _label_dtype(labels))
 
 
-def _nrrd(labels: "Volume", target: Path, source: "Volume", names: dict[int, str], producer: "Producer") -> None:
+def _nrrd(labels: Volume, target: Path, source: Volume, names: dict[int, str], producer: Producer) -> None:
     from medseg.io.sitk_formats import write_sitk
 
     write_sitk(labels, target, _label_dtype(labels))
 
 
-def _png(labels: "Volume", target: Path, source: "Volume", names: dict[int, str], producer: "Producer") -> None:
+def _png(labels: Volume, target: Path, source: Volume, names: dict[int, str], producer: Producer) -> None:
     import numpy as np
     from PIL import Image
 
@@ -86,13 +87,13 @@ def _png(labels: "Volume", target: Path, source: "Volume", names: dict[int, str]
     atomic_write(target, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def _dicom_seg(labels: "Volume", target: Path, source: "Volume", names: dict[int, str], producer: "Producer") -> None:
+def _dicom_seg(labels: Volume, target: Path, source: Volume, names: dict[int, str], producer: Producer) -> None:
     from medseg.io.dicom_seg import write_dicom_seg
 
     write_dicom_seg(labels, source, target, names, producer)
 
 
-def _rtstruct(labels: "Volume", target: Path, source: "Volume", names: dict[int, str], producer: "Producer") -> None:
+def _rtstruct(labels: Volume, target: Path, source: Volume, names: dict[int, str], producer: Producer) -> None:
     from medseg.io.rtstruct import write_rtstruct
 
     write_rtstruct(labels, source, target, names, producer)

@@ -53,7 +53,7 @@ def map_back(values: np.ndarray, mapping: list[tuple[int, np.ndarray]]) -> np.nd
     steps = [_whole_axis_step(idx, permuted.shape[lead + b]) for b, (_, idx) in enumerate(mapping)]
     if all(step is not None for step in steps):
         return permuted[(Ellipsis, *[slice(None, None, step) for step in steps])]
-    index = np.ix_(*[idx for _, idx in mapping])
+    index: tuple = np.ix_(*[idx for _, idx in mapping])
     return permuted[(Ellipsis, *index)]
 
 

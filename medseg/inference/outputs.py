@@ -18,7 +18,7 @@ from medseg.io.volume import Volume
 if TYPE_CHECKING:
     from medseg.inference.predictor import Predictor
 
-def producer_for(predictor: "Predictor", uid_root: str = PYDICOM_ROOT) -> Producer:
+def producer_for(predictor: Predictor, uid_root: str = PYDICOM_ROOT) -> Producer:
     """Who made a prediction, as DICOM outputs record it: the predictor's first model folder (an ensemble is named
     ``<first>+<n-1>`` with the weights hashes combined), its network, weights hash and medseg's version."""
     import hashlib

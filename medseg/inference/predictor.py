@@ -28,28 +28,29 @@ import itertools
 import logging
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medseg.config import Config
-from medseg.errors import InputError, ModelError
 from medseg import threads
+from medseg.config import Config, planned
+from medseg.device import select_device
+from medseg.errors import InputError, ModelError
 from medseg.inference.backends import Backend, load_backend
 from medseg.inference.grid import axis_map, map_back
-from medseg.io.orientation import ras_order, to_ras
 from medseg.inference.postprocess import postprocess
 from medseg.inference.sliding_window import WindowLayout, argmax_labels, sliding_window
 from medseg.io.nifti import TORCH_COPYABLE
+from medseg.io.orientation import ras_order, to_ras
 from medseg.io.volume import Volume
 from medseg.models.folder import ModelFolder
 from medseg.plan.planner import Plan
 from medseg.qc.signals import QcAccumulator
-from medseg.device import select_device
 from medseg.transforms.intensity import normalization
 from medseg.transforms.pipeline import IMAGE, build_infer_transforms, preprocessing_identity, volume_to_metatensor
 
@@ -130,7 +131,7 @@ class Predictor:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path | Sequence[str | Path], device: str = "auto", backend: str = "auto",
-                       *, tta: bool | None = None, fast: bool = False, overlap: float | None = None) -> "Predictor":
+                       *, tta: bool | None = None, fast: bool = False, overlap: float | None = None) -> Predictor:
         """Loads one model folder or several (an ensemble) onto ``device`` (``auto|cpu|cuda|mps``) with ``backend``
         (``auto|torch|onnxruntime|openvino``). ``fast`` uses ``inference.fast_overlap`` and no TTA."""
         dev = select_device(device)
@@ -146,7 +147,7 @@ class Predictor:
         return cls(members, dev, tta=tta, overlap=overlap)
 
     @classmethod
-    def for_network(cls, net: torch.nn.Module, cfg: Config, plan: Plan, info: dict, device: torch.device) -> "Predictor":
+    def for_network(cls, net: torch.nn.Module, cfg: Config, plan: Plan, info: dict, device: torch.device) -> Predictor:
         """A predictor over a network in memory, for validation during training: the window layout, blending,
         TTA and stitching of ``medseg predict``, so what is validated is what is shipped. The network keeps its
         layout (no channels-last conversion: training goes on with it)."""
@@ -163,7 +164,7 @@ class Predictor:
     def predict_preprocessed(self, image: torch.Tensor) -> np.ndarray:
         """Labels on the model grid of an image already preprocessed as in training (``(C, *spatial)`` float32,
         resampled and normalised): the sliding window of :meth:`predict_case` without the grid mapping."""
-        layout = WindowLayout(tuple(int(s) for s in image.shape[1:]), tuple(self.cfg.data.patch_size), self.overlap)
+        layout = WindowLayout(tuple(int(s) for s in image.shape[1:]), tuple(planned(self.cfg.data.patch_size, "data.patch_size")), self.overlap)
         network = self._network(normalised=True)
         (labels, _, _), _ = with_cpu_fallback(
             lambda target: self._stitch(image, layout, network, target, False, None, True, None), self.device
@@ -176,7 +177,7 @@ class Predictor:
         :meth:`predict_preprocessed` blends them: what the temperature is fitted on."""
         if not self._blends_logits:
             raise ModelError("MODEL_DIR_INVALID", "logits are blended only by one model without TTA")
-        layout = WindowLayout(tuple(int(s) for s in image.shape[1:]), tuple(self.cfg.data.patch_size), self.overlap)
+        layout = WindowLayout(tuple(int(s) for s in image.shape[1:]), tuple(planned(self.cfg.data.patch_size, "data.patch_size")), self.overlap)
         out = torch.empty((len(self.labels), *layout.shape), dtype=torch.float32)
         source = _window_source(image, layout, 0.0)
         for z0, z1, values in sliding_window(source, layout, self._network(True), len(self.labels),
@@ -220,7 +221,7 @@ class Predictor:
         label_volume = volume.with_array(labels[None], kind="label")
         if self._postprocesses:
             label_volume, stats["postprocess"] = postprocess(label_volume, self.cfg.inference.postprocess, self.labels)
-        verdict = self._assess(volume, label_volume, acc) if qc else None
+        verdict = self._assess(volume, label_volume, acc) if qc and acc is not None else None
         stats["seconds"] = round(time.perf_counter() - start, 3)
         prob_volume = volume.with_array(probs, kind="probabilities") if probs is not None else None
         entropy_volume = volume.with_array(entropy[None], kind="uncertainty") if entropy is not None else None
@@ -249,8 +250,8 @@ class Predictor:
         ``inference.tta_axes`` (spatial axes of the RAS model grid, 0 = X; all when null)."""
         if not self.tta:
             return [()]
-        axes = self.cfg.inference.tta_axes
-        axes = range(self.spatial_dims) if axes is None else sorted({a for a in axes if a < self.spatial_dims})
+        chosen = self.cfg.inference.tta_axes
+        axes = range(self.spatial_dims) if chosen is None else sorted({a for a in chosen if a < self.spatial_dims})
         dims = [2 + a for a in axes]  # (B, C, *spatial)
         return [()] + [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
 
@@ -260,8 +261,8 @@ class Predictor:
         return float((self.info.get("qc") or {}).get("temperature") or 1.0)
 
     def _assess(self, volume: Volume, labels: Volume, acc: QcAccumulator) -> dict:
-        from medseg.qc.assess import assess
         from medseg.plan.statistics import image_percentiles, label_stats
+        from medseg.qc.assess import assess
 
         fg = sorted(k for k in self.labels if k)
         # components and border contact on the network's grid when it is coarser than the input's (the input-grid
@@ -280,10 +281,10 @@ class Predictor:
         return np.uint8 if max(self.labels) < 256 else np.uint16
 
     def _predict_slices(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
-                        stats: dict, acc: QcAccumulator | None, uncertainty: bool) -> tuple[np.ndarray, ...]:
+                        stats: dict, acc: QcAccumulator | None, uncertainty: bool) -> tuple[Any, ...]:
         """A 2D model over the axial (RAS z) slices of a 3D volume."""
         ras, affine = to_ras(volume.array, volume.affine)
-        labels = np.empty(ras.shape[1:], dtype=self._label_dtype())
+        labels: np.ndarray = np.empty(ras.shape[1:], dtype=self._label_dtype())
         probs = np.empty((len(self.labels), *ras.shape[1:]), np.float16) if probabilities else None
         entropy = np.empty(ras.shape[1:], np.uint8) if uncertainty else None
         for k in range(ras.shape[-1]):
@@ -319,11 +320,11 @@ class Predictor:
         return image.as_tensor(), model_affine, True
 
     def _predict_grid(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
-                      stats: dict, acc: QcAccumulator | None = None, uncertainty: bool = False) -> tuple[np.ndarray, ...]:
+                      stats: dict, acc: QcAccumulator | None = None, uncertainty: bool = False) -> tuple[Any, ...]:
         image, model_affine, normalised = self._model_grid(volume)
         shape = tuple(int(s) for s in image.shape[1:])
         stats["streamed"] = not normalised
-        layout = WindowLayout(shape, tuple(self.cfg.data.patch_size), self.overlap)
+        layout = WindowLayout(shape, tuple(planned(self.cfg.data.patch_size, "data.patch_size")), self.overlap)
         network = self._network(normalised, with_units=acc is not None and bool(acc.groups))
 
         def attempt(target: torch.device):
@@ -345,7 +346,7 @@ class Predictor:
         shape = layout.shape
         k = len(self.labels)
         n_out = k + (acc.extra_channels if acc is not None else 0)
-        labels = np.empty(shape, dtype=self._label_dtype())
+        labels: np.ndarray = np.empty(shape, dtype=self._label_dtype())
         probs = np.empty((k, *shape), np.float16) if probabilities else None
         entropy = np.empty(shape, np.uint8) if uncertainty and acc is not None else None
         logits = self._blends_logits
@@ -394,11 +395,11 @@ class Predictor:
         groups = self._qc_groups() if with_units else {}
 
         def run(batch: torch.Tensor) -> torch.Tensor:
-            total = None
-            member_sums: list[torch.Tensor] = []
-            flip_sums: list[torch.Tensor | None] = [None] * len(flips)
+            total: Any = None
+            member_sums: list[Any] = []
+            flip_sums: list[Any] = [None] * len(flips)
             for member, normalize in zip(self.members, self._normalize):
-                member_sum = None
+                member_sum: Any = None
                 x = batch
                 if per_member:  # raw windows: this member's normalisation, padding (NaN) becomes 0
                     scaled = _apply(normalize, batch.transpose(0, 1)).transpose(0, 1)

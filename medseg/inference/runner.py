@@ -29,24 +29,43 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 from medseg import threads
 from medseg.errors import InputError, MedsegError, OutputError, describe, from_os_error, scrub_paths, unwrap
 from medseg.fsutil import (
-    DiskReserve, atomic_write, check_output_dir, remove_stale_partials, sha256_file, versions, write_json,
+    DiskReserve,
+    atomic_write,
+    check_output_dir,
+    remove_stale_partials,
+    sha256_file,
+    versions,
+    write_json,
 )
 from medseg.inference.discovery import CaseInput, discover, shard
-from medseg.inference.manifest import (  # noqa: F401 - CaseResult and read_manifests are part of this module's API
-    MANIFEST, CaseResult, case_from_record, manifest_name as _shard_manifest, read_manifest, read_manifests,
-)
 from medseg.inference.formats import OutputFormat, label_paths, parse_output_type
+from medseg.inference.manifest import (  # noqa: F401 - CaseResult and read_manifests are part of this module's API
+    MANIFEST,
+    CaseResult,
+    case_from_record,
+    read_manifest,
+    read_manifests,
+)
+from medseg.inference.manifest import (
+    manifest_name as _shard_manifest,
+)
 from medseg.inference.outputs import (
-    hashes, label_volumes_ml, producer_for, verify_output, write_preview, write_probabilities, write_uncertainty,
+    hashes,
+    label_volumes_ml,
+    producer_for,
+    verify_output,
+    write_preview,
+    write_probabilities,
+    write_uncertainty,
 )
 from medseg.inference.predictor import Prediction, Predictor
 from medseg.io.dicom_derived import PYDICOM_ROOT
@@ -94,7 +113,7 @@ class WriteOutcome:
         if self.status == "ok":
             result.outputs = self.outputs
             result.output, result.sha256 = Path(self.outputs["labels"]["file"]).name, self.outputs["labels"]["sha256"]
-            result.timings["write_s"] = self.write_s
+            result.timings["write_s"] = self.write_s or 0.0
         else:
             result.error_code, result.error = self.error_code, self.error
 
@@ -258,6 +277,46 @@ def _reserve_size(n_cases: int) -> int:
     return min(32 << 20, (256 << 10) + (8 << 10) * n_cases)
 
 
+def _sort_cases(cases: list[CaseInput], out_dir: Path, options: RunOptions, previous: dict[str, dict], rebuild: bool,
+                roots: Sequence[Path], prior: list[CaseResult] | None) -> tuple[list[CaseResult], list[tuple[CaseInput, CaseResult]]]:
+    """Every case's record (``prior`` first; cases refused before reading, complete ones of an earlier run kept or
+    rebuilt) and the cases left to predict, each with its record."""
+    results: list[CaseResult] = list(prior or [])
+    todo: list[tuple[CaseInput, CaseResult]] = []
+    for case in cases:
+        result = CaseResult(case.case_id, case.recorded or case.path.name, case.status,
+                            error_code=case.error_code, error=scrub_paths(case.error, roots) if case.error else None)
+        results.append(result)
+        if case.status != "pending":
+            continue
+        done = _rebuilt(case, out_dir, options) if rebuild else None
+        if done is not None or _complete(previous.get(case.case_id), out_dir):
+            results[-1] = done or CaseResult(**{**case_from_record(previous[case.case_id]).__dict__, "resumed": True})
+            continue
+        todo.append((case, result))
+    return results, todo
+
+
+def _start_case(predictor: Predictor, case: CaseInput, result: CaseResult, read: Future, out_dir: Path,
+                options: RunOptions, owned: bool, on_window, writer: ThreadPoolExecutor,
+                roots: Sequence[Path]) -> tuple[Future | None, MedsegError | None]:
+    """Predicts one case and hands its outputs to ``writer``: ``(the write, None)``. A failure is recorded in
+    ``result`` (per-case isolation) and gives ``(None, None)``, or ``(None, DISK_FULL error)``, which stops the run."""
+    start = time.perf_counter()
+    try:
+        volume, prediction, targets = _predict_case(predictor, case, result, read, out_dir, options, owned, on_window)
+        return writer.submit(_write_case, predictor, volume, prediction, targets, case.case_id, options, start), None
+    except Exception as exc:  # noqa: BLE001 - per-case isolation (MemoryError included): record and carry on
+        result.status, (result.error_code, result.error) = "failed", failure(exc, roots)
+        if result.error_code == "INTERNAL_ERROR":
+            log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
+        result.seconds = round(time.perf_counter() - start, 3)
+        log.error("case %s failed: %s", case.case_id, result.error)
+        if result.error_code == "DISK_FULL":
+            return None, OutputError(result.error_code, result.error.split(": ", 1)[-1])
+        return None, None
+
+
 def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, options: RunOptions,
               ignored: dict[str, int] | None = None, *, prior: list[CaseResult] | None = None,
               extra: dict | None = None, roots: Sequence[Path] = ()) -> list[CaseResult]:
@@ -282,19 +341,7 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
     roots = [*roots, out_dir]
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     previous, rebuild = _previous(out_dir, options)
-    results: list[CaseResult] = list(prior or [])
-    todo: list[tuple[CaseInput, CaseResult]] = []
-    for case in cases:
-        result = CaseResult(case.case_id, case.recorded or case.path.name, case.status,
-                            error_code=case.error_code, error=scrub_paths(case.error, roots) if case.error else None)
-        results.append(result)
-        if case.status != "pending":
-            continue
-        done = _rebuilt(case, out_dir, options) if rebuild else None
-        if done is not None or _complete(previous.get(case.case_id), out_dir):
-            results[-1] = done or CaseResult(**{**case_from_record(previous[case.case_id]).__dict__, "resumed": True})
-            continue
-        todo.append((case, result))
+    results, todo = _sort_cases(cases, out_dir, options, previous, rebuild, roots, prior)
     this_run = {c.case_id for c in cases}
     kept = [case_from_record(e) for cid, e in previous.items() if cid not in this_run]  # other cases of the run
     reserve = DiskReserve(out_dir, _reserve_size(len(results) + len(kept)))
@@ -331,22 +378,11 @@ def run_cases(predictor: Predictor, cases: list[CaseInput], out_dir: Path, optio
                     threads.refresh()  # take the current CPU share (other medseg processes start and end)
                     read = next_read
                     next_read = reader.submit(_load, todo[i + 1][0], options) if i + 1 < len(todo) else None
-                    start = time.perf_counter()
-                    try:
-                        volume, prediction, targets = _predict_case(
-                            predictor, case, result, read, out_dir, options, rebuild or case.case_id in previous,
-                            on_window)
-                        pending_writes.append((writer.submit(_write_case, predictor, volume, prediction, targets,
-                                                             case.case_id, options, start), result))
-                    except Exception as exc:  # noqa: BLE001 - per-case isolation (MemoryError included): record and carry on
-                        result.status, (result.error_code, result.error) = "failed", failure(exc, roots)
-                        if result.error_code == "INTERNAL_ERROR":
-                            log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
-                        if result.error_code == "DISK_FULL":
-                            stop = OutputError(result.error_code, result.error.split(": ", 1)[-1])
-                    if result.status == "failed":
-                        result.seconds = round(time.perf_counter() - start, 3)
-                        log.error("case %s failed: %s", case.case_id, result.error)
+                    assert read is not None  # submitted for every case in todo
+                    write, stop = _start_case(predictor, case, result, read, out_dir, options,
+                                              rebuild or case.case_id in previous, on_window, writer, roots)
+                    if write is not None:
+                        pending_writes.append((write, result))
                     merge_writes(wait=False)
                     if stop is None:
                         save_manifest()
@@ -437,8 +473,8 @@ def write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, res
         "n_failed": sum(r.status == "failed" for r in results),
         "n_skipped": sum(r.status == "skipped" for r in results),
         "n_pending": sum(r.status == "pending" for r in results),
-        "n_review": sum(bool(r.qc) and r.qc["verdict"] == "review" for r in results),
-        "n_delivery_failed": sum(bool(r.delivery) and r.delivery["status"] == "failed" for r in results),
+        "n_review": sum(r.qc is not None and r.qc["verdict"] == "review" for r in results),
+        "n_delivery_failed": sum(r.delivery is not None and r.delivery["status"] == "failed" for r in results),
         "ignored_files": ignored,
         **(extra or {}),
         "cases": [asdict(r) for r in results],

@@ -14,8 +14,8 @@ windows from the stored (e.g. int16) image and normalises each batch on the fly.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices

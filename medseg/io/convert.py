@@ -73,6 +73,38 @@ def _safe_target(root: Path, name: str) -> Path:
     return target
 
 
+def _convert_file(path: Path, out: Path, overwrite: bool, roots: list[Path]) -> Converted:
+    """One image file (NIfTI, NRRD, MetaImage, 2D) converted to ``out``; a refusal is the record's error."""
+    from medseg.io.readers import read_volume
+
+    result = Converted(path.name, "failed")
+    try:
+        if out.exists() and not overwrite:
+            raise OutputError("OUTPUT_EXISTS", f"{out.name} exists", "pass --overwrite to replace it")
+        volume = read_volume(path)
+        _write(volume, out)
+        result.status, result.output = "ok", str(out)
+        result.shape, result.spacing = volume.spatial_shape, tuple(round(s, 4) for s in volume.spacing)
+        result.notes.extend(volume.meta.get("notes", []))
+    except MedsegError as exc:
+        result.error_code, result.error = exc.code, exc.one_line(roots)
+    return result
+
+
+def _record_series(result: Converted, volume, target: Path) -> None:
+    """Marks a written series ok with its shape, spacing, slice geometry and notes (a resampled tilt, slice
+    positions that were uneven but within tolerance)."""
+    result.status, result.output = "ok", str(target)
+    result.shape, result.spacing = volume.spatial_shape, tuple(round(s, 4) for s in volume.spacing)
+    if "gantry_tilt_degrees" in volume.meta:
+        result.notes.append(f"gantry tilt {volume.meta['gantry_tilt_degrees']} degrees resampled")
+    result.slice_geometry = volume.meta.get("slice_geometry")
+    g = result.slice_geometry
+    if g and "gantry_tilt_degrees" not in volume.meta and (g["inplane_drift_px"] >= 0.01 or g["step_spread_pct"] >= 0.1):
+        result.notes.append(f"slice positions within tolerance: in-plane drift {g['inplane_drift_mm']} mm "
+                            f"({g['inplane_drift_px']} pixel), step spread {g['step_spread_pct']} %")
+
+
 def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, allow_tilt: bool = False,
             tolerances: DicomTolerances = DEFAULT_TOLERANCES) -> ConvertReport:
     """Converts a DICOM folder/file or any supported image file.
@@ -92,7 +124,6 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
         InputError: ``PATH_NOT_FOUND``; ``DICOM_NO_SERIES`` when a DICOM folder holds no image series.
     """
     from medseg.io.dicom import load_series, scan_dicom
-    from medseg.io.readers import read_volume
 
     inputs, out = Path(inputs), Path(out)
     require_exists(inputs, "input")
@@ -105,18 +136,7 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
     if not (inputs.is_dir() or is_dicom_file(inputs)):
         if layout is None:
             raise OutputError("OUTPUT_NAME_INVALID", f"-o must name a .nii.gz, .nii, .nrrd or .mha file, not {out.name}")
-        result = Converted(inputs.name, "failed")
-        try:
-            if out.exists() and not overwrite:
-                raise OutputError("OUTPUT_EXISTS", f"{out.name} exists", "pass --overwrite to replace it")
-            volume = read_volume(inputs)
-            _write(volume, out)
-            result.status, result.output = "ok", str(out)
-            result.shape, result.spacing = volume.spatial_shape, tuple(round(s, 4) for s in volume.spacing)
-            result.notes.extend(volume.meta.get("notes", []))
-        except MedsegError as exc:
-            result.error_code, result.error = exc.code, exc.one_line(roots)
-        return ConvertReport([result], {})
+        return ConvertReport([_convert_file(inputs, out, overwrite, roots)], {})
 
     scan = scan_dicom(inputs)
     if not scan.series:
@@ -136,17 +156,7 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
                 raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it")
             volume = load_series(series, tolerances=tolerances, allow_tilt=allow_tilt)
             _write(volume, target)
-            result.status, result.output = "ok", str(target)
-            result.shape, result.spacing = volume.spatial_shape, tuple(round(s, 4) for s in volume.spacing)
-            if "gantry_tilt_degrees" in volume.meta:
-                result.notes.append(f"gantry tilt {volume.meta['gantry_tilt_degrees']} degrees resampled")
-            result.slice_geometry = volume.meta.get("slice_geometry")
-            if result.slice_geometry and "gantry_tilt_degrees" not in volume.meta and (
-                result.slice_geometry["inplane_drift_px"] >= 0.01 or result.slice_geometry["step_spread_pct"] >= 0.1
-            ):
-                g = result.slice_geometry
-                result.notes.append(f"slice positions within tolerance: in-plane drift {g['inplane_drift_mm']} mm "
-                                    f"({g['inplane_drift_px']} pixel), step spread {g['step_spread_pct']} %")
+            _record_series(result, volume, target)
         except MedsegError as exc:
             if exc.code == "DISK_FULL":  # every further series would fail too; the outputs so far are complete
                 raise

@@ -32,8 +32,7 @@ from pathlib import Path
 
 from medseg.errors import DatasetError, describe, require_exists
 from medseg.io.readers import case_id as file_case_id
-from medseg.io.readers import duplicate_id
-from medseg.io.readers import is_supported
+from medseg.io.readers import duplicate_id, is_supported
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -256,7 +255,9 @@ def _load_csv(path: Path) -> Dataset:
         raise DatasetError("DATASET_JSON_INVALID", f"{path.name}: cannot read the CSV manifest ({describe(exc, path)})") from None
     if not rows or not {"case_id", "image"} <= set(rows[0]):
         raise DatasetError("DATASET_JSON_INVALID", f"{path}: needs columns case_id,image[,label,split]")
-    training, test, seen = [], [], set()
+    training: list = []
+    test: list = []
+    seen: set[str] = set()
     problems: list[tuple[str, str, str]] = []
     for row in rows:
         cid = (row.get("case_id") or "").strip()

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.threads import io_threads
 from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, LPS_TO_RAS, DicomTolerances, stack_geometry, untilt
 from medseg.io.dicom_headers import DicomFile, DicomScan, DicomSeries, check_rescale, floats, number, read_header, scan_dicom
 from medseg.io.dicom_pixels import check_decodable, native_dtype, read_frame_into, read_pixels, rescale_dtype
 from medseg.io.volume import MAX_VOLUME_BYTES, Volume
+from medseg.threads import io_threads
 
 __all__ = ["DicomScan", "DicomSeries", "LPS_TO_RAS", "load_series", "read_dicom", "read_dicom_image", "scan_dicom"]
 
@@ -60,7 +60,7 @@ def load_series(
     if first.pixel_spacing is None:
         raise InputError("DICOM_NO_GEOMETRY", f"{what}: PixelSpacing is missing", "never assumed to be 1 mm")
     geometry = stack_geometry(
-        np.stack([f.position for f in files]), np.stack([f.orientation for f in files]), first.pixel_spacing,
+        np.stack([f.position for f in files]), np.stack([f.orientation for f in files]), first.pixel_spacing,  # type: ignore[misc]  # scan_dicom set aside files without geometry
         what=what, tolerances=tolerances, allow_tilt=allow_tilt, instance_numbers=[f.instance_number for f in files],
     )
     n = len(files)
@@ -120,8 +120,8 @@ def _read_stack(ordered: list[DicomFile], workers: int | None) -> tuple[np.ndarr
             out[k] += dtype.type(intercepts[k])
     else:
         out = np.empty(buffer.shape, dtype=dtype)
-        for k in range(n):
-            np.multiply(buffer[k], slopes[k], out=out[k], casting="unsafe")
+        for i in range(n):
+            np.multiply(buffer[i], slopes[i], out=out[i], casting="unsafe")
             out[k] += dtype.type(intercepts[k])
     # (Z, rows, columns[, samples]) -> (C, X=column, Y=row, Z): a view, no copy
     array = out[..., None] if not sample else out

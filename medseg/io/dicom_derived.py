@@ -43,7 +43,7 @@ class LabelCode:
     rt_type: str = ""
 
     @classmethod
-    def default(cls, name: str) -> "LabelCode":
+    def default(cls, name: str) -> LabelCode:
         """Without configuration (config ``labels.<name>``): a lesion-like name (tumour, lesion, metastasis,
         nodule, cancer, cyst ...) is a Morphologically Abnormal Structure / Lesion, anything else an Anatomical
         Structure / Tissue; the RT type stays empty (type 2).

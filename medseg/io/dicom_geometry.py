@@ -26,6 +26,7 @@ returned (:class:`StackGeometry`) and recorded in the volume's metadata (``slice
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,12 +54,13 @@ class DicomTolerances:
             raise ValueError(f"invalid DICOM tolerances: {self}")
 
     @classmethod
-    def from_mapping(cls, values: dict) -> "DicomTolerances":
+    def from_mapping(cls, values: dict) -> DicomTolerances:
         """From a mapping of field names (a config section); unknown names and bad values raise ``ValueError``."""
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown DICOM tolerance(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**{k: (int(v) if k == "min_slices" else float(v)) for k, v in values.items()})
+        typed: dict[str, Any] = {k: (int(v) if k == "min_slices" else float(v)) for k, v in values.items()}
+        return cls(**typed)
 
 
 DEFAULT_TOLERANCES = DicomTolerances()
@@ -81,6 +83,57 @@ class StackGeometry:
         return {"inplane_drift_mm": round(self.drift_mm, 4), "inplane_drift_px": round(self.drift_px, 4),
                 "step_spread_pct": round(100 * self.step_spread, 3), "median_step_mm": round(self.median_step_mm, 4),
                 "gantry_tilt_degrees": round(self.tilt_degrees, 3)}
+
+
+def _plane(orientations: np.ndarray, what: str, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """The unit row and column directions shared by every slice.
+
+    Raises:
+        InputError: ``DICOM_ORIENTATION_INCONSISTENT``, ``DICOM_ORIENTATION_INVALID``.
+    """
+    deviation = float(np.abs(orientations - orientations[0]).max())
+    if deviation > tolerance:
+        raise InputError(
+            "DICOM_ORIENTATION_INCONSISTENT",
+            f"{what}: slice orientations differ by up to {deviation:.4f} (tolerance {tolerance})",
+            "the series mixes image planes; export each plane as its own series",
+        )
+    row, col = orientations[0, :3], orientations[0, 3:]
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    if abs(float(row @ col)) > 1e-3:
+        raise InputError("DICOM_ORIENTATION_INVALID", f"{what}: row and column directions are not orthogonal")
+    return row, col
+
+
+def _even_steps(distance: np.ndarray, numbers: list, what: str, t: DicomTolerances) -> tuple[np.ndarray, float]:
+    """The steps between sorted slice positions and their median, checked for repeats and gaps.
+
+    Raises:
+        InputError: ``DICOM_DUPLICATE_POSITION``, ``DICOM_SLICE_GAP``.
+    """
+    steps = np.diff(distance)
+    if (steps < 1e-3).any():
+        k = int(np.argmax(steps < 1e-3))
+        dup = int((steps < 1e-3).sum())
+        raise InputError(
+            "DICOM_DUPLICATE_POSITION",
+            f"{what}: {dup} slice(s) repeat a position (first at sorted slices {k}/{k + 1}, "
+            f"instance numbers {numbers[k]}/{numbers[k + 1]}, {distance[k]:.2f} mm along the normal)",
+            "the series may hold several echoes, phases or repeats; split it before conversion",
+        )
+    median = float(np.median(steps))
+    allowed = max(t.step_relative * median, min(t.step_floor_mm, 0.5 * median))
+    bad = np.flatnonzero(np.abs(steps - median) > allowed)
+    if bad.size:
+        k = int(bad[0])
+        raise InputError(
+            "DICOM_SLICE_GAP",
+            f"{what}: uneven slice spacing: step between sorted slices {k} and {k + 1} (instance numbers "
+            f"{numbers[k]} and {numbers[k + 1]}) is {steps[k]:.3f} mm, the median step is {median:.3f} mm "
+            f"({bad.size} uneven step(s) in total)",
+            "a slice is probably missing; re-export the complete series",
+        )
+    return steps, median
 
 
 def stack_geometry(
@@ -110,23 +163,12 @@ def stack_geometry(
     """
     n = len(positions)
     t = tolerances
-    min_slices, orientation_tolerance = t.min_slices, t.orientation
-    if n < min_slices:
+    if n < t.min_slices:
         raise InputError(
-            "DICOM_TOO_FEW_SLICES", f"{what} has {n} slice(s); at least {min_slices} are needed for a volume",
+            "DICOM_TOO_FEW_SLICES", f"{what} has {n} slice(s); at least {t.min_slices} are needed for a volume",
             "localizers and single images are not segmented as volumes",
         )
-    deviation = float(np.abs(orientations - orientations[0]).max())
-    if deviation > orientation_tolerance:
-        raise InputError(
-            "DICOM_ORIENTATION_INCONSISTENT",
-            f"{what}: slice orientations differ by up to {deviation:.4f} (tolerance {orientation_tolerance})",
-            "the series mixes image planes; export each plane as its own series",
-        )
-    row, col = orientations[0, :3], orientations[0, 3:]
-    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
-    if abs(float(row @ col)) > 1e-3:
-        raise InputError("DICOM_ORIENTATION_INVALID", f"{what}: row and column directions are not orthogonal")
+    row, col = _plane(orientations, what, t.orientation)
     normal = np.cross(row, col)
     distance = positions @ normal
     order = np.argsort(distance, kind="stable")
@@ -136,29 +178,8 @@ def stack_geometry(
         raise InputError(
             "DICOM_NOT_A_VOLUME", f"{what}: all {n} slices lie at one position", "this is a time series or repeats"
         )
-    steps = np.diff(distance)
     numbers = [instance_numbers[i] for i in order] if instance_numbers else [None] * n
-    if (steps < 1e-3).any():
-        k = int(np.argmax(steps < 1e-3))
-        dup = int((steps < 1e-3).sum())
-        raise InputError(
-            "DICOM_DUPLICATE_POSITION",
-            f"{what}: {dup} slice(s) repeat a position (first at sorted slices {k}/{k + 1}, "
-            f"instance numbers {numbers[k]}/{numbers[k + 1]}, {distance[k]:.2f} mm along the normal)",
-            "the series may hold several echoes, phases or repeats; split it before conversion",
-        )
-    median = float(np.median(steps))
-    allowed = max(t.step_relative * median, min(t.step_floor_mm, 0.5 * median))
-    bad = np.flatnonzero(np.abs(steps - median) > allowed)
-    if bad.size:
-        k = int(bad[0])
-        raise InputError(
-            "DICOM_SLICE_GAP",
-            f"{what}: uneven slice spacing: step between sorted slices {k} and {k + 1} (instance numbers "
-            f"{numbers[k]} and {numbers[k + 1]}) is {steps[k]:.3f} mm, the median step is {median:.3f} mm "
-            f"({bad.size} uneven step(s) in total)",
-            "a slice is probably missing; re-export the complete series",
-        )
+    steps, median = _even_steps(distance, numbers, what, t)
     spacing = extent / (n - 1)
     in_plane = positions - positions[0] - np.outer(distance - distance[0], normal)  # (N, 3) perpendicular offsets
     offset = float(np.linalg.norm(in_plane, axis=1).max())

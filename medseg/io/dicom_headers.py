@@ -222,7 +222,7 @@ def number(value: Any, default: float) -> float:
         return float("nan")
 
 
-def check_rescale(f: "DicomFile") -> None:
+def check_rescale(f: DicomFile) -> None:
     """Refuses a slice whose stored values cannot be turned into real ones.
 
     Raises:
@@ -234,7 +234,7 @@ def check_rescale(f: "DicomFile") -> None:
                          "the header is damaged; re-export the series")
 
 
-def _dicom_file(path: Path, ds: Any) -> "DicomFile":
+def _dicom_file(path: Path, ds: Any) -> DicomFile:
     """The header facts of a parsed dataset (see :func:`read_header`)."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if not ts:
@@ -332,7 +332,7 @@ def scan_paths(root: Path, paths: list[Path], workers: int | None = None) -> Dic
             scan.skipped.append(Skipped(item.path, "DICOM_NO_GEOMETRY",
                                         "single-frame image without ImagePositionPatient/Orientation", item.series_uid))
         else:
-            key = (item.series_uid, _orientation_key(item), item.rows, item.columns, item.samples, item.frames > 1)
+            key: tuple = (item.series_uid, _orientation_key(item), item.rows, item.columns, item.samples, item.frames > 1)
             if item.frames > 1:
                 key = key + (str(item.path),)  # each multi-frame object is its own volume
             groups.setdefault(key, []).append(item)

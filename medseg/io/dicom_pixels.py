@@ -59,7 +59,7 @@ def _read_native_into(f: DicomFile, out: np.ndarray) -> None:
     expected = f.expected_bytes
     with open(f.path, "rb") as fh:
         fh.seek(int(f.pixel_offset))  # type: ignore[arg-type]
-        got = fh.readinto(memoryview(out.reshape(-1)).cast("B"))
+        got = fh.readinto(out.reshape(-1).data.cast("B"))
     if got < expected or (f.pixel_length or 0) < expected:
         raise InputError(
             "DICOM_TRUNCATED", f"{f.label}: pixel data has {min(got, f.pixel_length or 0)} bytes, expected {expected}",

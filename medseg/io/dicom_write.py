@@ -7,6 +7,7 @@ passes (tests plant canary identifiers there on purpose).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,37 @@ def _ds(value: float) -> str:
     from pydicom.valuerep import format_number_as_ds
 
     return format_number_as_ds(float(value))
+
+
+def _series_header(modality: str, patient_name: str, patient_id: str, series_number: int, unit: np.ndarray,
+                   spacing: np.ndarray, shape: tuple, intercept: float, slope: float):
+    """The attributes every slice of a written series shares (patient, study, equipment, plane, pixel format)."""
+    import pydicom
+
+    ds = pydicom.Dataset()
+    ds.PatientName, ds.PatientID = patient_name, patient_id
+    ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
+    ds.Modality, ds.Manufacturer = modality, "medseg synthetic"
+    ds.SeriesNumber = series_number
+    ds.PositionReferenceIndicator = ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImageOrientationPatient = [_ds(v) for v in (*unit[:, 0], *unit[:, 1])]
+    ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
+    ds.SliceThickness = _ds(spacing[2])
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = shape[1], shape[0]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = _ds(intercept), _ds(slope)
+    if modality == "CT":
+        ds.RescaleType, ds.KVP = "HU", "120"
+    else:
+        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "3D"
+        ds.EchoTime, ds.RepetitionTime, ds.EchoTrainLength = "10", "500", "1"
+    ds.AcquisitionNumber = 1
+    return ds
 
 
 def write_dicom_series(
@@ -49,9 +81,8 @@ def write_dicom_series(
     Raises:
         InputError: ``SHAPE_INVALID`` for non-3D or multi-channel volumes; ``AFFINE_INVALID`` for sheared affines.
     """
-    import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     if volume.array.ndim != 4 or volume.array.shape[0] != 1:
         raise InputError("SHAPE_INVALID", f"expected a (1, X, Y, Z) volume, found {volume.array.shape}")
@@ -71,39 +102,21 @@ def write_dicom_series(
     if stored.min() < -32768 or stored.max() > 32767:
         raise InputError("VALUE_RANGE", "values do not fit int16 after rescaling")
     stored = stored.astype(np.int16)
+    header = _series_header(modality, patient_name, patient_id, series_number, unit, spacing, stored.shape,
+                            rescale_intercept, rescale_slope)
+    header.SOPClassUID = sop_class
+    header.StudyInstanceUID, header.SeriesInstanceUID, header.FrameOfReferenceUID = study_uid, series_uid, frame_uid
     paths = []
     for k in range(stored.shape[2]):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPClassUID = UID(sop_class)
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
+        ds = copy.deepcopy(header)
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-        ds.PatientName, ds.PatientID = patient_name, patient_id
-        ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
-        ds.Modality, ds.Manufacturer = modality, "medseg synthetic"
-        ds.SeriesNumber, ds.InstanceNumber = series_number, k + 1
-        ds.PositionReferenceIndicator = ""
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImageOrientationPatient = [_ds(v) for v in (*unit[:, 0], *unit[:, 1])]
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [_ds(v) for v in (lps[:3, 3] + k * axes[:, 2])]
-        ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
-        ds.SliceThickness = _ds(spacing[2])
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = stored.shape[1], stored.shape[0]
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = _ds(rescale_intercept), _ds(rescale_slope)
-        if modality == "CT":
-            ds.RescaleType, ds.KVP = "HU", "120"
-        else:
-            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "3D"
-            ds.EchoTime, ds.RepetitionTime, ds.EchoTrainLength = "10", "500", "1"
-        ds.AcquisitionNumber = 1
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # rows = Y, columns = X
         path = folder / file_names.format(k)
         ds.save_as(path, enforce_file_format=True)

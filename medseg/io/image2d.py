@@ -38,9 +38,10 @@ def read_image2d(path: str | Path) -> Volume:
             width, height = img.size
             nbytes = width * height * max(len(img.getbands()), 1) * (2 if img.mode.startswith("I;16") else 4 if img.mode in ("I", "F") else 1)
             check_allocation(nbytes, f"{path.name} ({width}x{height} pixels)", MAX_VOLUME_BYTES)
+            decoded: Image.Image = img
             if img.mode in ("RGBA", "P", "CMYK", "LA"):
-                img = img.convert("RGB" if img.mode != "LA" else "L")
-            data = np.asarray(img)
+                decoded = img.convert("RGB" if img.mode != "LA" else "L")
+            data = np.asarray(decoded)
     except Image.DecompressionBombError as exc:
         raise InputError("IMAGE_TOO_LARGE", f"{path.name}: {describe(exc, path)}", "refused before decoding") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:

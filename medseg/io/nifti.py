@@ -10,6 +10,7 @@ import gzip
 import logging
 import zlib
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -75,7 +76,7 @@ def _read_gz_voxels(path: Path, img) -> np.ndarray:
         if len(fh.read(int(proxy.offset))) != int(proxy.offset):
             raise EOFError("file ends inside the header")
         raw = np.empty(int(np.prod(shape)), dtype=proxy.dtype)
-        if fh.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+        if fh.readinto(raw.data.cast("B")) != raw.nbytes:
             raise EOFError(f"voxel data ends early (expected {raw.nbytes} bytes)")
         while fh.read(1 << 20):  # trailing bytes (rare): read on so that the CRC is verified
             pass
@@ -105,7 +106,7 @@ def read_nifti(path: str | Path, max_bytes: int = MAX_VOLUME_BYTES) -> Volume:
     """
     path = require_file(path, "NIfTI file")
     try:
-        img = nib.load(str(path))  # header only; voxels are read below
+        img: Any = nib.load(str(path))  # a Nifti1/2Image (header only; voxels are read below)
         header = img.header
         shape = tuple(int(s) for s in img.shape)
         dtype = img.get_data_dtype()
@@ -153,7 +154,7 @@ def read_nifti(path: str | Path, max_bytes: int = MAX_VOLUME_BYTES) -> Volume:
             log.warning("%s: qform and sform disagree; using the sform", path.name)
     # no copy into C order: the (X, Y, Z) array stays in the file's (Fortran) order and is viewed channel-first
     data = data[None] if data.ndim in (2, 3) else np.moveaxis(data, -1, 0)
-    meta = {"source_format": "nifti", "nifti_transform": used, "source_dtype": str(img.get_data_dtype())}
+    meta: dict[str, Any] = {"source_format": "nifti", "nifti_transform": used, "source_dtype": str(img.get_data_dtype())}
     if disagree:
         meta["qform_sform_disagree"] = True
         meta["notes"] = ["the NIfTI qform and sform disagree; the sform was used"]
@@ -167,7 +168,7 @@ def _write_fortran(fh, data: np.ndarray, chunk: int = 16) -> None:
     import torch
 
     if data.T.flags.c_contiguous:
-        fh.write(memoryview(data.T.reshape(-1)).cast("B"))
+        fh.write(data.T.reshape(-1).data.cast("B"))
         return
     for k in range(0, data.shape[-1], chunk):
         part = np.ascontiguousarray(data[..., k : k + chunk])
@@ -175,7 +176,7 @@ def _write_fortran(fh, data: np.ndarray, chunk: int = 16) -> None:
             block = torch.from_numpy(part).permute(*range(part.ndim - 1, -1, -1)).contiguous().numpy()
         else:
             block = np.ascontiguousarray(part.T)
-        fh.write(memoryview(block.reshape(-1)).cast("B"))
+        fh.write(block.reshape(-1).data.cast("B"))
 
 
 def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None = None, slope: float = 1.0) -> Path:
@@ -192,6 +193,15 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None 
 
     Returns:
         The written path.
+
+    Examples:
+        >>> import tempfile, numpy as np
+        >>> from medseg.io.volume import Volume
+        >>> affine = np.diag([0.8, 0.8, 3.0, 1.0])
+        >>> path = write_nifti(Volume(np.zeros((1, 4, 5, 6), np.int16), affine), tempfile.mkdtemp() + "/ct.nii.gz")
+        >>> back = read_nifti(path)
+        >>> back.spatial_shape, back.array.dtype.name, bool(np.allclose(back.affine, affine))
+        ((4, 5, 6), 'int16', True)
     """
     path = Path(path)
     if not is_nifti(path):

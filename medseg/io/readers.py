@@ -38,7 +38,7 @@ def case_id(path: str | Path) -> str:
     return name
 
 
-def unique_ids(paths: "list[Path]", what: str) -> dict[str, Path]:
+def unique_ids(paths: list[Path], what: str) -> dict[str, Path]:
     """``{case ID: path}`` for ``paths`` (sorted by path).
 
     Raises:
@@ -109,7 +109,7 @@ def files_by_id(folder: Path) -> dict[str, Path]:
     return unique_ids(image_entries(folder), f"folder {folder.name}")
 
 
-def read_channels(paths: "list[Path] | tuple[Path, ...] | list[str]", **dicom_options: Any) -> Volume:
+def read_channels(paths: list[Path] | tuple[Path, ...] | list[str], **dicom_options: Any) -> Volume:
     """Reads one image per channel (nnU-Net ``_0000``, ``_0001`` ... files) and stacks them.
 
     Raises:
@@ -122,7 +122,7 @@ def read_channels(paths: "list[Path] | tuple[Path, ...] | list[str]", **dicom_op
     for path, volume in zip(paths[1:], volumes[1:]):
         if not first.same_grid(volume, atol_mm=1e-3):
             raise InputError(
-                "CHANNELS_GRID_MISMATCH", f"{Path(path).name} does not share the grid of {Path(paths[0]).name}",
+                "CHANNELS_GRID_MISMATCH", f"{Path(str(path)).name} does not share the grid of {Path(str(paths[0])).name}",
                 "all channels of a case must have the same shape, spacing, origin and direction",
             )
     if len(volumes) == 1:

@@ -24,7 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from medseg.io.dicom_derived import (
-    SERIES_NUMBER_OFFSET, Producer, contributing_equipment, copy_patient_study, label_colour,
+    SERIES_NUMBER_OFFSET,
+    Producer,
+    contributing_equipment,
+    copy_patient_study,
+    label_colour,
 )
 from medseg.io.dicom_seg import foreground_values, source_datasets
 from medseg.io.volume import Volume
@@ -72,6 +76,68 @@ def _patient_points(contour: np.ndarray, header) -> np.ndarray:
     return origin + np.outer(contour[:, 1] * column_spacing, along_row) + np.outer(contour[:, 0] * row_spacing, along_column)
 
 
+def _image_ref(header):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.ReferencedSOPClassUID = header.SOPClassUID
+    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    return item
+
+
+def _referenced_frame(first, sources: list):
+    """The Referenced Frame of Reference item: the source series and each of its images, in its study."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = first.SeriesInstanceUID
+    series_ref.ContourImageSequence = Sequence([_image_ref(h) for h in sources])
+    study_ref = Dataset()
+    study_ref.ReferencedSOPClassUID = STUDY_COMPONENT_SOP_CLASS
+    study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    study_ref.RTReferencedSeriesSequence = Sequence([series_ref])
+    for_ref = Dataset()
+    for_ref.FrameOfReferenceUID = str(first.FrameOfReferenceUID)
+    for_ref.RTReferencedStudySequence = Sequence([study_ref])
+    return for_ref
+
+
+def _roi(number: int, value: int, name: str, data: np.ndarray, sources: list, producer: Producer) -> tuple:
+    """One label's Structure Set ROI, ROI Contour (closed planar contours per source slice) and RT ROI Observation."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    roi = Dataset()
+    roi.ROINumber = number
+    roi.ReferencedFrameOfReferenceUID = str(sources[0].FrameOfReferenceUID)
+    roi.ROIName = name[:64]
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    roi.ROIGenerationDescription = producer.description
+    contour_items: list = []
+    for k, header in enumerate(sources):
+        for contour in slice_contours(data[:, :, k].T == value):  # (rows, columns)
+            item = Dataset()
+            item.ContourImageSequence = Sequence([_image_ref(header)])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(contour)
+            item.ContourNumber = len(contour_items) + 1
+            item.ContourData = [ds_text(v) for v in _patient_points(contour, header).ravel()]
+            contour_items.append(item)
+    roi_contour = Dataset()
+    roi_contour.ROIDisplayColor = list(label_colour(value))
+    roi_contour.ReferencedROINumber = number
+    if contour_items:
+        roi_contour.ContourSequence = Sequence(contour_items)
+    observation = Dataset()
+    observation.ObservationNumber = number
+    observation.ReferencedROINumber = number
+    observation.ROIObservationLabel = roi.ROIName
+    observation.RTROIInterpretedType = producer.code(name).rt_type
+    observation.ROIInterpreter = ""
+    return roi, roi_contour, observation
+
+
 def build_rtstruct(labels: Volume, source: Volume, label_names: dict[int, str], producer: Producer | None = None):
     """The RTSTRUCT dataset of ``labels`` (``(1, X, Y, Z)`` on ``source``'s grid; see :func:`write_rtstruct`)."""
     import pydicom
@@ -110,62 +176,13 @@ def build_rtstruct(labels: Volume, source: Volume, label_names: dict[int, str], 
     ds.StructureSetName = producer.model[:64]
     ds.StructureSetDescription = producer.description
     ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
-    frame_of_reference = str(first.FrameOfReferenceUID)
-
-    def image_ref(header) -> Dataset:
-        item = Dataset()
-        item.ReferencedSOPClassUID = header.SOPClassUID
-        item.ReferencedSOPInstanceUID = header.SOPInstanceUID
-        return item
-
-    series_ref = Dataset()
-    series_ref.SeriesInstanceUID = first.SeriesInstanceUID
-    series_ref.ContourImageSequence = Sequence([image_ref(h) for h in sources])
-    study_ref = Dataset()
-    study_ref.ReferencedSOPClassUID = STUDY_COMPONENT_SOP_CLASS
-    study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
-    study_ref.RTReferencedSeriesSequence = Sequence([series_ref])
-    for_ref = Dataset()
-    for_ref.FrameOfReferenceUID = frame_of_reference
-    for_ref.RTReferencedStudySequence = Sequence([study_ref])
-    ds.ReferencedFrameOfReferenceSequence = Sequence([for_ref])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([_referenced_frame(first, sources)])
     # Structure Set ROI, ROI Contour and RT ROI Observations: one ROI per label
-    data = labels.array[0]
-    rois, roi_contours, observations = [], [], []
-    for number, value in enumerate(values, start=1):
-        roi = Dataset()
-        roi.ROINumber = number
-        roi.ReferencedFrameOfReferenceUID = frame_of_reference
-        roi.ROIName = str(label_names[value])[:64]
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
-        roi.ROIGenerationDescription = producer.description
-        rois.append(roi)
-        contour_items = []
-        for k, header in enumerate(sources):
-            for contour in slice_contours(data[:, :, k].T == value):  # (rows, columns)
-                item = Dataset()
-                item.ContourImageSequence = Sequence([image_ref(header)])
-                item.ContourGeometricType = "CLOSED_PLANAR"
-                item.NumberOfContourPoints = len(contour)
-                item.ContourNumber = len(contour_items) + 1
-                item.ContourData = [ds_text(v) for v in _patient_points(contour, header).ravel()]
-                contour_items.append(item)
-        roi_contour = Dataset()
-        roi_contour.ROIDisplayColor = list(label_colour(value))
-        roi_contour.ReferencedROINumber = number
-        if contour_items:
-            roi_contour.ContourSequence = Sequence(contour_items)
-        roi_contours.append(roi_contour)
-        observation = Dataset()
-        observation.ObservationNumber = number
-        observation.ReferencedROINumber = number
-        observation.ROIObservationLabel = roi.ROIName
-        observation.RTROIInterpretedType = producer.code(str(label_names[value])).rt_type
-        observation.ROIInterpreter = ""
-        observations.append(observation)
-    ds.StructureSetROISequence = Sequence(rois)
-    ds.ROIContourSequence = Sequence(roi_contours)
-    ds.RTROIObservationsSequence = Sequence(observations)
+    parts = [_roi(number, value, str(label_names[value]), labels.array[0], sources, producer)
+             for number, value in enumerate(values, start=1)]
+    ds.StructureSetROISequence = Sequence([roi for roi, _, _ in parts])
+    ds.ROIContourSequence = Sequence([contour for _, contour, _ in parts])
+    ds.RTROIObservationsSequence = Sequence([observation for _, _, observation in parts])
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -13,7 +13,13 @@ import numpy as np
 
 from medseg.errors import InputError, describe, require_file
 from medseg.io.volume import (
-    LPS_TO_RAS, MAX_VOLUME_BYTES, Volume, check_allocation, check_announced_size, check_voxel_dtype, is_orthogonal,
+    LPS_TO_RAS,
+    MAX_VOLUME_BYTES,
+    Volume,
+    check_allocation,
+    check_announced_size,
+    check_voxel_dtype,
+    is_orthogonal,
 )
 
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")

@@ -9,7 +9,6 @@ import numpy as np
 
 from medseg.errors import InputError
 
-
 # The largest voxel buffer any reader allocates for one image (decompression bombs, corrupt headers): NIfTI,
 # DICOM, ITK formats and 2D pictures all refuse, before allocating, an image that would need more.
 MAX_VOLUME_BYTES = 16 * 1024**3
@@ -146,7 +145,7 @@ class Volume:
             return self.voxel_volume_ml
         return float(abs(np.linalg.det(self.affine[:2, :2]))) / 100.0
 
-    def with_array(self, array: np.ndarray, **meta: Any) -> "Volume":
+    def with_array(self, array: np.ndarray, **meta: Any) -> Volume:
         """Returns a new volume on the same grid with different voxel data (e.g. a label map)."""
         if tuple(array.shape[1:]) != self.spatial_shape:
             raise InputError(
@@ -154,6 +153,6 @@ class Volume:
             )
         return Volume(array, self.affine.copy(), {**self.meta, **meta})
 
-    def same_grid(self, other: "Volume", atol_mm: float = 1e-4) -> bool:
+    def same_grid(self, other: Volume, atol_mm: float = 1e-4) -> bool:
         """True when both volumes have the same spatial shape and affine (within ``atol_mm``)."""
         return self.spatial_shape == other.spatial_shape and bool(np.allclose(self.affine, other.affine, atol=atol_mm))

@@ -9,8 +9,8 @@ the end of this file (see :mod:`medseg.metrics.relative_volume`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)

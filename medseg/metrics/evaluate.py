@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 import numpy as np
 
@@ -193,7 +194,7 @@ def evaluate_folders(
     context: dict | None = None,
     window: tuple[float, float] | None = None,
     cases: list[str] | None = None,
-    allowed: "Collection[int] | None" = None,
+    allowed: Collection[int] | None = None,
     qc: dict[str, dict] | None = None,
 ) -> dict:
     """Evaluates every reference case (or the listed ones) against its prediction and writes ``metrics.csv``,

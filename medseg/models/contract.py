@@ -4,10 +4,9 @@ training weighs them all."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-
 
 
 def final_output(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -18,7 +17,7 @@ def final_output(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         >>> final_output([torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 8, 8)]).shape
         torch.Size([1, 2, 8, 8])
     """
-    return output[-1] if isinstance(output, (list, tuple)) else output
+    return output[-1] if isinstance(output, (list, tuple)) else output  # type: ignore[return-value]  # a tensor either way
 
 
 def deep_supervision_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -33,7 +32,10 @@ def deep_supervision_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.
         >>> float(deep_supervision_loss(lambda o, y: o.sum(), outputs, None, decay=0.5))  # (0.5 * 2 + 1) / 1.5
         1.3333333730697632
     """
-    if not isinstance(output, (list, tuple)):
+    if isinstance(output, torch.Tensor):
         return loss_fn(output, label)
     weights = [decay ** (len(output) - 1 - i) for i in range(len(output))]
-    return sum(w * loss_fn(o, label) for w, o in zip(weights, output)) / sum(weights)
+    total = weights[0] * loss_fn(output[0], label)
+    for w, o in zip(weights[1:], output[1:]):
+        total = total + w * loss_fn(o, label)
+    return total / sum(weights)

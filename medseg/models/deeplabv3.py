@@ -15,6 +15,8 @@ the pooled ASPP branch has one value per channel and sample).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -36,7 +38,7 @@ class DeepLabV3(nn.Module):
         return self.net(x)["out"]
 
 
-def _first_conv(backbone: nn.Module) -> tuple[nn.Module, str]:
+def _first_conv(backbone: Any) -> tuple[Any, str]:  # a torchvision backbone
     """The backbone's first convolution and the attribute path it sits at."""
     if hasattr(backbone, "conv1"):
         return backbone.conv1, "conv1"

@@ -132,7 +132,7 @@ class ModelFolder:
     info: dict[str, Any]  # model.json; labels with int keys
 
     @classmethod
-    def read(cls, path: str | Path) -> "ModelFolder":
+    def read(cls, path: str | Path) -> ModelFolder:
         """Reads and checks a model folder written by :func:`save_model_dir` or ``medseg export``.
 
         Raises:

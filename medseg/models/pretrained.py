@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path), device="cpu")
+            state: Any = load_file(str(path), device="cpu")
         except Exception as exc:  # noqa: BLE001 - any failure to parse the file is one error for the user
             raise ModelError("PRETRAINED_UNREADABLE", f"cannot read {path.name}: {describe(exc, path, limit=200)}",
                              "give a .safetensors file or a torch state dict saved with torch.save(model.state_dict())") from None

@@ -24,6 +24,8 @@ and requires torchvision, whose PyPI wheel does not load beside the CPU build of
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +48,7 @@ class ResEncUNet(nn.Module):
     """``ResidualEncoderUNet`` returning medseg's contract: ``(B, K, *spatial)`` logits, or in training with deep
     supervision the list of decoder outputs, coarsest first and final last, each upsampled to the input size."""
 
-    def __init__(self, net: nn.Module, deep_supervision: bool) -> None:
+    def __init__(self, net: Any, deep_supervision: bool) -> None:  # dynamic_network_architectures' ResidualEncoderUNet
         super().__init__()
         self.net, self.deep_supervision = net, deep_supervision
         if not deep_supervision:  # only the final head runs: drop the others (unused parameters break DDP)

@@ -5,8 +5,8 @@ time; a refusal that a retry cannot change ends at once)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from medseg.errors import MedsegError, describe
 
@@ -45,7 +45,7 @@ def deliver(files: list[Path], to: str, send: Callable[[list], None], retries: i
                 break
             except Retriable as exc:
                 if attempt == retries:
-                    raise MedsegError(code, f"sending to {to} failed after {retries + 1} tries: {exc}") from None
+                    raise MedsegError(code, f"sending to {to} failed after {retries + 1} tries: {describe(exc)}") from None
                 _wait(backoff_s * 2**attempt)
     except MedsegError as exc:
         record.update(status="failed", error_code=exc.code, error=exc.one_line())

@@ -348,7 +348,7 @@ def predict_study(predictor, url: str, out_dir: Path, options, settings: PacsCon
         for info, error in pulled.failed:
             cases.append(CaseInput(series_case_id(info), Path(info.uid_hash), status="failed", error_code=error.code,
                                    error=error.one_line(), recorded=f"DICOMweb series {info.uid_hash}"))
-        source = {"dicomweb": {"server": endpoint.display, "study": uid_hash(endpoint.study_uid),
+        source = {"dicomweb": {"server": endpoint.display, "study": uid_hash(endpoint.study_uid or ""),
                                "download_s": pulled.seconds, "download_mb": round(pulled.bytes / 2**20, 3),
                                "series": pulled.series}}
         if target is not None:

@@ -35,10 +35,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from medseg.config import PacsConfig, SeriesSelectionConfig
 from medseg.errors import InputError, MedsegError, describe
 from medseg.io.dicom_headers import uid_hash
+
+if TYPE_CHECKING:  # annotations only: the listener imports the inference stack when it starts
+    from medseg.inference.predictor import Predictor
+    from medseg.inference.runner import RunOptions
 
 log = logging.getLogger(__name__)
 INCOMING = ".incoming"
@@ -120,11 +125,11 @@ class _Series:
 class Listener:
     """The SCP, its receiving state and the worker that segments complete series (see the module docstring)."""
 
-    predictor: object
+    predictor: Predictor
     out_dir: Path
     settings: PacsConfig
     rules: SeriesSelectionConfig
-    run_options: object  # medseg.inference.runner.RunOptions
+    run_options: RunOptions
     ae_title: str = "MEDSEG"
     host: str = "127.0.0.1"
     port: int = 11112
@@ -140,7 +145,7 @@ class Listener:
         self._series: dict[str, _Series] = {}
         self._stop = threading.Event()
         self._busy: str | None = None
-        self._server = None
+        self._server: Any = None  # pynetdicom's ThreadedAssociationServer while listening
         self._worker: threading.Thread | None = None
         check_ae_title(self.ae_title, "--ae-title")
         for title in self.settings.allowed_calling_aets:
@@ -214,6 +219,7 @@ class Listener:
             if refusal is None and state is None:
                 state = self._series[series_uid] = _Series(self.incoming / uid_hash(series_uid, 16), time.monotonic())
             if refusal is None:
+                assert state is not None  # found or created above
                 state.instances += 1
                 state.bytes += size
                 state.last = time.monotonic()
@@ -223,6 +229,7 @@ class Listener:
         if refusal is not None:
             self._event(refusal[0], f"refused an instance from {calling}: {refusal[1]}")
             return OUT_OF_RESOURCES
+        assert state is not None
         state.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(state.folder / f"{uid_hash(sop_uid, 16)}.dcm", lambda tmp: tmp.write_bytes(data))
         with self._lock:
@@ -255,12 +262,12 @@ class Listener:
 
     def process(self, state: _Series) -> None:
         """Segments one complete series, sends its results and removes its received files."""
+        import pydicom
+
         from medseg.inference.discovery import CaseInput, discover
         from medseg.inference.runner import run_cases
         from medseg.pacs.dicomweb import result_files
         from medseg.pacs.selection import info_from_series, verdict
-
-        import pydicom
 
         name = f"series_{state.folder.name[:10]}"
 
@@ -337,7 +344,7 @@ class Listener:
             InputError: ``LISTENER_PORT_IN_USE``.
         """
         from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 
         self._recover()
         ae = AE(ae_title=self.ae_title)
@@ -348,7 +355,7 @@ class Listener:
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.settings.dimse_timeout_s
         if self.settings.allowed_calling_aets:
             ae.require_calling_aet = list(self.settings.allowed_calling_aets)
-        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_ABORTED, self.on_aborted), (evt.EVT_REJECTED, self.on_rejected)]
+        handlers: Any = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_ABORTED, self.on_aborted), (evt.EVT_REJECTED, self.on_rejected)]
         try:
             self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         except OSError as exc:

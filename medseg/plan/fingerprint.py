@@ -23,7 +23,7 @@ class JsonRecord:
     """JSON round trip and a short content hash for the fingerprint and plan dataclasses."""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps(asdict(self), indent=2)  # type: ignore[call-overload]  # the subclasses are dataclasses
 
     @classmethod
     def from_json(cls, text: str):
@@ -31,7 +31,7 @@ class JsonRecord:
 
     def hash(self) -> str:
         """Short SHA-256 of the canonical JSON."""
-        return json_hash(asdict(self))
+        return json_hash(asdict(self))  # type: ignore[call-overload]
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,8 @@ class QcAccumulator:
 
     n_classes: int
     groups: dict[str, int] = field(default_factory=dict)
-    entropy_sum: np.ndarray = None  # per label (index 0 unused)
-    entropy_count: np.ndarray = None
+    entropy_sum: Any = None  # np.ndarray per label (index 0 unused), set in __post_init__
+    entropy_count: Any = None
     sizes: dict[str, np.ndarray] = field(default_factory=dict)  # group -> (units, K)
     inter: dict[str, np.ndarray] = field(default_factory=dict)  # group -> (units, units, K)
     model_labels: np.ndarray | None = None  # the label map on the network's grid, when it is one grid
@@ -58,6 +59,7 @@ class QcAccumulator:
             self.entropy_count[lab] += int(region.sum())
         offset = 0
         for g, n in self.groups.items():
+            assert extra is not None  # groups need the units' channels
             maps = [extra[offset + u * k: offset + (u + 1) * k].argmax(0) for u in range(n)]
             offset += n * k
             for lab in range(1, k):
@@ -68,7 +70,7 @@ class QcAccumulator:
                         self.inter[g][u, v, lab] += int((masks[u] & masks[v]).sum())
         return entropy
 
-    def merge(self, other: "QcAccumulator") -> None:
+    def merge(self, other: QcAccumulator) -> None:
         self.entropy_sum += other.entropy_sum
         self.entropy_count += other.entropy_count
         for g in self.groups:
@@ -82,7 +84,7 @@ class QcAccumulator:
             if lab:
                 n = int(self.entropy_count[lab])
                 out["uncertainty"][name] = round(float(self.entropy_sum[lab] / n), 4) if n else None
-        for g, n in self.groups.items():
+        for g in self.groups:
             out["agreement"][g] = {name: round(pairwise_dice(self.sizes[g][:, lab], self.inter[g][:, :, lab]), 4)
                                    for lab, name in sorted(names.items()) if lab}
         return out

@@ -8,12 +8,11 @@ import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from medseg.reporting.overlays import PRED_COLOUR, REF_COLOUR  # noqa: E402
-
-from medseg.metrics.catalogue import METRICS  # noqa: E402
+from medseg.metrics.catalogue import METRICS
+from medseg.reporting.overlays import PRED_COLOUR, REF_COLOUR
 
 DISTRIBUTION_METRICS = tuple(m for m in METRICS.values() if m.distribution)
 

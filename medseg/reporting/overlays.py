@@ -12,11 +12,11 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy import ndimage
 
-from medseg.io.orientation import radiological_planes, ras_spacing, to_ras  # noqa: E402
+from medseg.io.orientation import radiological_planes, ras_spacing, to_ras
 
 REF_COLOUR, PRED_COLOUR = "#0072B2", "#E69F00"
 LINESTYLES = ("solid", "dashed", "dotted", "dashdot")

@@ -9,9 +9,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.image as mpimg  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
+from matplotlib.backends.backend_pdf import PdfPages
 
 A4 = (8.27, 11.69)
 ROWS_PER_PAGE = 40
@@ -59,7 +59,7 @@ def write_pdf(data: dict, path: Path) -> Path:
 
 def _write_pdf(data: dict, path: Path) -> Path:
     with PdfPages(path) as pdf:
-        lines = [
+        lines: list[tuple[str, float, str]] = [
             (data["title"], 16, "bold"),
             ("Research use only — not a medical device.", 10, "bold"),
             (f"Created {data['created']}, medseg {data['versions']['medseg']}; {data['n_cases']} case(s).", 9, "normal"),

@@ -103,7 +103,7 @@ class _Pooled(_Record):
 #: What a label's entry in summary.json holds: every summarised metric of the catalogue (required: those the report's
 #: sentences use; optional: the others, so a folder written before a metric was added still reads).
 _REQUIRED = ("dice", "iou", "nsd", "hd95", "hd", "assd", "vol_err_pct", "lesion_f1")
-_LabelSummary = create_model(
+_LabelSummary: Any = create_model(  # type: ignore[call-overload]  # fields from the catalogue
     "_LabelSummary", __base__=_Record, lesions_pooled=(_Pooled, ...),
     **{m.name: (_Metric, ...) if m.name in _REQUIRED else (_Metric | None, None) for m in METRICS.values() if m.summary},
 )

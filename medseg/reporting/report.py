@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import math
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 

@@ -22,7 +22,7 @@ from medseg.fsutil import atomic_torch_save, load_tensors
 LAST = "last.pt"
 
 
-def _numpy_state_to_tensor(state: tuple) -> dict[str, Any]:
+def _numpy_state_to_tensor(state: Any) -> dict[str, Any]:  # RandomState.get_state()'s legacy tuple
     name, keys, pos, has_gauss, cached = state
     return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
             "has_gauss": int(has_gauss), "cached": float(cached)}

@@ -8,8 +8,9 @@ atomically and read without pickle. Later epochs therefore only run the random a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from medseg.fsutil import atomic_write, json_hash
 from medseg.transforms.pipeline import IMAGE, LABEL
 
 
-def _file_key(path: "str | list[str]") -> list:
+def _file_key(path: str | list[str]) -> list:
     """Identity of an input for the cache: path, size and mtime (of each channel file; of each file in a
     DICOM folder)."""
     if isinstance(path, (list, tuple)):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,7 +102,7 @@ class Teachers:
         self.members, self.temperature = teachers, temperature
 
     @classmethod
-    def load(cls, paths: list[Path], device: torch.device, temperature: float) -> "Teachers":
+    def load(cls, paths: list[Path], device: torch.device, temperature: float) -> Teachers:
         """Loads PyTorch model folders, frozen, on ``device`` (an exported ONNX/TorchScript folder cannot teach: the
         teachers run in PyTorch on the training device, beside the student).
 
@@ -153,7 +154,7 @@ class Teachers:
     def soft_targets(self, image: torch.Tensor) -> torch.Tensor:
         """Mean over teachers of ``softmax(logits / T)`` for ``image`` ``(B, C, *patch)``; padded (edge values) to each
         teacher's divisor and cropped back."""
-        total = None
+        total: Any = None
         for t in self.members:
             pad = [(-s) % t.divisor for s in image.shape[2:]]
             x = image

@@ -9,7 +9,7 @@ An optimizer is one function registered under the name ``train.optimizer`` selec
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

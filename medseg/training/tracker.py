@@ -10,7 +10,13 @@ from typing import Any, Protocol
 class Tracker(Protocol):
     """What training, evaluation and the demo log through."""
 
-    run_id: str | None
+    @property
+    def run_id(self) -> str | None:
+        """The tracking run's id (None when nothing is tracked)."""
+
+    @property
+    def uri(self) -> str:
+        """Where the runs are stored ("" when nothing is tracked)."""
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Logs parameters (values are stringified)."""
@@ -32,6 +38,7 @@ class NullTracker:
     """Tracks nothing (tests, non-zero torchrun ranks, or tracking switched off)."""
 
     run_id: str | None = None
+    uri: str = ""
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -49,7 +56,7 @@ class NullTracker:
         pass
 
 
-class tracked_run:  # noqa: N801 - used as a context manager, like contextlib's
+class tracked_run:
     """Ends ``tracker``'s run when the block ends: ``FAILED`` when it raises (Ctrl-C and SIGTERM included; the
     exception goes on) or when :meth:`fail` was called inside it, ``FINISHED`` otherwise.
 
@@ -69,10 +76,10 @@ class tracked_run:  # noqa: N801 - used as a context manager, like contextlib's
         """The run ends ``FAILED`` although the block completes."""
         self.status = "FAILED"
 
-    def __enter__(self) -> "tracked_run":
+    def __enter__(self) -> tracked_run:
         return self
 
-    def __exit__(self, kind, value, traceback) -> None:  # noqa: ANN001 - the context-manager protocol
+    def __exit__(self, kind, value, traceback) -> None:
         if kind is not None:
             self.status = "FAILED"
         self.tracker.close(self.status)

@@ -30,30 +30,34 @@ from monai.utils import set_determinism
 from torch import nn
 
 from medseg import threads
-from medseg.config import Config, config_hash, config_to_dict, flatten, save_config, shareable
+from medseg.config import Config, config_hash, config_to_dict, flatten, planned, save_config, shareable
+from medseg.device import select_device
 from medseg.errors import ConfigError, TrainingError
 from medseg.fsutil import git_commit, json_hash, read_json, versions, write_json, write_text
 from medseg.io.dataset import Case, Dataset, load_dataset
 from medseg.losses import build_loss
-from medseg.device import select_device
 from medseg.models import build_model
 from medseg.models.contract import deep_supervision_loss
-from medseg.models.registry import check_resolved
 from medseg.models.folder import save_model_dir
+from medseg.models.registry import check_resolved
 from medseg.plan.fingerprint import Fingerprint, load_or_compute
 from medseg.plan.planner import Plan, apply_plan, make_plan
 from medseg.progress import progress_bar
-from medseg.training.tracker import NullTracker, Tracker
 from medseg.training import distributed as ddp
 from medseg.training.checkpoint import LAST, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from medseg.training.curves import save_curves
-from medseg.training.folds import split_cases
-from medseg.training.optim import build_optimizer, lr_factor
-from medseg.training.validation import validate
 from medseg.training.data import CaseDataset, PreprocessedCache
 from medseg.training.distill import combined_loss
+from medseg.training.folds import split_cases
+from medseg.training.optim import build_optimizer, lr_factor
+from medseg.training.tracker import NullTracker, Tracker
+from medseg.training.validation import validate
 from medseg.transforms.pipeline import (
-    IMAGE, LABEL, build_augment_transforms, build_preprocess_transforms, preprocessing_hash,
+    IMAGE,
+    LABEL,
+    build_augment_transforms,
+    build_preprocess_transforms,
+    preprocessing_hash,
 )
 
 log = logging.getLogger(__name__)
@@ -122,6 +126,7 @@ def calibrate_model_dir(model_dir: Path, val_ds, device: torch.device) -> dict:
     from medseg.qc.reference import fit_temperature
 
     net, cfg, plan, info = load_model_dir(model_dir, device)
+    assert net is not None  # the run's own (PyTorch) model folder
     predictor = Predictor.for_network(net, cfg, plan, info, device)
     predictor.tta = False  # the temperature belongs to the single model's blended logits
     logits, refs = [], []
@@ -182,7 +187,7 @@ def train_step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg: Config,
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
             "CUDA_OUT_OF_MEMORY",
-            f"GPU out of memory with patch {list(cfg.data.patch_size)} and batch size {cfg.train.batch_size}",
+            f"GPU out of memory with patch {list(planned(cfg.data.patch_size, 'data.patch_size'))} and batch size {cfg.train.batch_size}",
             "lower data.patch_size or train.batch_size (or plan.gpu_memory_gb and let the plan choose)",
         ) from None
     return loss.detach()
@@ -212,7 +217,7 @@ class TrainState:
                 "stale": self.stale, "history": self.history}
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any]) -> "TrainState":
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> TrainState:
         return cls(int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_metric"]), int(ckpt["best_epoch"]),
                    int(ckpt["stale"]), list(ckpt["history"]))
 
@@ -236,8 +241,8 @@ class _Run:
     loader: DataLoader
     sampler_gen: torch.Generator
     distiller: Any = None
-    net: nn.Module | None = None
-    model: nn.Module | None = None  # net, or its DDP wrapper
+    net: Any = None  # the nn.Module, built by the optimisation step
+    model: Any = None  # net, or its DDP wrapper
     loss_fn: Any = None
     optimizer: Any = None
     scheduler: Any = None
@@ -250,7 +255,7 @@ class _Run:
 
     @property
     def n_samples(self) -> int:
-        return self.cfg.train.iterations_per_epoch * self.cfg.train.batch_size
+        return self.cfg.train.iterations_per_epoch * planned(self.cfg.train.batch_size, "train.batch_size")
 
     @property
     def checkpoint_path(self) -> Path:
@@ -348,7 +353,7 @@ def _prepare(cfg: Config, run_dir: Path, tracker: Tracker | None, resume: bool,
     augment = build_augment_transforms(cfg)
     train_ds = CaseDataset(_items(train_cases), cache, augment)
     sampler_gen = torch.Generator().manual_seed(cfg.seed + rank.rank)
-    n_samples = cfg.train.iterations_per_epoch * cfg.train.batch_size
+    n_samples = cfg.train.iterations_per_epoch * planned(cfg.train.batch_size, "train.batch_size")
     sampler = torch.utils.data.RandomSampler(train_ds, replacement=True, num_samples=n_samples, generator=sampler_gen)
     loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                         worker_init_fn=_init_worker)
@@ -361,7 +366,7 @@ def _optimisation(run: _Run, resume: bool) -> None:
     optimizer, the schedule, mixed precision and the predictor validation runs through."""
     cfg, device = run.cfg, run.device
     in_channels = int(run.val_ds[0][IMAGE].shape[0])
-    spatial_dims = len(cfg.data.spacing)
+    spatial_dims = len(planned(cfg.data.spacing, "data.spacing"))
     labels = run.dataset.labels
     if run.distiller is not None:
         run.distiller.check_student(cfg, run.plan, labels, spatial_dims, in_channels)
@@ -534,5 +539,5 @@ def _log_artifacts(run: _Run, state: TrainState) -> None:
     tracker.log_artifact(run_dir / "model_last", "model_last")
     tracker.log_metrics({"best_val_dice_mean": state.best_metric, "best_epoch": state.best_epoch})
     if cfg.tracking.log_model and hasattr(tracker, "log_pytorch_model"):
-        tracker.log_pytorch_model(run.net, int(run.val_ds[0][IMAGE].shape[0]), len(cfg.data.spacing),
-                                  int(np.prod(cfg.model.strides)), cfg.tracking)
+        tracker.log_pytorch_model(run.net, int(run.val_ds[0][IMAGE].shape[0]), len(planned(cfg.data.spacing, "data.spacing")),
+                                  int(np.prod(planned(cfg.model.strides, "model.strides"))), cfg.tracking)

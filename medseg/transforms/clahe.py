@@ -11,12 +11,14 @@ CT in HU stays in HU. Integer inputs are rounded back to their dtype; float inpu
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
+from monai.utils.enums import TransformBackends
 from monai.utils.type_conversion import convert_to_dst_type
 from skimage.exposure import equalize_adapthist
 
@@ -50,7 +52,7 @@ class CLAHE(Transform):
         rgb: Treat 3-channel 2D images as colour photos (equalise luminance) rather than 3 separate channels.
     """
 
-    backend = [torch.Tensor, np.ndarray]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(
         self, kernel_size: int | Sequence[int] | None = None, clip_limit: float = 0.01, nbins: int = 256, rgb: bool = True

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping
+from collections.abc import Hashable, Mapping
+from typing import Any
 
 import torch
 from monai.config import KeysCollection
@@ -59,7 +60,8 @@ def normalization(cfg: IntensityConfig, schemes: list[str], stats: list[dict[str
 def _single(cfg: IntensityConfig, scheme: str, stats: dict[str, float], key: str) -> MapTransform:
     if scheme == "ct":
         # clip_low/clip_high: plan.ct_clip_percentiles of the foreground; p00_5/p99_5 in plans written before
-        low, high = stats.get("clip_low", stats.get("p00_5")), stats.get("clip_high", stats.get("p99_5"))
+        low = stats["clip_low"] if "clip_low" in stats else stats["p00_5"]
+        high = stats["clip_high"] if "clip_high" in stats else stats["p99_5"]
         return ClipZScored(key, low, high, stats["mean"], stats["std"])
     if scheme == "window":
         if cfg.window is None:

@@ -10,7 +10,8 @@ random crops and augments. The inference pipeline is the preprocessing alone;
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Mapping
+from collections.abc import Hashable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +28,10 @@ from monai.transforms import (
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
+    RandomizableTransform,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSimulateLowResolutiond,
-    RandomizableTransform,
     Spacingd,
     SpatialPadd,
 )
@@ -258,8 +259,9 @@ def build_augment_transforms(cfg: Config) -> Compose:
     if aug.noise_prob:
         steps.append(RandGaussianNoised(keys=IMAGE, prob=aug.noise_prob, std=aug.noise_std))
     if aug.blur_prob:
-        blur = {"sigma_x": aug.blur_sigma, "sigma_y": aug.blur_sigma, **({"sigma_z": aug.blur_sigma} if dims == 3 else {})}
-        steps.append(RandGaussianSmoothd(keys=IMAGE, prob=aug.blur_prob, **blur))
+        sigma = aug.blur_sigma  # (low, high) drawn per axis; sigma_z only matters in 3D
+        steps.append(RandGaussianSmoothd(keys=IMAGE, prob=aug.blur_prob, sigma_x=sigma, sigma_y=sigma,
+                                         sigma_z=sigma if dims == 3 else (0.25, 1.5)))
     if aug.lowres_prob:
         steps.append(RandSimulateLowResolutiond(keys=IMAGE, prob=aug.lowres_prob, zoom_range=aug.lowres_zoom,
                                                 upsample_mode="trilinear" if dims == 3 else "bilinear"))

@@ -14,7 +14,7 @@ from adversarial_helpers import Run
 
 
 @pytest.fixture
-def cli(capsys, caplog) -> "callable":
+def cli(capsys, caplog) -> callable:
     """Runs ``medseg ARGS`` in this process through ``medseg.cli.main`` (exit code, stdout, stderr + log lines);
     the signal handlers ``main`` installs are put back afterwards."""
     from medseg import cli as cli_module

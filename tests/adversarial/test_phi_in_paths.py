@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from leak_scan import leaks
 
 
-
 def _hostile_folder(root: Path, good: Path) -> Path:
     """A PACS-export-like folder: one good case and one broken file of every readable kind."""
     folder = root / "exports" / PATIENT_FOLDER

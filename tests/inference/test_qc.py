@@ -18,10 +18,10 @@ from medseg.inference.predictor import Member, Predictor, _apply
 from medseg.inference.runner import RunOptions, predict_files
 from medseg.io.readers import read_volume
 from medseg.io.volume import Volume
+from medseg.plan.statistics import label_stats
 from medseg.qc.assess import PLAUSIBILITY
 from medseg.qc.reference import fit_temperature
 from medseg.qc.signals import QcAccumulator
-from medseg.plan.statistics import label_stats
 
 
 def _test_image(tiny_dataset: Path) -> Path:

@@ -14,9 +14,9 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from medseg.cli import app
+from medseg.errors import OutputError
 from medseg.fsutil import sha256_file
 from medseg.inference.predictor import Predictor
-from medseg.errors import OutputError
 from medseg.inference.runner import RunOptions, predict_folder
 from medseg.io.dicom import read_dicom
 from medseg.io.nifti import read_nifti

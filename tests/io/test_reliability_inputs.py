@@ -84,8 +84,8 @@ def test_04_missing_transfer_syntax_and_missing_decoder(tmp_path: Path, monkeypa
     assert err.code == "DICOM_NO_TRANSFER_SYNTAX" and "TransferSyntaxUID" in err.message
 
     # a compressed file whose decoder plugins are missing is refused at preflight, naming what to install
-    from pydicom.data import get_testdata_file
     import pydicom.pixels.decoders.base as base
+    from pydicom.data import get_testdata_file
 
     monkeypatch.setattr(base.Decoder, "is_available", property(lambda self: False))
     err = _code(read_dicom, get_testdata_file("MR_small_jp2klossless.dcm"))

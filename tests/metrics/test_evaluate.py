@@ -169,8 +169,7 @@ def test_a_catalogue_entry_reaches_csv_summary_report_and_tracking(folders, tmp_
     import nibabel as nib
 
     from medseg.metrics.catalogue import names
-    from medseg.reporting.report import build_report
-    from medseg.reporting.report import write_overlays
+    from medseg.reporting.report import build_report, write_overlays
     from medseg.workflow import summary_metrics
 
     pred, ref = folders

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from network_sizes import SMALL, entries
 
 from medseg.config import load_config
 from medseg.errors import ConfigError, ModelError
 from medseg.models import MODELS, build_model
 from medseg.models.folder import save_model_dir
 from medseg.plan.planner import Plan
-from network_sizes import SMALL, entries
 
 ENTRIES = entries()
 # knobs that must change the parameter count of each entry (beyond SMALL): width, depth or size

@@ -4,14 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from network_sizes import SMALL, dims_of, entries, needs
 from typer.testing import CliRunner
 
 from medseg.cli import app
 from medseg.config import load_config
 from medseg.errors import ConfigError
 from medseg.models import MODELS, build_model
-from network_sizes import SMALL, dims_of, entries, needs
 
 ENTRIES = entries()
 

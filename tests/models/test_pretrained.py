@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from network_sizes import SMALL, dims_of
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -20,8 +21,6 @@ from medseg.errors import InputError, ModelError
 from medseg.models import MODELS, build_model
 from medseg.models.pretrained import load_pretrained
 from medseg.models.registry import missing_package
-from network_sizes import SMALL, dims_of
-
 
 
 @pytest.fixture

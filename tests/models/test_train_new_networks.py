@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from network_sizes import needs
 from typer.testing import CliRunner
 
 from medseg.cli import app
 from medseg.inference.predictor import Predictor
 from medseg.io.readers import read_volume
-from network_sizes import needs
 
 SWIN = ["model.channels=[12, 24, 48, 96, 192, 384]", "model.strides=[2, 2, 2, 2, 2]"]
 CASES = {  # name, dims -> extra --set (swinunetr halves every axis five times: patches are multiples of 32)

@@ -13,13 +13,13 @@ import orthanc
 import pytest
 from pacs_helpers import write_study
 
+from medseg.cli import optional_push_value
 from medseg.config import load_config
 from medseg.errors import MedsegError
 from medseg.inference.predictor import Predictor
 from medseg.inference.runner import RunOptions
 from medseg.pacs.dicomweb import parse_endpoint, predict_study, read_token
 from medseg.pacs.selection import SeriesInfo, orientation_of, verdict
-from medseg.cli import optional_push_value
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def test_parse_endpoint():
     assert parse_endpoint("http://h/dicom-web/", need_study=False).base == "http://h/dicom-web"
     for bad in ("ftp://h/studies/1.2", "http://u:p@h/dicom-web/studies/1.2", "http://h/dicom-web",
                 "http://h/dicom-web/studies/1.2.x"):
-        assert code_of(lambda: parse_endpoint(bad, need_study=True)) == "DICOMWEB_URL_INVALID"
+        assert code_of(lambda: parse_endpoint(bad, need_study=True)) == "DICOMWEB_URL_INVALID"  # noqa: B023 - called at once
 
 
 def test_selection_rules():

@@ -15,8 +15,8 @@ import pydicom
 from dicom_helpers import CANARY_ID, CANARY_NAME, tool
 from pacs_helpers import rtstruct_masks, write_study
 
-from medseg.io.dicom import read_dicom
 from medseg.inference.predictor import Predictor
+from medseg.io.dicom import read_dicom
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1234."
 

@@ -166,9 +166,9 @@ def test_clip_percentiles_follow_the_config_and_a_stored_fingerprint_is_remeasur
 
 
 def test_a_plan_written_with_the_old_percentile_keys_still_normalises():
-    from medseg.transforms.intensity import normalization
-
     import torch
+
+    from medseg.transforms.intensity import normalization
 
     cfg = load_config(None).data.intensity.model_copy(update={"scheme": None})
     old = {"p00_5": -100.0, "p99_5": 300.0, "mean": 50.0, "std": 25.0}

@@ -124,7 +124,6 @@ def test_report_knobs_come_from_the_evaluation_settings():
 
 def test_flagged_overlay_cap_is_a_setting(evaluated: Path, tiny_dataset: Path, tmp_path: Path):
     from medseg.config import load_config
-
     from medseg.io.readers import files_by_id
 
     folders = {}

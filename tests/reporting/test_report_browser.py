@@ -29,6 +29,7 @@ def _need_browser() -> None:
 def test_report_renders_in_headless_chromium(tiny_dataset: Path, smoke_model: Path, tmp_path: Path):
     _need_browser()
     from playwright import sync_api
+
     from medseg.inference.predictor import Predictor
     from medseg.inference.runner import predict_folder
 

@@ -2,15 +2,14 @@
 
 from pathlib import Path
 
-
 import medseg.transforms.pipeline as pipeline
 from medseg.config import load_config
 from medseg.io.dataset import load_dataset
 from medseg.plan.fingerprint import compute_fingerprint
 from medseg.plan.planner import apply_plan, make_plan
 from medseg.training.data import CaseDataset, PreprocessedCache
-from medseg.transforms.pipeline import preprocessing_hash as preprocessing_spec
 from medseg.transforms.pipeline import build_augment_transforms, build_preprocess_transforms
+from medseg.transforms.pipeline import preprocessing_hash as preprocessing_spec
 
 
 def _setup(tiny_dataset: Path, cache_dir: Path, overrides: list[str]):
