@@ -126,6 +126,7 @@ class MlflowTracker:
         ``cfg.registered_model`` with ``cfg.alias`` when set. Uses ``torch.export`` serialisation (no pickle) where
         the network exports, MLflow's default otherwise; medseg itself never loads models from MLflow."""
         import logging
+        import warnings
 
         import mlflow
         import mlflow.pytorch
@@ -144,7 +145,9 @@ class MlflowTracker:
         kwargs = dict(name="pytorch_model", signature=signature, input_example=example, pip_requirements=["torch", "monai"],
                       registered_model_name=cfg.registered_model)
         self._writing()
-        with mlflow.start_run(run_id=self.run_id):
+        # MLflow announces its own API changes (export_model's FutureWarning) on the user's console: not medseg's news
+        with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             try:
                 info = mlflow.pytorch.log_model(net, export_model=True, **kwargs)
             except Exception as exc:  # noqa: BLE001 - torch.export does not cover every network

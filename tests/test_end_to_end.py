@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("demo")
     proc = subprocess.run(
-        [sys.executable, "-m", "medseg", "demo", "-o", str(out), "-c", "smoke", "-n", "4"],
+        # log_model on (as in the demo preset): the network logged with mlflow.pytorch
+        [sys.executable, "-m", "medseg", "demo", "-o", str(out), "-c", "smoke", "-n", "4", "--set", "tracking.log_model=true"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -43,6 +44,12 @@ def test_demo_writes_report_with_one_row_per_case(demo_run):
     assert summary["organ"]["dice"]["n"] == 1
     assert f"report:  {out / 'evaluation' / 'report.html'}" in proc.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+
+
+def test_demo_console_carries_no_third_party_warnings(demo_run):
+    """A user's console carries medseg's messages, not third-party deprecations (MLflow's export_model FutureWarning)."""
+    _, proc = demo_run
+    assert not re.search(r"(Future|Deprecation|User)Warning", proc.stdout + proc.stderr), proc.stderr[-2000:]
 
 
 def test_demo_run_is_tracked_in_embedded_mlflow(demo_run):
