@@ -53,7 +53,7 @@ test: install
 
 # The unit tier (under 2 minutes on 2 cores): no training, no subprocess CLI runs, no servers or browser.
 QUICK_TESTS := tests/test_config.py tests/test_errors.py tests/test_losses.py tests/test_layers.py tests/test_doctests.py \
-	tests/test_presets.py tests/metrics tests/transforms tests/io/test_nifti.py tests/io/test_case_ids.py tests/io/test_dataset.py
+	tests/test_docs.py tests/inference/test_options.py tests/test_presets.py tests/metrics tests/transforms tests/io/test_nifti.py tests/io/test_case_ids.py tests/io/test_dataset.py
 test-quick: install
 	$(BIN)/python -m pytest -q $(QUICK_TESTS) -m "not slow and not gpu and not browser" $(PYTEST_ARGS)
 

@@ -41,13 +41,6 @@ def _dicom_option():
         "defaults: the model's inference.dicom (configs/base.yaml)."))
 
 
-def _dicom_tolerances(cfg, assignments: list[str]):
-    from medseg.config import dicom_settings
-    from medseg.io.dicom_geometry import DicomTolerances
-
-    return DicomTolerances(**dicom_settings(cfg, assignments).model_dump())
-
-
 def _claim_threads(value: str) -> None:
     """Takes this process's CPU share (see medseg.threads) before any heavy work starts."""
     from medseg import threads
@@ -265,14 +258,6 @@ def _select_option():
         "model's inference.series_selection."))
 
 
-def _pacs_settings(cfg, pacs: list[str], select: list[str]):
-    """The model's config with the command's --pacs and --select overrides (validated)."""
-    from medseg.config import with_overrides
-
-    cfg = with_overrides(cfg, "pacs", pacs, "--pacs")
-    return with_overrides(cfg, "inference.series_selection", select, "--select")
-
-
 @app.command()
 def predict(
     input: str = typer.Option(..., "--input", "-i", help="An image file, a DICOM series folder, a folder of cases (image files and DICOM series), or a DICOMweb study URL http(s)://host:port/dicom-web/studies/<StudyInstanceUID>."),
@@ -305,8 +290,9 @@ def predict(
     manifest.json and provenance.json. Exit code 1 when any case failed (or a push failed)."""
     from medseg.errors import require_exists
     from medseg.inference.discovery import parse_shard
+    from medseg.inference.options import prediction_settings
     from medseg.inference.predictor import Predictor
-    from medseg.inference.runner import RunOptions, predict_folder
+    from medseg.inference.runner import predict_folder
     from medseg.pacs.dicomweb import is_url, parse_endpoint, predict_study, read_token
 
     web = is_url(input)
@@ -318,22 +304,21 @@ def predict(
         require_exists(Path(input), "input")
         if push is not None:
             raise MedsegError("DICOMWEB_URL_INVALID", "--push needs a DICOMweb study URL as input (-i http(s)://...)")
+    parse_shard(shard)  # a bad --shard is refused before the model loads
     _claim_threads(threads)
-    options = RunOptions(
-        overwrite=overwrite, resume=resume, shard=parse_shard(shard), output_type=output_type,
-        save_probabilities=save_probabilities, stats=stats, preview=preview, allow_tilt=allow_tilt,
-        qc=qc, save_uncertainty=save_uncertainty, progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,
-    )
     predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta, fast=fast,
                                          overlap=overlap)
-    options.dicom = _dicom_tolerances(predictor.cfg, dicom)
-    settings = _pacs_settings(predictor.cfg, pacs, select)
-    options.uid_root = settings.pacs.uid_root
+    settings = prediction_settings(
+        predictor.cfg, dicom=dicom, pacs=pacs, select=select, shard=shard, overwrite=overwrite, resume=resume,
+        output_type=output_type, save_probabilities=save_probabilities, stats=stats, preview=preview,
+        allow_tilt=allow_tilt, qc=qc, save_uncertainty=save_uncertainty,
+        progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,
+    )
     if web:
-        results = predict_study(predictor, input, out, options, settings.pacs, settings.inference.series_selection,
+        results = predict_study(predictor, input, out, settings.run, settings.pacs, settings.selection,
                                 token=read_token(settings.pacs, token_file), ca_bundle=ca_bundle, push=push)
     else:
-        results = predict_folder(predictor, Path(input), out, options=options)
+        results = predict_folder(predictor, Path(input), out, options=settings.run)
     _report_cases(results, out)
 
 
@@ -388,18 +373,17 @@ def serve(
     import signal
 
     from medseg.inference.formats import parse_output_type
+    from medseg.inference.options import prediction_settings
     from medseg.inference.predictor import Predictor
-    from medseg.inference.runner import RunOptions
     from medseg.pacs.listener import Listener, parse_dest
 
     parse_output_type(output_type)
     target = parse_dest(dest) if dest else None
     _claim_threads(threads)
     predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta)
-    settings = _pacs_settings(predictor.cfg, pacs, select)
-    options = RunOptions(overwrite=True, output_type=output_type, allow_tilt=allow_tilt, progress=False,
-                         dicom=_dicom_tolerances(predictor.cfg, dicom), uid_root=settings.pacs.uid_root)
-    listener = Listener(predictor, out, settings.pacs, settings.inference.series_selection, options, ae_title=ae_title,
+    settings = prediction_settings(predictor.cfg, dicom=dicom, pacs=pacs, select=select, overwrite=True,
+                                   output_type=output_type, allow_tilt=allow_tilt, progress=False)
+    listener = Listener(predictor, out, settings.pacs, settings.selection, settings.run, ae_title=ae_title,
                         host=host, port=port, dest=target)
     listener.start()
     typer.echo(f"listening as {ae_title} on {host}:{listener.port}" + (f"; results to {target}" if target else ""))
@@ -423,8 +407,9 @@ def convert(
 ) -> None:
     """Convert DICOM series (one output per series, named by index and UID hash) or any image to NIfTI/NRRD/MHA."""
     from medseg.io.convert import convert as run_convert
+    from medseg.io.dicom_geometry import configured_tolerances
 
-    report = run_convert(input, out, overwrite=overwrite, allow_tilt=allow_tilt, tolerances=_dicom_tolerances(None, dicom))
+    report = run_convert(input, out, overwrite=overwrite, allow_tilt=allow_tilt, tolerances=configured_tolerances(None, dicom))
     for r in report.results:
         if r.status == "ok":
             note = f" ({'; '.join(r.notes)})" if r.notes else ""

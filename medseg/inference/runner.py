@@ -69,7 +69,7 @@ from medseg.inference.outputs import (
 )
 from medseg.inference.predictor import Prediction, Predictor
 from medseg.io.dicom_derived import PYDICOM_ROOT
-from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, DicomTolerances
+from medseg.io.dicom_geometry import DicomTolerances, default_tolerances
 from medseg.io.readers import case_id as case_id_of
 from medseg.io.readers import read_channels, read_volume
 from medseg.io.volume import Volume
@@ -90,7 +90,7 @@ class RunOptions:
     preview: bool = False
     progress: bool = True
     allow_tilt: bool = False
-    dicom: DicomTolerances = DEFAULT_TOLERANCES  # when a slice stack is one volume
+    dicom: DicomTolerances = field(default_factory=default_tolerances)  # when a slice stack is one volume
     save_uncertainty: bool = False  # uncertainty/<case>.nii.gz: normalised entropy on the input grid
     qc: bool | None = None  # QC verdict per case (None: the model's inference.qc.enabled)
     uid_root: str = PYDICOM_ROOT  # new DICOM-SEG / RTSTRUCT UIDs under this prefix (pacs.uid_root)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medseg.errors import InputError, MedsegError, OutputError, require_exists
 from medseg.fsutil import check_output_dir, check_output_file
-from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, DicomTolerances
+from medseg.io.dicom_geometry import DicomTolerances
 from medseg.io.dicom_headers import is_dicom_file
 from medseg.io.nifti import is_nifti, strip_nifti_suffix, write_nifti
 from medseg.io.sitk_formats import is_sitk_format, write_sitk
@@ -106,7 +106,7 @@ def _record_series(result: Converted, volume, target: Path) -> None:
 
 
 def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, allow_tilt: bool = False,
-            tolerances: DicomTolerances = DEFAULT_TOLERANCES) -> ConvertReport:
+            tolerances: DicomTolerances | None = None) -> ConvertReport:
     """Converts a DICOM folder/file or any supported image file.
 
     Args:

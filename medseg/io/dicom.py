@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, LPS_TO_RAS, DicomTolerances, stack_geometry, untilt
+from medseg.io.dicom_geometry import LPS_TO_RAS, DicomTolerances, stack_geometry, untilt
 from medseg.io.dicom_headers import DicomFile, DicomScan, DicomSeries, check_rescale, floats, number, read_header, scan_dicom
 from medseg.io.dicom_pixels import check_decodable, native_dtype, read_frame_into, read_pixels, rescale_dtype
 from medseg.io.volume import MAX_VOLUME_BYTES, Volume
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 def load_series(
     series: DicomSeries,
     *,
-    tolerances: DicomTolerances = DEFAULT_TOLERANCES,
+    tolerances: DicomTolerances | None = None,
     allow_tilt: bool = False,
     max_bytes: int = MAX_VOLUME_BYTES,
     workers: int | None = None,
@@ -122,7 +122,7 @@ def _read_stack(ordered: list[DicomFile], workers: int | None) -> tuple[np.ndarr
         out = np.empty(buffer.shape, dtype=dtype)
         for i in range(n):
             np.multiply(buffer[i], slopes[i], out=out[i], casting="unsafe")
-            out[k] += dtype.type(intercepts[k])
+            out[i] += dtype.type(intercepts[i])
     # (Z, rows, columns[, samples]) -> (C, X=column, Y=row, Z): a view, no copy
     array = out[..., None] if not sample else out
     return array.transpose(3, 2, 1, 0), slopes, intercepts
@@ -145,7 +145,7 @@ def _meta(series: DicomSeries, first: DicomFile, n: int, slopes: np.ndarray, int
 
 
 def _load_multiframe(
-    series: DicomSeries, what: str, tolerances: DicomTolerances, allow_tilt: bool, max_bytes: int
+    series: DicomSeries, what: str, tolerances: DicomTolerances | None, allow_tilt: bool, max_bytes: int
 ) -> Volume:
     """An enhanced/multi-frame object: per-frame positions from the functional groups, or refused."""
     import pydicom

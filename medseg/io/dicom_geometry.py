@@ -8,23 +8,25 @@ Real scanners write positions as decimal strings rounded to a few digits, and th
 checks have tolerances that real series pass and real defects do not:
 
 * **in-plane drift** (each slice's offset from the line through the first slice along the normal): up to
-  ``DRIFT_TOLERANCE_PX`` (0.25) of the smaller pixel spacing is jitter, and the stack is treated as orthogonal
+  ``drift_px`` (0.25) of the smaller pixel spacing is jitter, and the stack is treated as orthogonal
   (every voxel then lies within a quarter pixel of its true position); more is a sheared stack (gantry tilt):
   refused as ``DICOM_GANTRY_TILT`` unless resampling is allowed. A real 0.5 degree tilt over 100 mm is 0.87 mm.
 * **slice steps**: each step may differ from the median step by ``step_relative`` (5 %) of it, or by
-  ``STEP_TOLERANCE_MM`` (0.1 mm) where that is larger, but never by half a step: a missing slice (a step of two
+  ``step_floor_mm`` (0.1 mm) where that is larger, but never by half a step: a missing slice (a step of two
   medians) is always refused as ``DICOM_SLICE_GAP``.
 
 For comparison: dicom2nifti refuses a step whose vector differs from the first step by more than 5 % + 0.1 mm
 (``numpy.allclose(rtol=0.05, atol=0.1)``) and a stack whose first-to-last direction is off the normal by more
 than 0.05 in any direction cosine (about 3 degrees); dcm2niix warns when a step differs from the first by more
 than 0.2 mm and estimates tilt from the first-to-last slice vector. Every tolerance can be changed
-(:class:`DicomTolerances`, config ``inference.dicom``). The measured drift and step spread are
+(:class:`DicomTolerances`, config ``inference.dicom``; the defaults above live in ``configs/base.yaml`` only). The measured drift and step spread are
 returned (:class:`StackGeometry`) and recorded in the volume's metadata (``slice_geometry``).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,20 +35,18 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.io.volume import LPS_TO_RAS
 
-DRIFT_TOLERANCE_PX = 0.25
-STEP_TOLERANCE_MM = 0.1
-
 
 @dataclass(frozen=True)
 class DicomTolerances:
     """What a slice stack may deviate by and still be one volume (``inference.dicom`` in the config; the
-    ``--dicom KEY=VALUE`` options of ``medseg predict`` and ``medseg convert``). The defaults are the rule above."""
+    ``--dicom KEY=VALUE`` options of ``medseg predict`` and ``medseg convert``). No defaults here: they are
+    ``inference.dicom`` of ``configs/base.yaml`` (:func:`default_tolerances`)."""
 
-    min_slices: int = 3  # fewer slices are refused (localizers)
-    orientation: float = 1e-3  # largest difference between the slices' direction cosines
-    step_relative: float = 0.05  # largest |step - median step| / median step ...
-    step_floor_mm: float = STEP_TOLERANCE_MM  # ... or this many mm where larger (capped at half a step)
-    drift_px: float = DRIFT_TOLERANCE_PX  # in-plane drift (pixels of the smaller spacing) treated as jitter
+    min_slices: int  # fewer slices are refused (localizers)
+    orientation: float  # largest difference between the slices' direction cosines
+    step_relative: float  # largest |step - median step| / median step ...
+    step_floor_mm: float  # ... or this many mm where larger (capped at half a step)
+    drift_px: float  # in-plane drift (pixels of the smaller spacing) treated as jitter
 
     def __post_init__(self) -> None:
         if self.min_slices < 1 or self.orientation <= 0 or not 0 <= self.step_relative < 0.5 \
@@ -63,7 +63,6 @@ class DicomTolerances:
         return cls(**typed)
 
 
-DEFAULT_TOLERANCES = DicomTolerances()
 
 @dataclass
 class StackGeometry:
@@ -83,6 +82,28 @@ class StackGeometry:
         return {"inplane_drift_mm": round(self.drift_mm, 4), "inplane_drift_px": round(self.drift_px, 4),
                 "step_spread_pct": round(100 * self.step_spread, 3), "median_step_mm": round(self.median_step_mm, 4),
                 "gantry_tilt_degrees": round(self.tilt_degrees, 3)}
+
+
+@functools.cache
+def default_tolerances() -> DicomTolerances:
+    """The tolerances of ``configs/base.yaml`` (``inference.dicom``), their one home.
+
+    Examples:
+        >>> default_tolerances().min_slices, default_tolerances().drift_px
+        (3, 0.25)
+    """
+    return configured_tolerances()
+
+
+def configured_tolerances(cfg: Any = None, overrides: Sequence[str] = ()) -> DicomTolerances:
+    """The tolerances of a configuration (``base.yaml``'s when None) with ``--dicom KEY=VALUE`` overrides.
+
+    Raises:
+        ConfigError: ``CONFIG_BAD_OVERRIDE``, ``CONFIG_UNKNOWN_KEY`` or ``CONFIG_INVALID_VALUE``.
+    """
+    from medseg.config import dicom_settings
+
+    return DicomTolerances(**dicom_settings(cfg, overrides).model_dump())
 
 
 def _plane(orientations: np.ndarray, what: str, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +163,7 @@ def stack_geometry(
     pixel_spacing: tuple[float, float],
     *,
     what: str,
-    tolerances: DicomTolerances = DEFAULT_TOLERANCES,
+    tolerances: DicomTolerances | None = None,
     allow_tilt: bool = False,
     instance_numbers: list[int | None] | None = None,
 ) -> StackGeometry:
@@ -153,7 +174,8 @@ def stack_geometry(
         orientations: ``(N, 6)`` ImageOrientationPatient.
         pixel_spacing: ``(between rows, between columns)`` mm.
         what: Name of the series for messages (index/hash, never patient tags).
-        tolerances: Smallest slice count, orientation, step and drift tolerances (:class:`DicomTolerances`).
+        tolerances: Smallest slice count, orientation, step and drift tolerances (:class:`DicomTolerances`; None:
+            :func:`default_tolerances`).
         allow_tilt: Resample a gantry-tilted (sheared) stack onto an orthogonal grid instead of refusing it.
         instance_numbers: For messages.
 
@@ -162,7 +184,7 @@ def stack_geometry(
             ``DICOM_DUPLICATE_POSITION``, ``DICOM_SLICE_GAP``, ``DICOM_GANTRY_TILT``.
     """
     n = len(positions)
-    t = tolerances
+    t = tolerances or default_tolerances()
     if n < t.min_slices:
         raise InputError(
             "DICOM_TOO_FEW_SLICES", f"{what} has {n} slice(s); at least {t.min_slices} are needed for a volume",

@@ -16,7 +16,7 @@ from dicom_helpers import rotated_affine, series, tool
 from medseg.errors import InputError
 from medseg.io.convert import convert
 from medseg.io.dicom import read_dicom
-from medseg.io.dicom_geometry import DRIFT_TOLERANCE_PX, stack_geometry
+from medseg.io.dicom_geometry import default_tolerances, stack_geometry
 
 STEP_MM = 5.0
 GE_MR_LIKE = rotated_affine(angles=(12.0, -7.0, 4.0), spacing=(0.8, 0.8, STEP_MM), origin=(-95.2, -110.7, 40.3))
@@ -72,7 +72,7 @@ def test_two_real_looking_series_convert_like_dcm2niix(tmp_path: Path):
         mine, result = matches[0]
         assert np.abs(mine.affine - theirs.affine).max() < 0.1  # within 0.1 mm (and 0.1 in direction terms)
         geometry = result.slice_geometry
-        assert 0 < geometry["inplane_drift_mm"] < 0.2 and geometry["inplane_drift_px"] <= DRIFT_TOLERANCE_PX
+        assert 0 < geometry["inplane_drift_mm"] < 0.2 and geometry["inplane_drift_px"] <= default_tolerances().drift_px
         assert 0.5 < geometry["step_spread_pct"] < 5 and any("drift" in n for n in result.notes)
 
 
@@ -126,18 +126,27 @@ def test_step_tolerance_thin_and_thick_slices():
 
 
 def test_tolerances_are_settings_whose_defaults_are_the_config():
-    from medseg.config import dicom_settings, load_config
-    from medseg.errors import ConfigError
-    from medseg.io.dicom_geometry import DEFAULT_TOLERANCES, DicomTolerances
+    import dataclasses
 
-    assert DicomTolerances(**load_config(None).inference.dicom.model_dump()) == DEFAULT_TOLERANCES
+    import yaml
+
+    from medseg.config import dicom_settings
+    from medseg.errors import ConfigError
+    from medseg.io.dicom_geometry import DicomTolerances
+
+    # the defaults have one home: base.yaml's inference.dicom, read as YAML here (the dataclass declares none)
+    base = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "base.yaml").read_text())
+    assert dataclasses.asdict(default_tolerances()) == base["inference"]["dicom"]
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(DicomTolerances))
     above = _stack(10, 3.0, drift=np.r_[0.0, np.full(9, 0.26 * 0.5)])
-    wider = DicomTolerances(drift_px=0.3)
+    with pytest.raises(InputError):
+        stack_geometry(*above, (0.5, 0.5), what="s")
+    wider = dataclasses.replace(default_tolerances(), drift_px=0.3)
     assert stack_geometry(*above, (0.5, 0.5), what="s", tolerances=wider).drift_px == pytest.approx(0.26)
     uneven = _stack(6, 5.0, steps=np.array([5.0, 5.3, 5.0, 5.0, 5.0]))
-    stack_geometry(*uneven, (0.5, 0.5), what="s", tolerances=DicomTolerances(step_relative=0.1))
+    stack_geometry(*uneven, (0.5, 0.5), what="s", tolerances=dataclasses.replace(default_tolerances(), step_relative=0.1))
     with pytest.raises(InputError) as err:
-        stack_geometry(*_stack(4, 3.0), (0.5, 0.5), what="s", tolerances=DicomTolerances(min_slices=5))
+        stack_geometry(*_stack(4, 3.0), (0.5, 0.5), what="s", tolerances=dataclasses.replace(default_tolerances(), min_slices=5))
     assert err.value.code == "DICOM_TOO_FEW_SLICES"
     assert dicom_settings(None, ["drift_px=0.5", "min_slices=2"]).drift_px == 0.5
     for bad, code in (("drift_px=-1", "CONFIG_INVALID_VALUE"), ("drift=0.5", "CONFIG_UNKNOWN_KEY"),
