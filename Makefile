@@ -3,7 +3,7 @@
 #
 # TORCH_SPEC picks the torch build. The default is the CPU build used on CI machines (where a local wheel or
 # TORCH_INDEX provides it); GPU users: `make demo TORCH_INDEX=https://download.pytorch.org/whl/cu128`, or install a
-# CUDA torch into .venv first (see README). Everything else stays on the lock either way.
+# CUDA torch into .venv first (see docs/install-and-lock.md). Everything else stays on the lock either way.
 #
 # make lock          re-resolve the newest releases within pyproject.toml's ranges and rewrite the lock
 # make test-latest   the suite against the newest releases, in a scratch venv (not CI's path); prints what moved

@@ -357,7 +357,7 @@ def serve(
     port: int = typer.Option(11112, "--port", "-p", min=0, max=65535, help="DICOM port to listen on (0: any free port, printed)."),
     ae_title: str = typer.Option("MEDSEG", "--ae-title", help="This listener's AE title."),
     dest: str | None = typer.Option(None, "--dest", metavar="AE@HOST:PORT", help="C-STORE each series' DICOM results to this peer (e.g. the PACS)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 listens on every interface (see README 'PACS' security notes)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 listens on every interface (see docs/pacs.md, security notes)."),
     output_type: str = typer.Option("dicom-seg", "--output-type", "-t", help=output_help()),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
