@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from medseg.errors import ConfigError
@@ -12,7 +12,8 @@ T = TypeVar("T")  # a builder function, or an entry that holds one (models.regis
 
 
 class Registry(Generic[T]):
-    """A named collection of builders.
+    """A named collection of builders, or of catalogue entries (metrics, output formats) kept in the order they
+    were added; it reads like a mapping (``in``, ``[name]``, iteration over names, ``values()``).
 
     Args:
         kind: What the registry holds, for messages (e.g. ``"model"``).
@@ -28,12 +29,36 @@ class Registry(Generic[T]):
         """Decorator registering a builder under ``name``."""
 
         def decorator(fn: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = fn
-            return fn
+            return self.add(name, fn)
 
         return decorator
+
+    def add(self, name: str, entry: T) -> T:
+        """Adds ``entry`` under ``name`` (after the entries added before it).
+
+        Raises:
+            ValueError: ``name`` is taken.
+        """
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._entries[name] = entry
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __getitem__(self, name: str) -> T:
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def values(self) -> list[T]:
+        """The entries, in the order they were added."""
+        return list(self._entries.values())
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg.errors import InputError
+from medseg.registry import Registry
 
 if TYPE_CHECKING:  # light at import: the CLI builds its help from this catalogue
     from medseg.io.dicom_derived import Producer
@@ -48,15 +49,12 @@ class OutputFormat:
     description: str
 
 
-OUTPUT_FORMATS: dict[str, OutputFormat] = {}
+OUTPUT_FORMATS: Registry[OutputFormat] = Registry("output format", "--output-type")
 
 
 def register_format(fmt: OutputFormat) -> OutputFormat:
     """Adds a format to the catalogue."""
-    if fmt.name in OUTPUT_FORMATS:
-        raise ValueError(f"output format {fmt.name!r} is registered twice")
-    OUTPUT_FORMATS[fmt.name] = fmt
-    return fmt
+    return OUTPUT_FORMATS.add(fmt.name, fmt)
 
 
 def _label_dtype(labels: Volume) -> type:

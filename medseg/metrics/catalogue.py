@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from medseg.registry import Registry
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -44,15 +46,12 @@ class Metric:
     derive: Callable[[dict], float] | None = None
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric", "metrics.csv")
 
 
 def register_metric(metric: Metric) -> Metric:
     """Adds a metric to the catalogue (after those registered before it: the CSV keeps that order)."""
-    if metric.name in METRICS:
-        raise ValueError(f"metric {metric.name!r} is registered twice")
-    METRICS[metric.name] = metric
-    return metric
+    return METRICS.add(metric.name, metric)
 
 
 _EMPTY_OVERLAP = ("undefined (NaN) when both are empty (1 with evaluation.empty_both: perfect); 0 when exactly one "
