@@ -137,8 +137,13 @@ class TrainConfig(_Strict):
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     warmup_epochs: int = Field(ge=0)
-    schedule: Literal["cosine", "poly"]
+    schedule: Literal["cosine", "poly", "plateau"]
     poly_exponent: float = Field(gt=0, description="exponent of the poly schedule, (1 - progress)^exponent")
+    plateau_factor: float = Field(gt=0, lt=1, description="plateau schedule: the LR is multiplied by this when the "
+                                                         "validation Dice stops improving")
+    plateau_patience: int = Field(ge=0, description="plateau schedule: validations without improvement before the LR drops")
+    accumulate: int = Field(ge=1, description="gradient accumulation: each optimizer step sums this many batches "
+                                              "(effective batch = accumulate x batch_size)")
     momentum: float = Field(ge=0, lt=1, description="SGD (Nesterov) momentum")
     deep_supervision_decay: float = Field(gt=0, le=1, description="weight ratio of each coarser deep-supervision output")
     early_stopping: int | None = Field(ge=1, description="stop after this many validations without improvement")

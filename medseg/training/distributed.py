@@ -76,3 +76,12 @@ def gather(obj: object, info: DistInfo) -> list:
     out: list = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def from_main(value: float, info: DistInfo) -> float:
+    """Rank 0's ``value`` on every rank (``value`` itself for one process)."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return float(box[0])

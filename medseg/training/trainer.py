@@ -14,6 +14,7 @@ Run folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -49,7 +50,7 @@ from medseg.training.curves import save_curves
 from medseg.training.data import CaseDataset, PreprocessedCache
 from medseg.training.distill import combined_loss
 from medseg.training.folds import split_cases
-from medseg.training.optim import build_optimizer, lr_factor
+from medseg.training.optim import after_validation, build_optimizer, build_schedule
 from medseg.training.tracker import NullTracker, Tracker
 from medseg.training.validation import validate
 from medseg.transforms.pipeline import (
@@ -165,11 +166,21 @@ def _select_split(dataset: Dataset, cfg: Config, split: tuple[list[str], list[st
 
 def train_step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg: Config, device, use_amp, amp_dtype,
                teachers=None) -> torch.Tensor:
-    """One optimisation step on a batch ``{image (B, C, *patch), label (B, 1, *patch)}``; returns the loss (a
-    non-finite loss skips the update and is returned for the caller to stop on)."""
+    """One optimisation step on one batch ``{image (B, C, *patch), label (B, 1, *patch)}`` (no accumulation);
+    returns the loss (a non-finite loss skips the update and is returned for the caller to stop on)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = backward_step(model, loss_fn, scaler, batch, cfg, device, use_amp, amp_dtype, teachers)
+    if torch.isfinite(loss):
+        optimizer_step(model, optimizer, scaler, scheduler, cfg)
+    return loss
+
+
+def backward_step(model, loss_fn, scaler, batch, cfg: Config, device, use_amp, amp_dtype, teachers=None,
+                  share: float = 1.0) -> torch.Tensor:
+    """Forward and backward of one batch: its gradients, times ``share`` (``1 / train.accumulate``), add to those
+    already in the parameters. Returns the (unscaled) loss; a non-finite one is not backpropagated."""
     image = batch[IMAGE].as_tensor().to(device)  # (B, C, *patch)
     label = batch[LABEL].as_tensor().to(device)  # (B, 1, *patch)
-    optimizer.zero_grad(set_to_none=True)
     try:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             output = model(image)
@@ -177,20 +188,38 @@ def train_step(model, loss_fn, optimizer, scaler, scheduler, batch, cfg: Config,
             if teachers is not None:  # medseg distill: the frozen teachers' softened probabilities of this patch
                 loss = combined_loss(loss, output, teachers.soft_targets(image), cfg.distill.temperature, cfg.distill.weight)
         if torch.isfinite(loss):
-            scaler.scale(loss).backward()
-            if cfg.train.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            scaler.scale(loss * share if share != 1.0 else loss).backward()
     except torch.cuda.OutOfMemoryError:
-        raise TrainingError(
-            "CUDA_OUT_OF_MEMORY",
-            f"GPU out of memory with patch {list(planned(cfg.data.patch_size, 'data.patch_size'))} and batch size {cfg.train.batch_size}",
-            "lower data.patch_size or train.batch_size (or plan.gpu_memory_gb and let the plan choose)",
-        ) from None
+        raise _out_of_memory(cfg) from None
     return loss.detach()
+
+
+def optimizer_step(model, optimizer, scaler, scheduler, cfg: Config) -> None:
+    """The update from the gradients gathered: clipping (``train.grad_clip``), the (AMP-scaled) optimizer step,
+    the schedule's next learning rate."""
+    try:
+        if cfg.train.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+    except torch.cuda.OutOfMemoryError:
+        raise _out_of_memory(cfg) from None
+
+
+def _out_of_memory(cfg: Config) -> TrainingError:
+    return TrainingError(
+        "CUDA_OUT_OF_MEMORY",
+        f"GPU out of memory with patch {list(planned(cfg.data.patch_size, 'data.patch_size'))} and batch size {cfg.train.batch_size}",
+        "lower data.patch_size or train.batch_size (train.accumulate keeps the effective batch), or plan.gpu_memory_gb "
+        "and let the plan choose",
+    )
+
+
+def samples_per_epoch(cfg: Config) -> int:
+    """``iterations_per_epoch`` optimizer steps x ``accumulate`` batches x ``batch_size``."""
+    return cfg.train.iterations_per_epoch * cfg.train.accumulate * planned(cfg.train.batch_size, "train.batch_size")
 
 
 def _init_worker(worker_id: int) -> None:
@@ -255,7 +284,8 @@ class _Run:
 
     @property
     def n_samples(self) -> int:
-        return self.cfg.train.iterations_per_epoch * planned(self.cfg.train.batch_size, "train.batch_size")
+        """Samples per epoch: ``iterations_per_epoch`` optimizer steps of ``accumulate`` batches each."""
+        return samples_per_epoch(self.cfg)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -353,8 +383,7 @@ def _prepare(cfg: Config, run_dir: Path, tracker: Tracker | None, resume: bool,
     augment = build_augment_transforms(cfg)
     train_ds = CaseDataset(_items(train_cases), cache, augment)
     sampler_gen = torch.Generator().manual_seed(cfg.seed + rank.rank)
-    n_samples = cfg.train.iterations_per_epoch * planned(cfg.train.batch_size, "train.batch_size")
-    sampler = torch.utils.data.RandomSampler(train_ds, replacement=True, num_samples=n_samples, generator=sampler_gen)
+    sampler = torch.utils.data.RandomSampler(train_ds, replacement=True, num_samples=samples_per_epoch(cfg), generator=sampler_gen)
     loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                         worker_init_fn=_init_worker)
     return _Run(cfg, plan, run_dir, dataset, rank, device, tracker, train_cases, val_cases, cache, augment,
@@ -378,7 +407,7 @@ def _optimisation(run: _Run, resume: bool) -> None:
         if run.rank.enabled else net
     run.loss_fn = build_loss(cfg.loss)
     run.optimizer = build_optimizer(net.parameters(), cfg.train)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lr_factor(cfg))
+    run.scheduler = build_schedule(run.optimizer, cfg)
     run.use_amp = cfg.train.amp and device.type == "cuda"
     run.amp_dtype = torch.bfloat16 if run.use_amp and torch.cuda.is_bf16_supported() else torch.float16
     run.scaler = torch.amp.GradScaler("cuda", enabled=run.use_amp and run.amp_dtype == torch.float16)
@@ -443,25 +472,36 @@ def _params(run: _Run) -> dict[str, Any]:
 
 
 def _epoch(run: _Run, state: TrainState, epoch: int, progress, bar) -> dict:
-    """One epoch of optimisation steps; returns its record (loss, learning rate, time, throughput).
+    """One epoch of optimisation steps, each over ``train.accumulate`` batches (under torchrun, gradients are
+    synchronised on the last one only); returns its record (loss, learning rate, time, throughput).
 
     Raises:
         TrainingError: ``TRAIN_NONFINITE_LOSS`` naming epoch, step and cases (the best model is kept).
     """
     threads.refresh()  # another program may have started or ended: take the current CPU share
     run.model.train()
-    start, losses = time.perf_counter(), []
+    accumulate = run.cfg.train.accumulate
+    start, losses, pending = time.perf_counter(), [], []
     progress.update(bar, completed=0, description=f"epoch {epoch} iterations")
-    for batch in run.loader:
-        loss = train_step(run.model, run.loss_fn, run.optimizer, run.scaler, run.scheduler, batch, run.cfg, run.device,
-                          run.use_amp, run.amp_dtype, run.distiller)
+    for index, batch in enumerate(run.loader):
+        last = index % accumulate == accumulate - 1
+        if index % accumulate == 0:
+            run.optimizer.zero_grad(set_to_none=True)
+        with run.model.no_sync() if run.rank.enabled and not last else contextlib.nullcontext():
+            loss = backward_step(run.model, run.loss_fn, run.scaler, batch, run.cfg, run.device, run.use_amp,
+                                 run.amp_dtype, run.distiller, 1.0 / accumulate)
         if ddp.any_rank(not bool(torch.isfinite(loss)), run.rank):
             raise TrainingError(
                 "TRAIN_NONFINITE_LOSS",
                 f"loss is not finite at epoch {epoch}, step {state.step}; cases {', '.join(batch['case_id'])} "
                 f"(rank {run.rank.rank})", "lower train.lr or check those cases for extreme intensities; the best model was kept",
             )
-        losses.append(loss.item())
+        pending.append(loss.item())
+        if not last:
+            continue
+        optimizer_step(run.model, run.optimizer, run.scaler, run.scheduler, run.cfg)
+        losses.append(float(np.mean(pending)) if accumulate > 1 else pending[0])
+        pending = []
         state.step += 1
         progress.update(bar, advance=1, description=f"epoch {epoch} loss {losses[-1]:.3f}")
     elapsed = time.perf_counter() - start
@@ -470,15 +510,35 @@ def _epoch(run: _Run, state: TrainState, epoch: int, progress, bar) -> dict:
 
 
 def _validate_and_keep_best(run: _Run, state: TrainState, record: dict) -> bool:
-    """Validates on rank 0 when it is due, saves a better model folder as ``RUN/model``; returns whether early
-    stopping is due."""
+    """Validates on rank 0 when it is due, saves a better model folder as ``RUN/model``, tells the schedule the
+    Dice (every rank: the ``plateau`` schedule's drops must agree); returns whether early stopping is due."""
     cfg, epoch = run.cfg, record["epoch"]
-    if not run.rank.is_main or not (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs):
+    if not (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs):
         return False
+    stop = _validate(run, state, record) if run.rank.is_main else False
+    dice = record.get("val_dice_mean", float("nan"))
+    if run.rank.enabled and cfg.train.schedule == "plateau":
+        dice = ddp.from_main(dice, run.rank)
+    after_validation(run.scheduler, dice)
+    return stop
+
+
+def _validate(run: _Run, state: TrainState, record: dict) -> bool:
+    """Rank 0: Dice per label on the validation cases into ``record`` (the first case's overlay to trackers that
+    show images), the best model folder kept; returns whether early stopping is due."""
+    cfg, epoch = run.cfg, record["epoch"]
     fg_labels = sorted(k for k in run.dataset.labels if k != 0)
-    scores = validate(run.net, run.validator, run.val_ds, fg_labels)
+    show = getattr(run.tracker, "log_overlay", None)
+    seen: dict = {}
+
+    def keep_first(case_id: str, image, pred, ref) -> None:
+        seen.setdefault("case", (case_id, image, pred, ref))
+
+    scores = validate(run.net, run.validator, run.val_ds, fg_labels, on_case=keep_first if show else None)
     record.update({f"val_dice_{run.dataset.labels[lab]}": v for lab, v in scores.items()})
     record["val_dice_mean"] = float(np.nanmean(list(scores.values())))
+    if show and seen:
+        show(*seen["case"], run.dataset.labels, epoch)
     if record["val_dice_mean"] > state.best_metric:
         state.best_metric, state.best_epoch, state.stale = record["val_dice_mean"], epoch, 0
         save_model_dir(run.run_dir / "model", run.net, cfg, run.plan,

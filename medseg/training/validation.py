@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from torch import nn
 
@@ -10,9 +12,12 @@ from medseg.metrics.overlap import per_label_dice
 from medseg.transforms.pipeline import IMAGE, LABEL
 
 
-def validate(model: nn.Module, predictor, val_ds, labels: list[int]) -> dict[int, float]:
+def validate(model: nn.Module, predictor, val_ds, labels: list[int],
+             on_case: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> dict[int, float]:
     """Mean Dice per label over the validation cases, each predicted on its preprocessed grid by ``predictor``
-    (:meth:`medseg.inference.predictor.Predictor.for_network` over ``model``: the code of ``medseg predict``)."""
+    (:meth:`medseg.inference.predictor.Predictor.for_network` over ``model``: the code of ``medseg predict``).
+
+    ``on_case(case_id, image (C, *spatial), prediction, reference)`` sees each case (e.g. the TensorBoard overlay)."""
     was_training = model.training
     model.eval()
     scores: dict[int, list[float]] = {lab: [] for lab in labels}
@@ -20,6 +25,8 @@ def validate(model: nn.Module, predictor, val_ds, labels: list[int]) -> dict[int
         item = val_ds[index]
         pred = predictor.predict_preprocessed(item[IMAGE].as_tensor()).astype(np.int64)  # (X, Y[, Z])
         ref = item[LABEL].as_tensor()[0].cpu().numpy().round().astype(np.int64)
+        if on_case is not None:
+            on_case(str(item["case_id"]), item[IMAGE].as_tensor().cpu().numpy(), pred, ref)
         for lab, value in per_label_dice(pred, ref, labels).items():
             scores[lab].append(value)
     model.train(was_training)
