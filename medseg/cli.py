@@ -31,6 +31,12 @@ THREADS_HELP = ("CPU threads for torch/OpenMP/BLAS: auto (this process's share o
                 "processes running here) or a number.")
 
 
+def _tensorboard_option():
+    return typer.Option(None, "--tensorboard", metavar="DIR", help=(
+        "Also write TensorBoard event files (scalars, validation overlays, graph) into DIR: tracking.tensorboard, "
+        "needs medseg[tensorboard]; `tensorboard --logdir DIR` shows them."))
+
+
 def _threads_option():
     return typer.Option("auto", "--threads", envvar="MEDSEG_THREADS", help=THREADS_HELP)
 
@@ -165,16 +171,17 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint."),
     fold: str | None = typer.Option(None, "--fold", help="Train one cross-validation fold: K or all."),
     folds: str | None = typer.Option(None, "--folds", help="Train folds in sequence, e.g. 0-4; then pool them."),
+    tensorboard: Path | None = _tensorboard_option(),
     threads: str = _threads_option(),
 ) -> None:
     """Train a model, then evaluate it on the validation cases; all tracked in MLflow. Works under torchrun."""
-    from medseg.config import load_config
+    from medseg.config import load_config, with_tensorboard
     from medseg.training.folds import parse_folds
     from medseg.workflow import cross_validate, resume_config
 
     run_dir = _start_run(threads, resume, out, config, "a config")
     if fold is not None or folds is not None:
-        cfg = load_config(config, set_) if config else resume_config(run_dir / "fold_0", set_)
+        cfg = with_tensorboard(load_config(config, set_) if config else resume_config(run_dir / "fold_0", set_), tensorboard)
         selected = parse_folds(fold if fold is not None else folds or "", cfg.data.folds)
         result = cross_validate(cfg, run_dir, selected, resume=resume)
         for r in result.folds:
@@ -184,7 +191,7 @@ def train(
         typer.echo(f"summary: {result.summary_path}")
         return
     cfg = resume_config(run_dir, set_) if resume else load_config(config, set_)
-    _train_tracked(cfg, run_dir, resume, "model")
+    _train_tracked(with_tensorboard(cfg, tensorboard), run_dir, resume, "model")
 
 
 def _start_run(threads: str, resume: bool, out: Path | None, config: str | None, what: str) -> Path:
@@ -229,12 +236,13 @@ def distill(
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/<time>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint (teachers from its teachers.json)."),
+    tensorboard: Path | None = _tensorboard_option(),
     threads: str = _threads_option(),
 ) -> None:
     """Distil one or more trained models into one student: it learns the teachers' averaged softened predictions
     (temperature-scaled KL, distill section) besides the labels. Same tracking, checkpoints, resume and model
     folder as train; the model folder records its teachers."""
-    from medseg.config import load_config
+    from medseg.config import load_config, with_tensorboard
     from medseg.training.distill import saved_teacher_paths, student_config
     from medseg.workflow import resume_config
 
@@ -243,7 +251,7 @@ def distill(
     if not teachers:
         raise MedsegError("CONFIG_MISSING_KEY", "give at least one teacher with -m MODEL_DIR")
     cfg = resume_config(run_dir, set_) if resume else student_config(teachers, load_config(config, set_))
-    _train_tracked(cfg, run_dir, resume, "student", teachers)
+    _train_tracked(with_tensorboard(cfg, tensorboard), run_dir, resume, "student", teachers)
 
 
 def _pacs_option():

@@ -257,6 +257,8 @@ class TrackingConfig(_Strict):
     registered_model: str | None = Field(description="register the logged model under this name")
     alias: str | None = Field(description="alias for the registered version, e.g. candidate")
     system_metrics: bool = Field(description="log CPU/GPU/memory use during training")
+    tensorboard: bool = Field(description="also write TensorBoard event files (medseg[tensorboard])")
+    tensorboard_dir: str | None = Field(description="their folder; null = <run dir>/tensorboard")
 
 
 class DistillConfig(_Strict):
@@ -625,17 +627,27 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-LOCAL_PATHS = ("dataset", "cache_dir")  # data.* keys naming places on this machine (and model.pretrained)
+LOCAL_PATHS = ("dataset", "cache_dir")  # data.* keys naming places on this machine (and model.pretrained,
+# tracking.tensorboard_dir)
 
 
 def shareable(cfg: Config) -> Config:
-    """``cfg`` without the paths of this machine (``data.dataset``, ``data.cache_dir``, ``model.pretrained`` set
-    to null; the pretrained file's name and hash are in ``model.json``): what model
+    """``cfg`` without the paths of this machine (``data.dataset``, ``data.cache_dir``, ``model.pretrained``,
+    ``tracking.tensorboard_dir`` set to null; the pretrained file's name and hash are in ``model.json``): what model
     folders, MLflow params and artifacts record. Input folders are often named after patients, and a model folder
     travels to other sites; the run folder's own ``config.yaml`` keeps the paths so that ``--resume`` finds the
     data."""
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={k: None for k in LOCAL_PATHS}),
-                                  "model": cfg.model.model_copy(update={"pretrained": None})})
+                                  "model": cfg.model.model_copy(update={"pretrained": None}),
+                                  "tracking": cfg.tracking.model_copy(update={"tensorboard_dir": None})})
+
+
+def with_tensorboard(cfg: Config, log_dir: str | Path | None) -> Config:
+    """``cfg`` with TensorBoard switched on into ``log_dir`` (``--tensorboard DIR``); ``cfg`` itself when None."""
+    if log_dir is None:
+        return cfg
+    tracking = cfg.tracking.model_copy(update={"tensorboard": True, "tensorboard_dir": str(log_dir)})
+    return cfg.model_copy(update={"tracking": tracking})
 
 
 def config_hash(cfg: Config) -> str:

@@ -99,6 +99,7 @@ CODES: dict[str, str] = {
     "DISTILL_TEACHER_MISMATCH": "medseg distill with teachers that are exported, disagree with each other, or whose task or preprocessing (spacing, normalisation) is not the student's.",
     # models and inference
     "MODEL_DEPENDENCY_MISSING": "A network whose third-party package (segmentation-models-pytorch, torchvision, transformers, dynamic-network-architectures) is not installed or does not import.",
+    "EXTRA_MISSING": "A feature whose optional extra is not installed (medseg[tensorboard], medseg[lightning]); the hint names the install command.",
     "MODEL_NOT_FOUND": "A model folder that does not exist.",
     "MODEL_DIR_INVALID": "A model folder with files missing or unreadable (or of the wrong kind).",
     "MODEL_CORRUPT": "A model folder whose network file or plan does not match the SHA-256 in model.json.",
@@ -299,6 +300,21 @@ def unwrap(exc: BaseException) -> BaseException:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return exc
+
+
+def require_extra(module: str, extra: str, feature: str) -> None:
+    """Imports ``module`` or refuses ``feature`` naming the optional extra that provides it.
+
+    Raises:
+        ConfigError: ``EXTRA_MISSING``.
+    """
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError("EXTRA_MISSING", f"{feature} needs the {module.split('.')[0]} package ({describe(exc)})",
+                          f"pip install 'medseg[{extra}]'") from None
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:

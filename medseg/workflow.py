@@ -24,7 +24,7 @@ from medseg.metrics.evaluate import evaluate_folders
 from medseg.reporting.report import write_overlays, write_report
 from medseg.tracking import MlflowTracker, resolve_tracking_uri
 from medseg.training.folds import load_or_make_splits
-from medseg.training.tracker import NullTracker, Tracker, tracked_run
+from medseg.training.tracker import NullTracker, Tracker, Trackers, tracked_run
 from medseg.training.trainer import FitResult, fit
 
 log = logging.getLogger(__name__)
@@ -141,11 +141,13 @@ def train_and_validate(
     return result, evaluation
 
 
-RESUMABLE_KEYS = {"train.epochs", "train.early_stopping", "train.val_every"}
+RESUMABLE_KEYS = {"train.epochs", "train.early_stopping", "train.val_every", "tracking.tensorboard",
+                  "tracking.tensorboard_dir"}
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> Config:
-    """The run's saved configuration with ``overrides`` applied (only epochs, early stopping, val_every).
+    """The run's saved configuration with ``overrides`` applied (only epochs, early stopping, val_every and the
+    TensorBoard switch and folder).
 
     Raises:
         ConfigError: ``RESUME_CONFIG_CHANGED`` when another key is overridden.
@@ -218,7 +220,26 @@ def open_run_tracker(cfg: Config, run_dir: Path, run_name: str, resume: bool, st
         write_json(record, {"mlflow_run_id": tracker.run_id, "tracking_uri": uri})
     if cfg.tracking.system_metrics:
         tracker.start_system_metrics()
+    if cfg.tracking.tensorboard:
+        return Trackers(tracker, _tensorboard(cfg, run_dir, resume))
     return tracker
+
+
+def _tensorboard(cfg: Config, run_dir: Path, resume: bool):
+    """The TensorBoard writer of a run: ``tracking.tensorboard_dir`` (a fold's events in ``DIR/<fold folder>``) or
+    ``RUN/tensorboard``; a resumed run drops the events after its last checkpoint's epoch."""
+    from medseg.training.tensorboard import TensorBoardTracker
+
+    log_dir = run_dir / "tensorboard"
+    if cfg.tracking.tensorboard_dir:
+        log_dir = Path(cfg.tracking.tensorboard_dir)
+        if run_dir.name.startswith("fold_"):
+            log_dir = log_dir / run_dir.name
+    progress = run_dir / "checkpoints" / "last.json"
+    purge = None
+    if resume and progress.is_file():
+        purge = int(read_json(progress, "CHECKPOINT_UNREADABLE", "checkpoint record")["epoch"]) + 1
+    return TensorBoardTracker(log_dir, purge_step=purge)
 
 
 @dataclass

@@ -56,6 +56,61 @@ class NullTracker:
         pass
 
 
+class Trackers:
+    """Several trackers as one (MLflow and TensorBoard): every call goes to each; ``run_id`` and ``uri`` are the
+    first's, and so are its extra methods (``log_pytorch_model``, ``start_system_metrics``); ``log_overlay`` and
+    ``log_graph`` go to each tracker that has them.
+
+    Examples:
+        >>> both = Trackers(NullTracker(), NullTracker())
+        >>> both.log_metrics({"dice": 0.9}, step=1); both.run_id is None
+        True
+    """
+
+    def __init__(self, primary: Tracker, *others: Any) -> None:
+        self.members = [primary, *others]
+
+    @property
+    def run_id(self) -> str | None:
+        return self.members[0].run_id
+
+    @property
+    def uri(self) -> str:
+        return self.members[0].uri
+
+    def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
+        for member in self.members:
+            call = getattr(member, method, None)
+            if call is not None:
+                call(*args, **kwargs)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._each("log_params", params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._each("log_metrics", metrics, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._each("log_artifact", path, artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._each("set_tags", tags)
+
+    def log_overlay(self, *args: Any) -> None:
+        self._each("log_overlay", *args)
+
+    def log_graph(self, *args: Any) -> None:
+        self._each("log_graph", *args)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._each("close", status)
+
+    def __getattr__(self, name: str) -> Any:  # the primary's extras
+        if name == "members":
+            raise AttributeError(name)
+        return getattr(self.members[0], name)
+
+
 class tracked_run:
     """Ends ``tracker``'s run when the block ends: ``FAILED`` when it raises (Ctrl-C and SIGTERM included; the
     exception goes on) or when :meth:`fail` was called inside it, ``FINISHED`` otherwise.

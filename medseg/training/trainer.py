@@ -429,6 +429,10 @@ def _restore_or_begin(run: _Run, resume: bool) -> TrainState:
     if not resume:
         if run.rank.is_main:
             run.tracker.log_params(_params(run))
+            graph = getattr(run.tracker, "log_graph", None)
+            if graph is not None:  # TensorBoard: the network for one patch
+                patch = planned(run.cfg.data.patch_size, "data.patch_size")
+                graph(run.net, torch.zeros(1, run.model_info["in_channels"], *patch, device=run.device))
         return TrainState()
     ckpt = load_checkpoint(run.checkpoint_path)
     if len(ckpt["rng"]) != run.rank.world_size:
@@ -531,8 +535,8 @@ def _validate(run: _Run, state: TrainState, record: dict) -> bool:
     show = getattr(run.tracker, "log_overlay", None)
     seen: dict = {}
 
-    def keep_first(case_id: str, image, pred, ref) -> None:
-        seen.setdefault("case", (case_id, image, pred, ref))
+    def keep_first(case_id: str, image, pred, ref, affine) -> None:
+        seen.setdefault("case", (case_id, image, pred, ref, affine))
 
     scores = validate(run.net, run.validator, run.val_ds, fg_labels, on_case=keep_first if show else None)
     record.update({f"val_dice_{run.dataset.labels[lab]}": v for lab, v in scores.items()})
