@@ -288,6 +288,7 @@ def predict(
     threads: str = _threads_option(),
     qc: bool | None = typer.Option(None, "--qc/--no-qc", help="Quality control per case: verdict ok/review with reasons in manifest.json (default: the model's inference.qc.enabled)."),
     save_uncertainty: bool = typer.Option(False, "--save-uncertainty", help="Also write the voxel uncertainty map (uncertainty/, NIfTI 0..1) on the input grid; --preview then shows it."),
+    explain: bool = typer.Option(False, "--explain", help="Also write Grad-CAM saliency maps per label (saliency/, NIfTI 0..1; see medseg explain); --preview and the review report then show them."),
     push: str | None = typer.Option(None, "--push", metavar="[URL]", help="DICOMweb input: store the DICOM results by STOW-RS on the same server (--push alone) or on another DICOMweb root (--push URL)."),
     token_file: Path | None = typer.Option(None, "--token-file", help="DICOMweb bearer token from this file (first line); otherwise from $MEDSEG_DICOMWEB_TOKEN (pacs.token_env). Never give a token on the command line."),
     ca_bundle: Path | None = typer.Option(None, "--ca-bundle", help="CA certificates (PEM) that sign the DICOMweb server's TLS certificate; verification is always on."),
@@ -316,10 +317,12 @@ def predict(
     _claim_threads(threads)
     predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta, fast=fast,
                                          overlap=overlap)
+    if explain:
+        predictor.explainer()  # an exported model is refused before any case is read
     settings = prediction_settings(
         predictor.cfg, dicom=dicom, pacs=pacs, select=select, shard=shard, overwrite=overwrite, resume=resume,
         output_type=output_type, save_probabilities=save_probabilities, stats=stats, preview=preview,
-        allow_tilt=allow_tilt, qc=qc, save_uncertainty=save_uncertainty,
+        allow_tilt=allow_tilt, qc=qc, save_uncertainty=save_uncertainty, explain=explain,
         progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,
     )
     if web:
@@ -356,6 +359,36 @@ def _report_cases(results, out: Path) -> None:
         typer.echo(f"not delivered: {r.case_id}: {r.delivery['error']}", err=True)
     if failed or undelivered:
         raise typer.Exit(1)
+
+
+@app.command()
+def explain(
+    model: Path = typer.Option(..., "--model", "-m", help="PyTorch model folder (from `medseg train`)."),
+    input: Path = typer.Option(..., "--input", "-i", help="An image file or a DICOM series folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: <case>_saliency_<label>.nii.gz (and .png for 2D), <case>_explain.json."),
+    label: list[str] = typer.Option([], "--label", "-l", help="Label name to explain; repeatable (default: every foreground label)."),
+    layer: str | None = typer.Option(None, "--layer", help="Module name of the explained layer (default: the last decoder stage)."),
+    method: str = typer.Option("gradcam", "--method", help="gradcam or gradcampp (MONAI's GradCAM / GradCAM++)."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    threads: str = _threads_option(),
+) -> None:
+    """Where the model looked: a Grad-CAM saliency map per label on the input grid (docs/inference-and-performance.md)."""
+    from medseg.errors import require_exists
+    from medseg.inference.explain import Explainer, write_explanation
+    from medseg.io.readers import case_id, read_volume
+
+    require_exists(input, "input")
+    _claim_threads(threads)
+    explainer = Explainer.from_model_dir(model, device, layer, method)
+    names = explainer.label_values(label)  # an unknown name is refused before the image is read
+    volume = read_volume(input)
+    explanation = explainer.explain(volume, label)
+    written = write_explanation(explanation, volume, out, case_id(input), overwrite)
+    empty = explanation.facts["empty"]
+    typer.echo(f"{len(names)} saliency map(s) ({method} on {explainer.layer}) in {out}"
+               + (f"; empty (the label was not predicted): {', '.join(empty)}" if empty else ""))
+    logging.getLogger(__name__).info("wrote %s", ", ".join(p.name for p in written.values()))
 
 
 @app.command()

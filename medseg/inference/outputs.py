@@ -51,6 +51,13 @@ def write_uncertainty(uncertainty: Volume, target: Path) -> None:
     write_nifti(uncertainty, target, np.uint8, slope=1.0 / 255.0)
 
 
+def write_saliency(saliency: Volume, target: Path) -> None:
+    """The ``--explain`` maps on the input grid, one channel per foreground label (4D when several): uint8 0..255
+    with ``scl_slope`` 1/255, so readers get 0..1."""
+    stored = saliency.with_array((np.clip(saliency.array, 0, 1) * 255).round().astype(np.uint8))
+    write_nifti(stored, target, np.uint8, slope=1.0 / 255.0)
+
+
 def label_volumes_ml(labels: Volume, label_names: dict[int, str]) -> dict[str, float]:
     """Volume in millilitres of every foreground label (area in cm^2 x 1 cm for 2D pictures)."""
     counts = np.bincount(labels.array.ravel(), minlength=max(label_names) + 1)
@@ -59,11 +66,12 @@ def label_volumes_ml(labels: Volume, label_names: dict[int, str]) -> dict[str, f
 
 
 def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict[int, str],
-                  uncertainty: Volume | None = None) -> None:
+                  uncertainty: Volume | None = None, saliency: Volume | None = None) -> None:
     """PNG with the axial, coronal and sagittal planes through the labelled region's centre, in radiological
     convention like the evaluation report's overlays (:func:`medseg.io.orientation.radiological_planes`; 2D
-    pictures: one panel as stored), labels overlaid in colour; with ``uncertainty`` a second row shows the
-    uncertainty map (normalised entropy, 0..1) over the same planes."""
+    pictures: one panel as stored), labels overlaid in colour; with ``uncertainty`` a row shows the
+    uncertainty map (normalised entropy, 0..1) over the same planes, with ``saliency`` (``--explain``) a row the
+    Grad-CAM map (the largest over the labels, 0..1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +79,10 @@ def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict
 
     from medseg.io.orientation import radiological_planes, ras_spacing, to_ras
 
-    arrays = [image.array[:1], labels.array] + ([uncertainty.array] if uncertainty is not None else [])
+    extra = [(uncertainty.array, "uncertainty", "normalised entropy", 255.0)] if uncertainty is not None else []
+    if saliency is not None:
+        extra.append((saliency.array.max(axis=0, keepdims=True), "saliency", "Grad-CAM saliency", 1.0))
+    arrays = [image.array[:1], labels.array] + [e[0] for e in extra]
     if len(image.spatial_shape) == 3:
         ras = [to_ras(a, image.affine)[0][0] for a in arrays]
         fg = np.argwhere(ras[1] > 0)
@@ -82,7 +93,7 @@ def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict
     data = np.asarray(image.array[0], dtype=np.float32)
     lo, hi = np.percentile(data, [1, 99]) if data.size else (0, 1)
     colours = plt.get_cmap("tab10")
-    rows = 1 if uncertainty is None else 2
+    rows = 1 + len(extra)
     fig, axes = plt.subplots(rows, len(views[0]), figsize=(4 * len(views[0]), 4 * rows), squeeze=False)
     for ax, (name, plane, aspect), (_, seg, _) in zip(axes[0], views[0], views[1]):
         ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
@@ -93,17 +104,17 @@ def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict
         ax.imshow(overlay, aspect=aspect)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    if uncertainty is not None:
-        for ax, (name, plane, aspect), (_, unc, _) in zip(axes[1], views[0], views[2]):
+    for row, (_, title, unit, scale) in enumerate(extra, start=1):
+        for ax, (name, plane, aspect), (_, values, _) in zip(axes[row], views[0], views[1 + row]):
             ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
-            shown = ax.imshow(np.ma.masked_less(unc / 255.0, 0.02), cmap="inferno", vmin=0, vmax=1, alpha=0.8,
+            shown = ax.imshow(np.ma.masked_less(values / scale, 0.02), cmap="inferno", vmin=0, vmax=1, alpha=0.8,
                               aspect=aspect)
-            ax.set_title(f"uncertainty, {name}", fontsize=9)
+            ax.set_title(f"{title}, {name}", fontsize=9)
             ax.axis("off")
-        fig.colorbar(shown, ax=list(axes[1]), fraction=0.02, pad=0.01, label="normalised entropy")
+        fig.colorbar(shown, ax=list(axes[row]), fraction=0.02, pad=0.01, label=unit)
     names = ", ".join(f"{k}={v}" for k, v in sorted(label_names.items()) if k)
     fig.suptitle(f"labels: {names} (radiological: patient right on the left)", fontsize=9)
-    if uncertainty is None:
+    if not extra:
         fig.tight_layout()
     atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)

@@ -68,6 +68,7 @@ class Member:
     plan: Plan
     info: dict
     model_dir: Path
+    network: torch.nn.Module | None = None  # the PyTorch network where there is one (explanations need it)
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -88,6 +89,7 @@ class Prediction:
     stats: dict = field(default_factory=dict)
     qc: dict | None = None  # medseg.qc.assess.assess: verdict, score, reasons, signals
     uncertainty: Volume | None = None  # normalised entropy, uint8 0..255 standing for 0..1, on the input grid
+    saliency: Volume | None = None  # Grad-CAM per foreground label (medseg.inference.explain), float32 0..1, input grid
 
 
 class Predictor:
@@ -126,6 +128,7 @@ class Predictor:
         identities = [preprocessing_identity(m.cfg, m.plan) for m in members]
         self._shared_normalisation = all(x == identities[0] for x in identities)
         self._preprocess = build_infer_transforms(first.cfg, first.plan)
+        self._explainer: Any = None
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -141,7 +144,7 @@ class Predictor:
             folder = ModelFolder.read(d)
             net = folder.load_network(dev)
             members.append(Member(load_backend(folder.path, backend, dev, net, folder.info, threads.current()),
-                                  folder.config, folder.plan, folder.info, folder.path))
+                                  folder.config, folder.plan, folder.info, folder.path, net))
         if fast:
             tta, overlap = False, members[0].cfg.inference.fast_overlap if overlap is None else overlap
         return cls(members, dev, tta=tta, overlap=overlap)
@@ -156,7 +159,7 @@ class Predictor:
         def backend(x: torch.Tensor) -> torch.Tensor:
             return final_output(net(x.to(device)))
 
-        return cls([Member(backend, cfg, plan, info, Path("training"))], device)
+        return cls([Member(backend, cfg, plan, info, Path("training"), net)], device)
 
     # ------------------------------------------------------------------------------------------- public
 
@@ -185,6 +188,26 @@ class Predictor:
                                               sigma_scale=self.cfg.inference.gaussian_sigma, device=self.device, accumulate=torch.device("cpu"), dtype=torch.float32):
             out[..., z0:z1] = values.float().cpu()
         return out
+
+    def model_input(self, volume: Volume) -> tuple[torch.Tensor, np.ndarray]:
+        """The network's input for a whole volume: ``(C, *model grid)`` float32, reoriented, resampled and
+        normalised as :meth:`predict_case` feeds its windows, with the model grid's 4x4 affine."""
+        image, model_affine, normalised = self._model_grid(volume)
+        tensor = _as_float32(image)
+        return (tensor if normalised else _apply(self._normalize[0], tensor)), model_affine
+
+    def explainer(self) -> Any:
+        """The Grad-CAM explainer of the (first) model, made once (``medseg predict --explain``;
+        :class:`medseg.inference.explain.Explainer`).
+
+        Raises:
+            ModelError: ``MODEL_DIR_INVALID`` for an exported model (no gradients).
+        """
+        if self._explainer is None:
+            from medseg.inference.explain import Explainer
+
+            self._explainer = Explainer.for_predictor(self)
+        return self._explainer
 
     def predict(self, volume: Volume, on_window: WindowCallback | None = None) -> Volume:
         """Segments one volume; returns the label map ``(1, X, Y[, Z])`` (uint8, or uint16 for >255 labels) on the

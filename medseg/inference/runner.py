@@ -65,6 +65,7 @@ from medseg.inference.outputs import (
     verify_output,
     write_preview,
     write_probabilities,
+    write_saliency,
     write_uncertainty,
 )
 from medseg.inference.predictor import Prediction, Predictor
@@ -94,6 +95,7 @@ class RunOptions:
     save_uncertainty: bool = False  # uncertainty/<case>.nii.gz: normalised entropy on the input grid
     qc: bool | None = None  # QC verdict per case (None: the model's inference.qc.enabled)
     uid_root: str = PYDICOM_ROOT  # new DICOM-SEG / RTSTRUCT UIDs under this prefix (pacs.uid_root)
+    explain: bool = False  # saliency/<case>.nii.gz: Grad-CAM per foreground label (medseg.inference.explain)
 
 
 @dataclass
@@ -249,6 +251,7 @@ def _rebuilt(case: CaseInput, out_dir: Path, options: RunOptions) -> CaseResult 
                label_paths(out_dir, case.case_id, case.path, case.is_dicom, options.output_type).items()}
     extra = {"probabilities": (options.save_probabilities, f"probabilities/{case.case_id}.npz"),
              "uncertainty": (options.save_uncertainty, f"uncertainty/{case.case_id}.nii.gz"),
+             "saliency": (options.explain, f"saliency/{case.case_id}.nii.gz"),
              "preview": (options.preview, f"previews/{case.case_id}.png")}
     targets.update({kind: out_dir / name for kind, (wanted, name) in extra.items() if wanted})
     if not all(verify_output(path) for path in targets.values()):
@@ -424,6 +427,8 @@ def _predict_case(predictor: Predictor, case: CaseInput, result: CaseResult, rea
     prediction = predictor.predict_case(volume, probabilities=options.save_probabilities, on_window=on_window,
                                         qc=options.qc, uncertainty=options.save_uncertainty)
     result.timings["predict_s"] = round(time.perf_counter() - t, 3)
+    if options.explain:
+        _explain(predictor, volume, prediction, result)
     result.qc = prediction.qc
     if prediction.qc and prediction.qc["verdict"] == "review":
         log.warning("case %s: review (%s)", case.case_id, "; ".join(r["text"] for r in prediction.qc["reasons"]))
@@ -432,6 +437,20 @@ def _predict_case(predictor: Predictor, case: CaseInput, result: CaseResult, rea
     if options.stats:
         result.volumes_ml = label_volumes_ml(prediction.labels, predictor.labels)
     return volume, prediction, targets
+
+
+def _explain(predictor: Predictor, volume: Volume, prediction: Prediction, result: CaseResult) -> None:
+    """``--explain``: the case's Grad-CAM maps into ``prediction.saliency`` (a case of other dimensions than the
+    model, a 3D volume through a 2D model, is noted and left without)."""
+    if len(volume.spatial_shape) != predictor.spatial_dims:
+        result.notes.append(f"no explanation: a {predictor.spatial_dims}D model over a {len(volume.spatial_shape)}D image")
+        return
+    t = time.perf_counter()
+    explanation = predictor.explainer().explain(volume)
+    prediction.saliency = explanation.maps
+    result.timings["explain_s"] = round(time.perf_counter() - t, 3)
+    if explanation.facts["empty"]:
+        result.notes.append(f"explanation: empty for {', '.join(explanation.facts['empty'])} (not predicted)")
 
 
 def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction,
@@ -451,9 +470,13 @@ def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction,
         if prediction.uncertainty is not None:
             written["uncertainty"] = target.parent / "uncertainty" / f"{case}.nii.gz"
             write_uncertainty(prediction.uncertainty, written["uncertainty"])
+        if prediction.saliency is not None:
+            written["saliency"] = target.parent / "saliency" / f"{case}.nii.gz"
+            write_saliency(prediction.saliency, written["saliency"])
         if options.preview:
             written["preview"] = target.parent / "previews" / f"{case}.png"
-            write_preview(volume, prediction.labels, written["preview"], predictor.labels, prediction.uncertainty)
+            write_preview(volume, prediction.labels, written["preview"], predictor.labels, prediction.uncertainty,
+                          prediction.saliency)
         outputs = hashes(written, target.parent)
         return WriteOutcome("ok", round(time.perf_counter() - start, 3), outputs=outputs,
                             write_s=round(time.perf_counter() - t, 3))

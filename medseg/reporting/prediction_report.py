@@ -1,8 +1,8 @@
 """``review.html``: the review-first report of a prediction folder (no reference needed).
 
 Cases are listed with ``review`` first, lowest QC score first, with the reasons in plain language, the volume
-of every label, and the case's three-plane preview (``predict --preview``; with ``--save-uncertainty`` the
-preview's second row is the uncertainty map). The model's identity (folder name, weights hash, config hash)
+of every label, and the case's three-plane preview (``predict --preview``; with ``--save-uncertainty`` a row of
+the preview is the uncertainty map, with ``--explain`` a row the Grad-CAM saliency). The model's identity (folder name, weights hash, config hash)
 comes from ``provenance.json``. One self-contained file: figures are embedded.
 """
 
