@@ -228,7 +228,7 @@ def open_run_tracker(cfg: Config, run_dir: Path, run_name: str, resume: bool, st
 def _tensorboard(cfg: Config, run_dir: Path, resume: bool):
     """The TensorBoard writer of a run: ``tracking.tensorboard_dir`` (a fold's events in ``DIR/<fold folder>``) or
     ``RUN/tensorboard``; a resumed run drops the events after its last checkpoint's epoch."""
-    from medseg.training.tensorboard import TensorBoardTracker
+    from medseg.tracking import TensorBoardTracker
 
     log_dir = run_dir / "tensorboard"
     if cfg.tracking.tensorboard_dir:

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("models", "losses", "metrics"), 4),
     **dict.fromkeys(("training", "inference", "qc"), 5),
     **dict.fromkeys(("reporting", "tracking", "deploy", "pacs"), 6),
-    **dict.fromkeys(("cli", "workflow", "sample_data", "__main__"), 7),
+    **dict.fromkeys(("cli", "workflow", "sample_data", "__main__", "lightning"), 7),
 }
 
 

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from medseg.config import load_config
 from medseg.errors import ConfigError
-from medseg.training.tensorboard import TensorBoardTracker
+from medseg.tracking import TensorBoardTracker
 from medseg.training.tracker import NullTracker, Trackers
 from medseg.training.trainer import fit
 
