@@ -79,3 +79,19 @@ def smoke_model_2d(tiny_dataset_2d: Path, tmp_path_factory: pytest.TempPathFacto
          "data.intensity.scheme=rgb", "data.clahe.enabled=true"],
     )
     return fit(cfg, tmp_path_factory.mktemp("run2d"), show_progress=False).model_dir
+
+
+@pytest.fixture
+def fixed_threads(monkeypatch: pytest.MonkeyPatch):
+    """One torch thread count for every run of a test that compares runs bit for bit: CPU reductions split work by
+    thread, and the share medseg takes between epochs (``threads.refresh``) follows the machine's load, which other
+    tests and programs change."""
+    import torch
+
+    from medseg import threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "refresh", lambda: None)
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

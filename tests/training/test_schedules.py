@@ -81,6 +81,7 @@ def test_fit_takes_one_optimizer_step_per_accumulated_batches(tiny_dataset: Path
     assert all(h["samples_per_s"] > 0 for h in result.history)
 
 
+@pytest.mark.usefixtures("fixed_threads")
 def test_plateau_drops_the_rate_on_the_validation_dice_and_resumes_bit_identically(tiny_dataset: Path, tmp_path: Path):
     overrides = ["train.schedule=plateau", "train.plateau_patience=0", "train.plateau_factor=0.5", "train.val_every=1",
                  "train.warmup_epochs=1", "train.iterations_per_epoch=3", "train.lr=1e-7", "inference.qc.calibrate=false"]

@@ -21,6 +21,7 @@ def _events(folder: Path) -> EventAccumulator:
     return reader
 
 
+@pytest.mark.usefixtures("fixed_threads")
 def test_training_writes_mlflows_scalars_overlays_and_the_graph(tiny_dataset: Path, tmp_path: Path):
     cfg = load_config("smoke", [f"data.dataset={tiny_dataset}", "inference.qc.calibrate=false"])
     board = TensorBoardTracker(tmp_path / "tb")
