@@ -60,6 +60,31 @@ def test_lightning_trains_the_numbers_of_medseg_train(tiny_dataset: Path, tmp_pa
     assert any(r.get("val_dice_mean") for r in rows)
 
 
+def test_lightnings_mlflow_and_tensorboard_loggers_and_a_user_callback(tiny_dataset: Path, tmp_path: Path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tiny_dataset)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_logger = MLFlowLogger(experiment_name="lightning", tracking_uri=uri)
+    board = TensorBoardLogger(str(tmp_path / "tb"), name="run")
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_dice_mean", mode="max", save_top_k=1)
+    module, data = from_config(cfg, tmp_path / "run")
+    L.Trainer(**trainer_arguments(cfg), logger=[mlflow_logger, board], callbacks=[best], enable_progress_bar=False,
+              enable_model_summary=False).fit(module, datamodule=data)
+    history = module.state.history
+    metrics = MlflowClient(uri).get_metric_history(mlflow_logger.run_id, "train_loss")
+    assert [m.value for m in sorted(metrics, key=lambda m: m.step)] == pytest.approx([h["train_loss"] for h in history])
+    assert MlflowClient(uri).get_run(mlflow_logger.run_id).data.params["train.epochs"] == "3"  # the config as params
+    events = EventAccumulator(board.log_dir)
+    events.Reload()
+    assert [e.value for e in events.Scalars("val_dice_mean")] == pytest.approx([h["val_dice_mean"] for h in history])
+    assert best.best_model_path and Path(best.best_model_path).is_file()  # the user's callback saw the metric
+    assert float(best.best_model_score) == pytest.approx(max(h["val_dice_mean"] for h in history))
+
+
 @pytest.mark.usefixtures("fixed_threads")
 def test_a_lightning_checkpoint_continues_the_run(tiny_dataset: Path, tmp_path: Path):
     cfg = _cfg(tiny_dataset, "train.schedule=plateau")  # a schedule that does not depend on train.epochs
