@@ -438,6 +438,26 @@ def serve(
                f"{c['refused']} refused, {c['malformed']} malformed, {c['aborted']} aborted association(s)")
 
 
+@app.command("serve-http")
+def serve_http(
+    model: Path = typer.Option(..., "--model", "-m", help="Model folder (a container: /opt/ml/model)."),
+    port: int = typer.Option(8080, "--port", "-p", min=0, max=65535, help="TCP port (SageMaker: 8080)."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
+    max_body_mb: float = typer.Option(512.0, "--max-body-mb", min=0.001, help="Largest request body (larger: 413)."),
+    queue: int = typer.Option(2, "--queue", min=0, help="Requests that may wait for the one in progress (more: 503)."),
+    threads: str = _threads_option(),
+) -> None:
+    """HTTP inference server with SageMaker's contract: GET /ping, POST /invocations (NIfTI, NRRD or a zip of one
+    DICOM series in; the label map, DICOM-SEG or JSON out); see docs/serving-http.md."""
+    from medseg.deploy.http import Service, serve
+    from medseg.errors import require_exists
+
+    require_exists(model, "model folder")
+    _claim_threads(threads)
+    serve(Service(model, device, int(max_body_mb * 2**20), queue), host, port)
+
+
 @app.command()
 def convert(
     input: Path = typer.Option(..., "--input", "-i", help="DICOM folder (all series in it), DICOM file, or any image file."),

@@ -158,6 +158,10 @@ CODES: dict[str, str] = {
     "LISTENER_ABORTED": "An association aborted by the sender: what arrived is kept and processed when its series goes idle.",
     "LISTENER_STOPPED": "A series received but not segmented when the listener stopped; kept for the next start.",
     "DICOM_SEND_FAILED": "A result the listener could not C-STORE to --dest after its retries (the local output stays).",
+    # HTTP serving (medseg serve-http)
+    "REQUEST_TOO_LARGE": "An HTTP request body (or the zip it holds, unpacked) larger than --max-body-mb: answered 413.",
+    "SERVER_BUSY": "More HTTP requests in progress or waiting than --queue allows: answered 503 with Retry-After.",
+    "MODEL_LOADING": "An HTTP request before the model finished loading: answered 503 with Retry-After.",
 }
 
 #: Upper-case strings in medseg's code that are not error codes (environment variables, library settings).
