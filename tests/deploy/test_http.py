@@ -30,6 +30,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_ready(port: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Polls GET /ping until 200 (the model loaded); fails when the server process ends or time runs out."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.2)
+    pytest.fail("the server did not become ready")
+
+
 class Server:
     def __init__(self, proc: subprocess.Popen, port: int) -> None:
         self.proc, self.port = proc, port
@@ -46,17 +60,7 @@ def server(smoke_model: Path) -> Iterator[Server]:
                              "--port", str(port), "-d", "cpu", "--queue", "1", "--max-body-mb", "8"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     server = Server(proc, port)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{server.url}/ping", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        time.sleep(0.2)
-    else:
-        pytest.fail("the server did not become ready")
+    _wait_ready(port, proc)
     yield server
     proc.terminate()
     proc.wait(timeout=60)
@@ -161,13 +165,7 @@ def test_sigterm_finishes_the_request_in_flight(smoke_model: Path, tiny_dataset:
     proc = subprocess.Popen([sys.executable, "-m", "medseg", "serve-http", "-m", str(smoke_model), "--host", "127.0.0.1",
                              "--port", str(port), "-d", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+        _wait_ready(port, proc)
         body = sorted((tiny_dataset / "imagesTs").iterdir())[0].read_bytes()
         sock = _stalled(port, len(body), body[:100])
         time.sleep(0.5)
@@ -214,14 +212,7 @@ def test_the_container_entry_point_serves_sagemakers_model_dir(smoke_model: Path
     proc = subprocess.Popen(["sh", str(script), "--device", "cpu"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
-        deadline, status = time.time() + 120, None
-        while time.time() < deadline and status != 200:
-            try:
-                status = requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code
-            except requests.ConnectionError:
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-                time.sleep(0.2)
-        assert status == 200
+        _wait_ready(port, proc)
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
