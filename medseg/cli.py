@@ -488,7 +488,7 @@ def convert(
 @app.command()
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="Model folder written by `medseg train`."),
-    format: str = typer.Option(..., "--format", "-f", help="onnx or torchscript."),
+    format: str = typer.Option(..., "--format", "-f", help="onnx, torchscript, or mlflow (an MLflow pyfunc model)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Exported model folder (default MODEL_<format>)."),
     quantize: str | None = typer.Option(None, "--quantize", help="int8: dynamic int8 quantisation (ONNX)."),
 ) -> None:
@@ -497,6 +497,9 @@ def export(
     from medseg.models.folder import ModelFolder
 
     folder = export_model(model, format, out, quantize)
+    if format == "mlflow":
+        typer.echo(f"exported: {folder} (MLflow pyfunc model: mlflow.pyfunc.load_model, mlflow models serve)")
+        return
     parity = ModelFolder.read(folder).info["parity"]["max_abs_logit_diff"]
     typer.echo(f"exported: {folder} (max |logit difference| to PyTorch {parity:.2e})")
 

@@ -257,6 +257,7 @@ class TrackingConfig(_Strict):
     registered_model: str | None = Field(description="register the logged model under this name")
     alias: str | None = Field(description="alias for the registered version, e.g. candidate")
     system_metrics: bool = Field(description="log CPU/GPU/memory use during training")
+    log_pyfunc: bool = Field(description="log the best model folder as an MLflow pyfunc model (medseg_model)")
     tensorboard: bool = Field(description="also write TensorBoard event files (medseg[tensorboard])")
     tensorboard_dir: str | None = Field(description="their folder; null = <run dir>/tensorboard")
 

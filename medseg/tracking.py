@@ -164,6 +164,14 @@ class MlflowTracker:
         if cfg.registered_model and cfg.alias and info.registered_model_version is not None:
             self.client.set_registered_model_alias(cfg.registered_model, cfg.alias, str(info.registered_model_version))
 
+    def log_pyfunc_model(self, model_dir: Path) -> None:
+        """Logs a model folder as the MLflow pyfunc model ``medseg_model`` (:mod:`medseg.deploy.pyfunc`)."""
+        from medseg.deploy.pyfunc import log_pyfunc
+
+        self._writing()
+        log_pyfunc(self.run_id, self.uri, model_dir)
+        self.client.update_run(self.run_id, status="RUNNING")  # the run goes on (evaluation); close() ends it
+
     def close(self, status: str = "FINISHED") -> None:
         """Stops system metrics (if started) and marks the run ``FINISHED`` or ``FAILED`` -- unless it was
         attached to, or resumed without anything logged (then its status and end time stay as they were)."""

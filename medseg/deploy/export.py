@@ -95,7 +95,8 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
 
     Args:
         model_dir: A PyTorch model folder written by training.
-        fmt: ``onnx`` or ``torchscript``.
+        fmt: ``onnx`` or ``torchscript`` (a model folder ``medseg predict`` loads), or ``mlflow`` (an MLflow pyfunc
+            model directory around the folder: :mod:`medseg.deploy.pyfunc`).
         out: Output folder (default ``<model_dir>_<fmt>``); must not exist.
         quantize: ``int8`` for dynamic int8 quantisation (ONNX only), or None.
         tolerance: Largest allowed |logit difference| to PyTorch (fp32 exports).
@@ -110,8 +111,12 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
         OutputError: ``OUTPUT_EXISTS``.
     """
     model_dir = Path(model_dir)
+    if fmt == "mlflow" and quantize is None:  # an MLflow pyfunc model around the folder: nothing is converted
+        from medseg.deploy.pyfunc import save_pyfunc
+
+        return save_pyfunc(model_dir, Path(out) if out else model_dir.with_name(f"{model_dir.name}_mlflow"))
     if fmt not in FORMATS:
-        raise ModelError("EXPORT_FORMAT_UNKNOWN", f"unknown export format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+        raise ModelError("EXPORT_FORMAT_UNKNOWN", f"unknown export format {fmt!r}", f"use one of {', '.join(FORMATS)}, mlflow")
     if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
         raise ModelError("EXPORT_FORMAT_UNKNOWN", f"quantize={quantize!r} is only available as int8 with --format onnx")
     net, cfg, plan, info = load_model_dir(model_dir, "cpu")

@@ -602,6 +602,8 @@ def _log_artifacts(run: _Run, state: TrainState) -> None:
     tracker.log_artifact(run_dir / "model", "model")
     tracker.log_artifact(run_dir / "model_last", "model_last")
     tracker.log_metrics({"best_val_dice_mean": state.best_metric, "best_epoch": state.best_epoch})
+    if cfg.tracking.log_pyfunc and hasattr(tracker, "log_pyfunc_model"):
+        tracker.log_pyfunc_model(run_dir / "model")
     if cfg.tracking.log_model and hasattr(tracker, "log_pytorch_model"):
         tracker.log_pytorch_model(run.net, int(run.val_ds[0][IMAGE].shape[0]), len(planned(cfg.data.spacing, "data.spacing")),
                                   int(np.prod(planned(cfg.model.strides, "model.strides"))), cfg.tracking)
