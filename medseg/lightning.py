@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.errors import ConfigError, TrainingError, require_extra
+from medseg.errors import ConfigError, require_extra
 
 require_extra("lightning", "lightning", "medseg.lightning")
 
@@ -143,18 +143,13 @@ class MedsegModule(L.LightningModule):
         image, label = batch[IMAGE].as_tensor(), batch[LABEL].as_tensor()
         loss = deep_supervision_loss(self.run.loss_fn, self.net(image), label, self.run.cfg.train.deep_supervision_decay)
         if not torch.isfinite(loss):
-            raise TrainingError("TRAIN_NONFINITE_LOSS", f"loss is not finite at epoch {self.current_epoch + 1}, batch "
-                                f"{batch_idx}; cases {', '.join(batch['case_id'])}",
-                                "lower train.lr or check those cases for extreme intensities; the best model was kept")
+            raise loop.nonfinite_loss(f"epoch {self.current_epoch + 1}, batch {batch_idx}", batch["case_id"])
         self._losses.append(loss.detach())
         return loss
 
     def on_train_epoch_end(self) -> None:
         run, state, epoch = self.run, self.state, self.current_epoch + 1
-        elapsed = time.perf_counter() - self._started
-        record = {"epoch": epoch, "train_loss": float(np.mean([v.item() for v in self._losses])),
-                  "lr": run.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
-                  "samples_per_s": run.n_samples / elapsed}
+        record = loop.epoch_record(run, epoch, [v.item() for v in self._losses], time.perf_counter() - self._started)
         if loop._validate_and_keep_best(run, state, record):
             self.trainer.should_stop = True
         state.history.append(record)

@@ -170,6 +170,10 @@ def build_app(service: Service):
     def refusal(status: int, code: str, message: str, hint: str | None = None, **headers: str) -> Response:
         return JSONResponse({"error": code, "message": message, "hint": hint}, status_code=status, headers=headers)
 
+    def too_large() -> Response:
+        return refusal(413, "REQUEST_TOO_LARGE", f"the body is larger than {service.max_body_bytes} bytes",
+                       "send one image; medseg serve-http --max-body-mb raises the limit")
+
     async def ping(request: Request) -> Response:
         if service.predictor is not None:
             return JSONResponse({"status": "ok"})
@@ -184,8 +188,7 @@ def build_app(service: Service):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > service.max_body_bytes:
             log.info("request %d: 413 (%s bytes announced)", number, length)
-            return refusal(413, "REQUEST_TOO_LARGE", f"the body is larger than {service.max_body_bytes} bytes",
-                           "send one image; medseg serve-http --max-body-mb raises the limit")
+            return too_large()
         if not service.admit():
             log.info("request %d: 503 (queue full)", number)
             return refusal(503, "SERVER_BUSY", f"{service.queue + 1} requests are in progress or waiting",
@@ -196,8 +199,7 @@ def build_app(service: Service):
                 body += chunk
                 if len(body) > service.max_body_bytes:
                     log.info("request %d: 413 (body passed the limit)", number)
-                    return refusal(413, "REQUEST_TOO_LARGE", f"the body is larger than {service.max_body_bytes} bytes",
-                                   "send one image; medseg serve-http --max-body-mb raises the limit")
+                    return too_large()
             want_json = "application/json" in request.headers.get("accept", "")
             try:
                 content, media = await run_in_threadpool(service.predict, bytes(body), want_json)

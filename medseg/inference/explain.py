@@ -74,6 +74,14 @@ def default_layer(net: nn.Module, example: torch.Tensor, n_labels: int) -> str:
     return [name for name, shape in features if int(np.prod(shape[2:])) == finest][-1]
 
 
+def _network(net: nn.Module | None, folder_name: str) -> nn.Module:
+    """The PyTorch network of a model folder, or ``MODEL_DIR_INVALID`` for an exported one (no gradients)."""
+    if net is None:
+        raise ModelError("MODEL_DIR_INVALID", f"{folder_name} holds an exported network, which has no gradients to "
+                         "explain", "explain with the PyTorch model folder it was exported from")
+    return net
+
+
 @dataclass
 class Explanation:
     """Saliency maps on the input grid: ``maps`` ``(L, *spatial)`` float32 0..1, one channel per label in
@@ -123,11 +131,8 @@ class Explainer:
         from medseg.inference.predictor import Predictor
 
         member = predictor.members[0]
-        if member.network is None:
-            raise ModelError("MODEL_DIR_INVALID", f"{member.model_dir.name} holds an exported network, which has no "
-                             "gradients to explain", "explain with the PyTorch model folder it was exported from")
-        return cls(member.network, Predictor.for_network(member.network, member.cfg, member.plan, member.info,
-                                                         predictor.device), layer, method)
+        net = _network(member.network, member.model_dir.name)
+        return cls(net, Predictor.for_network(net, member.cfg, member.plan, member.info, predictor.device), layer, method)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, device: str = "auto", layer: str | None = None,
@@ -143,10 +148,7 @@ class Explainer:
 
         dev = select_device(device)
         folder = ModelFolder.read(model_dir)
-        net = folder.load_network(dev)
-        if net is None:
-            raise ModelError("MODEL_DIR_INVALID", f"{folder.path.name} holds an exported network, which has no gradients "
-                             "to explain", "explain with the PyTorch model folder it was exported from")
+        net = _network(folder.load_network(dev), folder.path.name)
         return cls(net, Predictor.for_network(net, folder.config, folder.plan, folder.info, dev), layer, method)
 
     def label_values(self, names: Sequence[str] = ()) -> list[int]:

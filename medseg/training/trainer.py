@@ -188,7 +188,7 @@ def backward_step(model, loss_fn, scaler, batch, cfg: Config, device, use_amp, a
             if teachers is not None:  # medseg distill: the frozen teachers' softened probabilities of this patch
                 loss = combined_loss(loss, output, teachers.soft_targets(image), cfg.distill.temperature, cfg.distill.weight)
         if torch.isfinite(loss):
-            scaler.scale(loss * share if share != 1.0 else loss).backward()
+            scaler.scale(loss * share).backward()
     except torch.cuda.OutOfMemoryError:
         raise _out_of_memory(cfg) from None
     return loss.detach()
@@ -495,22 +495,29 @@ def _epoch(run: _Run, state: TrainState, epoch: int, progress, bar) -> dict:
             loss = backward_step(run.model, run.loss_fn, run.scaler, batch, run.cfg, run.device, run.use_amp,
                                  run.amp_dtype, run.distiller, 1.0 / accumulate)
         if ddp.any_rank(not bool(torch.isfinite(loss)), run.rank):
-            raise TrainingError(
-                "TRAIN_NONFINITE_LOSS",
-                f"loss is not finite at epoch {epoch}, step {state.step}; cases {', '.join(batch['case_id'])} "
-                f"(rank {run.rank.rank})", "lower train.lr or check those cases for extreme intensities; the best model was kept",
-            )
+            raise nonfinite_loss(f"epoch {epoch}, step {state.step}", batch["case_id"], f" (rank {run.rank.rank})")
         pending.append(loss.item())
         if not last:
             continue
         optimizer_step(run.model, run.optimizer, run.scaler, run.scheduler, run.cfg)
-        losses.append(float(np.mean(pending)) if accumulate > 1 else pending[0])
+        losses.append(float(np.mean(pending)))
         pending = []
         state.step += 1
         progress.update(bar, advance=1, description=f"epoch {epoch} loss {losses[-1]:.3f}")
-    elapsed = time.perf_counter() - start
+    return epoch_record(run, epoch, losses, time.perf_counter() - start)
+
+
+def epoch_record(run: _Run, epoch: int, losses: list[float], elapsed: float) -> dict:
+    """What an epoch logs and ``history.json`` keeps: mean training loss, learning rate, time and throughput (the
+    Lightning module records its epochs with it too)."""
     return {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": run.optimizer.param_groups[0]["lr"],
             "epoch_time_s": elapsed, "samples_per_s": run.n_samples * run.rank.world_size / elapsed}
+
+
+def nonfinite_loss(where: str, cases: list[str], rank: str = "") -> TrainingError:
+    """``TRAIN_NONFINITE_LOSS`` naming where (epoch, step) and the batch's case IDs."""
+    return TrainingError("TRAIN_NONFINITE_LOSS", f"loss is not finite at {where}; cases {', '.join(cases)}{rank}",
+                         "lower train.lr or check those cases for extreme intensities; the best model was kept")
 
 
 def _validate_and_keep_best(run: _Run, state: TrainState, record: dict) -> bool:
