@@ -8,6 +8,7 @@
 # make lock          re-resolve the newest releases within pyproject.toml's ranges and rewrite the lock
 # make test-latest   the suite against the newest releases, in a scratch venv (not CI's path); prints what moved
 # make test-torchvision  the model tests with torchvision (smp, deeplabv3) beside a CUDA torch; CI runs it after make test
+# make test-litert   the LiteRT (tflite) export tests in their own venv (litert-torch brings jax and more); CI runs it
 PYTHON ?= python3
 VENV ?= .venv
 LOCK ?= requirements/lock.txt
@@ -23,11 +24,13 @@ CPU_NETWORKS := transformers
 NO_DEPS := dynamic-network-architectures
 TV_VENV ?= .venv-torchvision
 TV_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+LITERT_VENV ?= .venv-litert
+LITERT_LOCK ?= requirements/litert.txt
 BIN := $(VENV)/bin
 TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
 PIP = $(1)/bin/python -m pip install -q
 
-.PHONY: demo test test-quick lint install lock test-latest test-torchvision clean
+.PHONY: demo test test-quick lint install lock test-latest test-torchvision test-litert clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +88,20 @@ $(TV_VENV)/.installed: pyproject.toml $(LOCK)
 test-torchvision: $(TV_VENV)/.installed
 	MEDSEG_REQUIRE_ALL_NETWORKS=1 $(TV_VENV)/bin/python -m pytest tests/models $(PYTEST_ARGS)
 
+# medseg[litert] (litert-torch, ai-edge-litert, at the versions of requirements/litert.txt) beside the locked torch
+# and medseg: its converter pulls jax, torchao and the LiteRT converter, which the main lock keeps out.
+$(LITERT_VENV)/.installed: pyproject.toml $(LOCK) $(LITERT_LOCK)
+	rm -rf $(LITERT_VENV)
+	$(PYTHON) -m venv $(LITERT_VENV)
+	$(call PIP,$(LITERT_VENV)) -c $(LOCK) pip setuptools wheel
+	$(call PIP,$(LITERT_VENV)) -c $(LOCK) $(TORCH_FLAGS) "$(TORCH_SPEC)"
+	$(call PIP,$(LITERT_VENV)) -c $(LOCK) --build-constraint $(LOCK) -e ".[test]"
+	$(call PIP,$(LITERT_VENV)) -r $(LITERT_LOCK) "$(TORCH_SPEC)"
+	touch $@
+
+test-litert: $(LITERT_VENV)/.installed
+	MEDSEG_REQUIRE_LITERT=1 $(LITERT_VENV)/bin/python -m pytest tests/deploy/test_litert.py $(PYTEST_ARGS)
+
 lock:
 	rm -rf $(LATEST_VENV)
 	$(MAKE) $(LATEST_VENV)/.installed LATEST_TORCH_SPEC="$(TORCH_SPEC)"
@@ -98,4 +115,4 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf demo_output .pytest_cache $(TV_VENV)
+	rm -rf demo_output .pytest_cache $(TV_VENV) $(LITERT_VENV)

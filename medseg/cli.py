@@ -254,6 +254,52 @@ def distill(
     _train_tracked(with_tensorboard(cfg, tensorboard), run_dir, resume, "student", teachers)
 
 
+@app.command()
+def prune(
+    model: Path = typer.Option(..., "--model", "-m", help="Model folder written by `medseg train` (a MONAI UNet)."),
+    ratio: float = typer.Option(..., "--ratio", "-r", help="Share of every layer's channels to remove, e.g. 0.25 or 0.5."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/<time>)."),
+    dataset: Path | None = typer.Option(None, "--dataset", help="The training dataset (needed to fine-tune)."),
+    finetune: str = typer.Option("distill", "--finetune", help="distill (labels + the unpruned model's predictions), train (labels only) or none."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs (default: a quarter of the model's train.epochs)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applies to the fine-tuning run."),
+    threads: str = _threads_option(),
+) -> None:
+    """Remove channels from a trained network (structured pruning, torch-pruning), then fine-tune the narrower
+    network briefly. Writes RUN/pruned (pruned, not fine-tuned) and, fine-tuned, RUN/model as train does."""
+    from medseg.config import load_config
+    from medseg.fsutil import check_output_dir
+    from medseg.models.folder import CONFIG, ModelFolder
+    from medseg.training.prune import prune_network, record_pruning, save_pruned
+
+    _claim_threads(threads)
+    if finetune not in ("distill", "train", "none"):
+        raise MedsegError("CONFIG_INVALID_VALUE", f"--finetune {finetune!r} is not distill, train or none")
+    if finetune != "none" and dataset is None:
+        raise MedsegError("CONFIG_MISSING_KEY", "fine-tuning needs the training data: give --dataset DIR",
+                          "or --finetune none for the pruned network alone")
+    run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    check_output_dir(run_dir, "run folder", create=False)
+    folder = ModelFolder.read(model)
+    net = folder.load_network("cpu")
+    if net is None:
+        raise MedsegError("MODEL_DIR_INVALID", f"{folder.name} is an exported ({folder.format}) model folder",
+                          "prune the PyTorch model folder it was exported from")
+    result = prune_network(net, folder.config, folder.in_channels, len(folder.labels), folder.spatial_dims, ratio)
+    pruned = save_pruned(folder, result, ratio, run_dir / "pruned")
+    share = result.parameters_after / result.parameters_before
+    typer.echo(f"pruned: {pruned} (model.channels {list(result.cfg.model.channels or ())}, {result.parameters_after} "
+               f"parameters = {share:.0%} of {result.parameters_before})")
+    if finetune == "none":
+        return
+    n = epochs or max(1, folder.config.train.epochs // 4)
+    cfg = load_config(pruned / CONFIG, [f"data.dataset={dataset}", f"model.pretrained={pruned}", f"train.epochs={n}", *set_])
+    _train_tracked(cfg, run_dir, False, "pruned model", [model] if finetune == "distill" else None)
+    record = {**ModelFolder.read(pruned).info["pruning"], "finetune": finetune, "finetune_epochs": n}
+    for name in ("model", "model_last"):
+        record_pruning(run_dir / name, record)
+
+
 def _pacs_option():
     return typer.Option([], "--pacs", metavar="KEY=VALUE", help=(
         "DICOM networking setting (repeatable): uid_root, token_env, timeout_s, retries, backoff_s, max_series_mb, "
@@ -273,7 +319,7 @@ def predict(
     model: list[Path] = typer.Option(..., "--model", "-m", help="Model folder from `medseg train`; repeat for an ensemble (probabilities averaged)."),
     output_type: str = typer.Option("nifti", "--output-type", "-t", help=output_help()),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime, openvino, tensorrt (NVIDIA GPU, ONNX folder) or litert (tflite folder)."),
     tta: bool | None = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
     fast: bool = typer.Option(False, "--fast", help="Lower overlap (inference.fast_overlap) and no TTA."),
     overlap: float | None = typer.Option(None, "--overlap", min=0.0, max=0.95, help="Sliding-window overlap."),
@@ -401,7 +447,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 listens on every interface (see docs/pacs.md, security notes)."),
     output_type: str = typer.Option("dicom-seg", "--output-type", "-t", help=output_help()),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or openvino."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime, openvino, tensorrt (NVIDIA GPU, ONNX folder) or litert (tflite folder)."),
     tta: bool | None = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
     allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted series instead of refusing them."),
     dicom: list[str] = _dicom_option(),
@@ -488,20 +534,24 @@ def convert(
 @app.command()
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="Model folder written by `medseg train`."),
-    format: str = typer.Option(..., "--format", "-f", help="onnx, torchscript, or mlflow (an MLflow pyfunc model)."),
+    format: str = typer.Option(..., "--format", "-f", help="onnx, torchscript, tflite (LiteRT, 2D networks), or mlflow (an MLflow pyfunc model)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Exported model folder (default MODEL_<format>)."),
-    quantize: str | None = typer.Option(None, "--quantize", help="int8: dynamic int8 quantisation (ONNX)."),
+    quantize: str | None = typer.Option(None, "--quantize", help="int8: dynamic int8 quantisation (ONNX) or static post-training quantisation calibrated on the training cases (tflite)."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="tflite int8: the training dataset whose cases calibrate the int8 ranges."),
 ) -> None:
-    """Export the network to ONNX or TorchScript as a model folder `medseg predict` loads directly."""
+    """Export the network to ONNX, TorchScript or LiteRT as a model folder `medseg predict` loads directly."""
     from medseg.deploy.export import export_model
     from medseg.models.folder import ModelFolder
 
-    folder = export_model(model, format, out, quantize)
+    folder = export_model(model, format, out, quantize, calibration=calibration)
     if format == "mlflow":
         typer.echo(f"exported: {folder} (MLflow pyfunc model: mlflow.pyfunc.load_model, mlflow models serve)")
         return
-    parity = ModelFolder.read(folder).info["parity"]["max_abs_logit_diff"]
-    typer.echo(f"exported: {folder} (max |logit difference| to PyTorch {parity:.2e})")
+    parity = ModelFolder.read(folder).info["parity"]
+    if "label_agreement" in parity:
+        typer.echo(f"exported: {folder} (labels equal to PyTorch's on {parity['label_agreement']:.2%} of calibration pixels)")
+        return
+    typer.echo(f"exported: {folder} (max |logit difference| to PyTorch {parity['max_abs_logit_diff']:.2e})")
 
 
 @app.command()

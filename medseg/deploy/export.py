@@ -90,16 +90,19 @@ def _parity(folder: Path, info: dict, fmt: str, wrapped: torch.nn.Module, inputs
 
 
 def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None, quantize: str | None = None,
-                 tolerance: float = 1e-4) -> Path:
+                 tolerance: float = 1e-4, calibration: str | Path | None = None) -> Path:
     """Exports a model folder.
 
     Args:
         model_dir: A PyTorch model folder written by training.
-        fmt: ``onnx`` or ``torchscript`` (a model folder ``medseg predict`` loads), or ``mlflow`` (an MLflow pyfunc
-            model directory around the folder: :mod:`medseg.deploy.pyfunc`).
+        fmt: ``onnx``, ``torchscript`` or ``tflite`` (2D networks: :mod:`medseg.deploy.litert`) -- a model folder
+            ``medseg predict`` loads --, or ``mlflow`` (an MLflow pyfunc model directory around the folder:
+            :mod:`medseg.deploy.pyfunc`).
         out: Output folder (default ``<model_dir>_<fmt>``); must not exist.
-        quantize: ``int8`` for dynamic int8 quantisation (ONNX only), or None.
-        tolerance: Largest allowed |logit difference| to PyTorch (fp32 exports).
+        quantize: ``int8`` for dynamic int8 quantisation (ONNX), full-integer post-training quantisation
+            (tflite, calibrated on ``calibration``), or None.
+        tolerance: Largest allowed |logit difference| to PyTorch (fp32 ONNX/TorchScript exports).
+        calibration: The training dataset folder (tflite int8).
 
     Returns:
         The exported model folder.
@@ -115,10 +118,17 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
         from medseg.deploy.pyfunc import save_pyfunc
 
         return save_pyfunc(model_dir, Path(out) if out else model_dir.with_name(f"{model_dir.name}_mlflow"))
-    if fmt not in FORMATS:
-        raise ModelError("EXPORT_FORMAT_UNKNOWN", f"unknown export format {fmt!r}", f"use one of {', '.join(FORMATS)}, mlflow")
-    if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
-        raise ModelError("EXPORT_FORMAT_UNKNOWN", f"quantize={quantize!r} is only available as int8 with --format onnx")
+    if fmt not in (*FORMATS, "tflite"):
+        raise ModelError("EXPORT_FORMAT_UNKNOWN", f"unknown export format {fmt!r}", f"use one of {', '.join(FORMATS)}, tflite, mlflow")
+    if quantize not in (None, "int8") or (quantize and fmt not in ("onnx", "tflite")):
+        raise ModelError("EXPORT_FORMAT_UNKNOWN", f"quantize={quantize!r} is only available as int8 with --format onnx or tflite")
+    if fmt == "tflite":
+        from medseg.deploy.litert import export_litert
+
+        target = Path(out) if out else model_dir.with_name(f"{model_dir.name}_tflite{'_int8' if quantize else ''}")
+        if target.exists():
+            raise OutputError("OUTPUT_EXISTS", f"{target} exists", "choose another -o or remove it")
+        return export_litert(model_dir, target, quantize, Path(calibration) if calibration else None)
     net, cfg, plan, info = load_model_dir(model_dir, "cpu")
     from medseg.models.registry import spec_of
 

@@ -1,11 +1,20 @@
 """Inference backends for the sliding-window predictor: ``torch`` (PyTorch weights or TorchScript),
-``onnxruntime`` and ``openvino`` (ONNX model folders from ``medseg export``).
+``onnxruntime``, ``openvino`` and ``tensorrt`` (ONNX model folders from ``medseg export``), ``litert`` (LiteRT
+folders from ``medseg export -f tflite``).
 
 Each backend is a callable mapping a float32 batch ``(B, C, *spatial)`` to logits ``(B, K, *spatial)`` as a
 torch tensor. ``auto`` picks the backend that matches the folder: torch for ``weights.pt`` and ``model.ts``,
-onnxruntime for ``model.onnx``. The non-torch backends are optional extras; a missing one is reported with the
-package to install. OpenVINO runs with f32 inference precision (its default on recent CPUs is bf16, which moves
-logits by about 0.1).
+onnxruntime for ``model.onnx``, litert for ``model.tflite``. The non-torch backends are optional extras; a missing
+one is reported with the package to install. OpenVINO runs with f32 inference precision (its default on recent
+CPUs is bf16, which moves logits by about 0.1).
+
+``tensorrt`` (fp16) and ``tensorrt-fp32`` run an ONNX folder through ONNX Runtime's TensorRT execution provider
+(``medseg[tensorrt]``: onnxruntime-gpu and tensorrt), chosen over TensorRT's own Python API because it reads the
+ONNX folder medseg already exports and checks, falls back to CUDA kernels for any node TensorRT cannot take, and
+caches engines itself. Engines are built on first use with one optimisation profile, batch 1 to the sliding
+window's batch at the model's patch size (all the sliding window feeds), and cached in
+``MODEL_DIR/tensorrt/<GPU>_trt<version>_<precision>/`` (ONNX Runtime's file names add the model hash and shapes),
+so another GPU, TensorRT version or precision builds its own. Without CUDA it is refused (``BACKEND_NEEDS_GPU``).
 """
 
 from __future__ import annotations
@@ -19,10 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.errors import ModelError
+from medseg.errors import ModelError, require_extra
 
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt", "tensorrt-fp32", "litert")
 Backend = Callable[[torch.Tensor], torch.Tensor]
+LITERT_FILE = "model.tflite"
 
 
 def _need(module: str, package: str, backend: str) -> None:
@@ -42,17 +52,23 @@ def folder_format(model_dir: Path, info: dict | None = None) -> str:
 
 
 def load_backend(model_dir: Path, name: str, device: torch.device, net: torch.nn.Module | None = None,
-                 info: dict | None = None, threads: int | None = None) -> Backend:
-    """The backend ``name`` for a model folder.
+                 info: dict | None = None, threads: int | None = None, batch: int = 1) -> Backend:
+    """The backend ``name`` for a model folder (``batch``: the most windows one call gets; TensorRT's profile).
 
     Raises:
-        ModelError: ``BACKEND_UNKNOWN``, ``BACKEND_UNAVAILABLE`` (naming the package), ``BACKEND_NEEDS_EXPORT``.
+        ModelError: ``BACKEND_UNKNOWN``, ``BACKEND_UNAVAILABLE`` (naming the package), ``BACKEND_NEEDS_EXPORT``,
+            ``BACKEND_NEEDS_GPU``.
     """
     if name not in BACKENDS:
         raise ModelError("BACKEND_UNKNOWN", f"unknown backend {name!r}", f"use one of {', '.join(BACKENDS)}")
     fmt = folder_format(model_dir, info)
     if name == "auto":
-        name = "onnxruntime" if fmt == "onnx" else "torch"
+        name = {"onnx": "onnxruntime", "tflite": "litert"}.get(fmt, "torch")
+    if name == "litert" or fmt == "tflite":
+        if fmt != "tflite" or name != "litert":
+            raise ModelError("BACKEND_NEEDS_EXPORT", f"backend {name} does not run a {fmt} model folder",
+                             "litert runs folders written by medseg export -f tflite (and only it runs them)")
+        return LiteRTInterpreter(model_dir / LITERT_FILE, threads)
     if name == "torch":
         if fmt == "onnx":
             raise ModelError("BACKEND_NEEDS_EXPORT", f"{model_dir} holds an ONNX model", "use --backend onnxruntime or openvino")
@@ -71,6 +87,8 @@ def load_backend(model_dir: Path, name: str, device: torch.device, net: torch.nn
         raise ModelError("BACKEND_NEEDS_EXPORT", f"backend {name} needs an ONNX model folder",
                          f"run: medseg export -m {model_dir} --format onnx")
     path = str(model_dir / "model.onnx")
+    if name.startswith("tensorrt"):
+        return _tensorrt(model_dir, path, device, batch, fp16=name == "tensorrt")
     if name == "onnxruntime":
         _need("onnxruntime", "onnxruntime", "onnx")
         import onnxruntime as ort
@@ -87,6 +105,81 @@ def load_backend(model_dir: Path, name: str, device: torch.device, net: torch.nn
     settings = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
     compiled = ov.Core().compile_model(path, "CPU", settings)
     return lambda x: torch.from_numpy(np.asarray(compiled(np.ascontiguousarray(x.cpu().numpy(), np.float32))[0]))
+
+
+def _tensorrt(model_dir: Path, path: str, device: torch.device, batch: int, fp16: bool) -> Backend:
+    """ONNX Runtime with the TensorRT execution provider (CUDA for what TensorRT cannot take)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ModelError("BACKEND_NEEDS_GPU", "backend tensorrt runs only on an NVIDIA GPU with CUDA, and "
+                         f"{'this machine has none' if not torch.cuda.is_available() else f'the device is {device}'}",
+                         "use --backend onnxruntime (CPU) or openvino, or predict on a CUDA machine with --device cuda")
+    _need("onnxruntime", "onnxruntime-gpu", "tensorrt")
+    _need("tensorrt", "tensorrt", "tensorrt")
+    import onnx
+    import onnxruntime as ort
+    import tensorrt
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        raise ModelError("BACKEND_UNAVAILABLE", "this onnxruntime has no TensorRT execution provider",
+                         "pip install onnxruntime-gpu tensorrt (or medseg[tensorrt]) in place of onnxruntime")
+    from medseg.models.folder import ModelFolder
+
+    folder = ModelFolder.read(model_dir)
+    patch = "x".join(str(int(p)) for p in folder.config.data.patch_size or ())
+    channels = folder.in_channels
+    input_name = onnx.load(path, load_external_data=False).graph.input[0].name
+    gpu = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(device))
+    cache = model_dir / "tensorrt" / f"{gpu}_trt{tensorrt.__version__}_{'fp16' if fp16 else 'fp32'}"
+    cache.mkdir(parents=True, exist_ok=True)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    trt = {"device_id": index, "trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
+           "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+           "trt_profile_min_shapes": f"{input_name}:1x{channels}x{patch}",
+           "trt_profile_opt_shapes": f"{input_name}:{batch}x{channels}x{patch}",
+           "trt_profile_max_shapes": f"{input_name}:{batch}x{channels}x{patch}"}
+    session = ort.InferenceSession(path, providers=[("TensorrtExecutionProvider", trt),
+                                                    ("CUDAExecutionProvider", {"device_id": index})])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {input_name: np.ascontiguousarray(x.float().cpu().numpy(), np.float32)})[0]
+        return torch.from_numpy(out).to(x.device)
+
+    return run
+
+
+class LiteRTInterpreter:
+    """A ``model.tflite`` in the LiteRT interpreter: float32 ``(B, C, *patch)`` in, float32 logits out (int8 inputs
+    and outputs are quantised and dequantised with the model's own scale and zero point)."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        require_extra("ai_edge_litert.interpreter", "litert", "the LiteRT backend")
+        from ai_edge_litert.interpreter import Interpreter as LiteRT
+
+        self.runtime = LiteRT(model_path=str(path), num_threads=threads)
+        self.runtime.allocate_tensors()
+        self.input = self.runtime.get_input_details()[0]
+        self.output = self.runtime.get_output_details()[0]
+        self.shape = tuple(int(s) for s in self.input["shape"])
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(batch.detach().cpu().numpy(), np.float32)
+        if tuple(x.shape[1:]) != self.shape[1:]:
+            raise ModelError("MODEL_DIR_INVALID", f"this LiteRT model takes windows of {list(self.shape[2:])} "
+                             f"({self.shape[1]} channel(s)), not {list(x.shape[1:])}",
+                             "predict with the model's own data.patch_size (its config.yaml)")
+        return torch.from_numpy(np.stack([self._one(item[None]) for item in x]))
+
+    def _one(self, x: np.ndarray) -> np.ndarray:
+        if self.input["dtype"] == np.int8:
+            scale, zero = self.input["quantization"]
+            x = np.clip(np.round(x / scale) + zero, -128, 127).astype(np.int8)
+        self.runtime.set_tensor(self.input["index"], x)
+        self.runtime.invoke()
+        y = self.runtime.get_tensor(self.output["index"])[0]
+        if self.output["dtype"] == np.int8:
+            scale, zero = self.output["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y.astype(np.float32)
 
 
 def channels_last_3d(net: nn.Module) -> nn.Module:

@@ -136,14 +136,15 @@ class Predictor:
     def from_model_dir(cls, model_dir: str | Path | Sequence[str | Path], device: str = "auto", backend: str = "auto",
                        *, tta: bool | None = None, fast: bool = False, overlap: float | None = None) -> Predictor:
         """Loads one model folder or several (an ensemble) onto ``device`` (``auto|cpu|cuda|mps``) with ``backend``
-        (``auto|torch|onnxruntime|openvino``). ``fast`` uses ``inference.fast_overlap`` and no TTA."""
+        (``auto|torch|onnxruntime|openvino|tensorrt|tensorrt-fp32|litert``). ``fast`` uses ``inference.fast_overlap`` and no TTA."""
         dev = select_device(device)
         dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
         members = []
         for d in dirs:
             folder = ModelFolder.read(d)
             net = folder.load_network(dev)
-            members.append(Member(load_backend(folder.path, backend, dev, net, folder.info, threads.current()),
+            members.append(Member(load_backend(folder.path, backend, dev, net, folder.info, threads.current(),
+                                               folder.config.inference.sw_batch_size),
                                   folder.config, folder.plan, folder.info, folder.path, net))
         if fast:
             tta, overlap = False, members[0].cfg.inference.fast_overlap if overlap is None else overlap

@@ -99,7 +99,7 @@ def save_model_dir(path: Path, model: nn.Module, cfg: Config, plan: Plan, info: 
     return path
 
 
-EXPORTED_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+EXPORTED_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "tflite": "model.tflite"}
 #: model.json key of an exported folder's network file hash (a PyTorch folder records ``weights_sha256``).
 NETWORK_HASH = "network_sha256"
 
@@ -179,7 +179,7 @@ class ModelFolder:
 
     @property
     def format(self) -> str:
-        """``pytorch``, ``onnx`` or ``torchscript``."""
+        """``pytorch``, ``onnx``, ``torchscript`` or ``tflite``."""
         return str(self.info.get("format", "pytorch"))
 
     @property

@@ -97,7 +97,7 @@ def test_clear_errors(smoke_model: Path, tmp_path: Path, monkeypatch):
         load_backend(smoke_model, "onnxruntime", torch.device("cpu"))
     assert info.value.code == "BACKEND_NEEDS_EXPORT" and "medseg export" in info.value.hint
     with pytest.raises(ModelError) as info:
-        load_backend(smoke_model, "tensorrt", torch.device("cpu"))
+        load_backend(smoke_model, "coreml", torch.device("cpu"))
     assert info.value.code == "BACKEND_UNKNOWN"
     with pytest.raises(ModelError):
         export_model(smoke_model, "torchscript", tmp_path / "x", quantize="int8")
