@@ -96,6 +96,7 @@ $(LITERT_VENV)/.installed: pyproject.toml $(LOCK) $(LITERT_LOCK)
 	$(call PIP,$(LITERT_VENV)) -c $(LOCK) pip setuptools wheel
 	$(call PIP,$(LITERT_VENV)) -c $(LOCK) $(TORCH_FLAGS) "$(TORCH_SPEC)"
 	$(call PIP,$(LITERT_VENV)) -c $(LOCK) --build-constraint $(LOCK) -e ".[test]"
+	$(call PIP,$(LITERT_VENV)) -c $(LOCK) --no-deps $(NO_DEPS)
 	$(call PIP,$(LITERT_VENV)) -r $(LITERT_LOCK) "$(TORCH_SPEC)"
 	touch $@
 

@@ -19,6 +19,8 @@ from medseg.inference.predictor import Predictor
 from medseg.io.readers import read_volume
 from medseg.models.folder import ModelFolder
 
+import network_sizes
+
 HAVE_LITERT = importlib.util.find_spec("litert_torch") is not None and importlib.util.find_spec("ai_edge_litert") is not None
 needs_litert = pytest.mark.skipif(not HAVE_LITERT and not os.environ.get("MEDSEG_REQUIRE_LITERT"),
                                   reason="medseg[litert] is not installed (make test-litert)")
@@ -51,6 +53,27 @@ def trained_2d(tiny_dataset_2d: Path, tmp_path_factory: pytest.TempPathFactory) 
                                 "data.intensity.scheme=rgb", "model.channels=[8, 16, 32]", "model.strides=[2, 2]",
                                 "train.epochs=6", "train.iterations_per_epoch=15", "train.val_every=6"])
     return fit(cfg, tmp_path_factory.mktemp("run2d_litert"), show_progress=False).model_dir
+
+
+@needs_litert
+@pytest.mark.parametrize("name,dims", [p for p in network_sizes.entries() if p.values[1] == 2])
+def test_every_2d_network_converts_within_tolerance(name: str, dims: int, tmp_path: Path):
+    """The contract: each 2D registry entry (random weights, smallest size) converts and runs in the interpreter with
+    logits within 1e-3 of PyTorch (the export's own check, on two random inputs, fails it otherwise)."""
+    from medseg.config import load_config
+    from medseg.models import build_model
+    from medseg.models.folder import save_model_dir
+    from medseg.plan.planner import Plan
+
+    cfg = load_config("smoke", [f"model.name={name}", *network_sizes.SMALL[name], "data.spacing=[1.0, 1.0]",
+                                "data.patch_size=[64, 64]"])
+    torch.manual_seed(0)
+    net = build_model(cfg.model, 2, 1, 3)
+    plan = Plan(2, [1.0, 1.0], [64, 64], 2, list(cfg.model.channels), list(cfg.model.strides), ["zscore"], [{}], False, "test")
+    source = save_model_dir(tmp_path / name, net, cfg, plan, {"labels": {0: "bg", 1: "a", 2: "b"}, "spatial_dims": 2,
+                                                              "in_channels": 1})
+    out = export_model(source, "tflite", tmp_path / "tflite")
+    assert ModelFolder.read(out).info["parity"]["max_abs_logit_diff"] < 1e-3
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
