@@ -325,7 +325,7 @@ def predict(
     overlap: float | None = typer.Option(None, "--overlap", min=0.0, max=0.95, help="Sliding-window overlap."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     resume: bool = typer.Option(False, "--resume", help="Skip cases whose outputs are complete (recorded hash matches)."),
-    shard: str = typer.Option("0/1", "--shard", help="i/n: predict every n-th case starting at i (split a folder across workers)."),
+    shard: str = typer.Option("0/1", "--shard", help="i/n: predict every n-th case starting at i (split a folder across workers); auto: i and n from a Slurm array job or a Kubernetes indexed Job."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write float16 class probabilities (.npz)."),
     stats: bool = typer.Option(False, "--stats", help="Volume in mL per label per case (stats.csv and manifest)."),
     preview: bool = typer.Option(False, "--preview", help="PNG overlay of three orthogonal slices per case (previews/)."),

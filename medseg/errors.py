@@ -116,7 +116,7 @@ CODES: dict[str, str] = {
     "PRUNE_UNSUPPORTED": "A network medseg prune cannot narrow into a configuration it can rebuild (only MONAI UNet).",
     "EXPORT_FAILED": "A network that neither ONNX exporter (dynamo, then TorchScript-based) could turn into a graph that runs at several input sizes.",
     "EXPORT_PARITY_FAILED": "An exported network whose logits differ from PyTorch's by more than the tolerance.",
-    "SHARD_INVALID": "A --shard that is not i/n with 0 <= i < n.",
+    "SHARD_INVALID": "A --shard that is not i/n with 0 <= i < n, or --shard auto outside a Slurm array job or a Kubernetes indexed Job (or with its variables incomplete).",
     "PREDICTION_FAILED": "A workflow in which no case could be predicted.",
     "OUT_OF_MEMORY": "The machine ran out of memory (an allocation failed) for this case or command.",
     "RUN_INTERRUPTED": "The command was stopped by SIGINT (Ctrl-C) or SIGTERM; what was complete is recorded (--resume continues).",
@@ -175,6 +175,9 @@ NOT_CODES = frozenset({
     # RT ROI Interpreted Type values (labels.<name>.rt_type in the config)
     "TREATED_VOLUME", "IRRAD_VOLUME", "CONTRAST_AGENT", "BRACHY_CHANNEL", "BRACHY_ACCESSORY", "BRACHY_SRC_APP",
     "BRACHY_CHNL_SHLD", "DOSE_REGION",
+    # the job schedulers' variables that --shard auto reads
+    "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
+    "JOB_COMPLETION_INDEX", "MEDSEG_SHARD_COUNT",
 })
 
 

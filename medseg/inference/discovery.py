@@ -14,6 +14,7 @@ path, DICOM folder or DICOM file name (PACS exports name them after patients) re
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,15 +125,62 @@ def shard(cases: list[CaseInput], index: int, count: int) -> list[CaseInput]:
     return cases[index::count]
 
 
+#: The environment ``--shard auto`` reads (:func:`scheduler_shard`).
+SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
+KUBERNETES_VARS = ("JOB_COMPLETION_INDEX", "MEDSEG_SHARD_COUNT")
+
+
+def scheduler_shard(environ: dict[str, str] | None = None) -> tuple[int, int]:
+    """``--shard auto``: this worker's ``(index, count)`` from the job scheduler that started it.
+
+    - a Slurm array job (``sbatch --array=A-B[:S]``): index ``(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / step``
+      of ``SLURM_ARRAY_TASK_COUNT`` (arrays may start at 1 and step; a ``%`` limit does not change the count);
+    - a Kubernetes indexed Job (``completionMode: Indexed``): ``JOB_COMPLETION_INDEX``, which Kubernetes sets, of
+      ``MEDSEG_SHARD_COUNT``, which the Job sets to its ``completions`` (Kubernetes passes no count).
+
+    Raises:
+        InputError: ``SHARD_INVALID`` outside both (every worker would take every case, into one folder), or for
+            values that are not whole numbers or give no valid shard.
+    """
+    env = dict(os.environ if environ is None else environ)
+    try:
+        if "SLURM_ARRAY_TASK_ID" in env:
+            task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+            first, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+            index, rest = divmod(task - first, step)
+            found = "Slurm array task"
+        elif "JOB_COMPLETION_INDEX" in env:
+            index, rest, found = int(env["JOB_COMPLETION_INDEX"]), 0, "Kubernetes indexed Job"
+            if "MEDSEG_SHARD_COUNT" not in env:
+                raise InputError("SHARD_INVALID", "--shard auto in a Kubernetes indexed Job needs MEDSEG_SHARD_COUNT",
+                                 "set it in the Job's env to spec.completions")
+            count = int(env["MEDSEG_SHARD_COUNT"])
+        else:
+            raise InputError("SHARD_INVALID", "--shard auto found neither a Slurm array job nor a Kubernetes indexed Job",
+                             "run it as an sbatch --array task or an Indexed Job, or give --shard i/n")
+    except (KeyError, ValueError) as exc:
+        raise InputError("SHARD_INVALID", f"--shard auto: the scheduler's variables are incomplete or not numbers "
+                         f"({type(exc).__name__}: {exc})", "give --shard i/n") from None
+    if rest:
+        raise InputError("SHARD_INVALID", f"--shard auto: {found} {index} is off the array's step")
+    shard([], index, count)
+    import logging
+
+    logging.getLogger(__name__).info("--shard auto: %s, shard %d of %d", found, index, count)
+    return index, count
+
+
 def parse_shard(text: str) -> tuple[int, int]:
-    """``"2/8"`` -> ``(2, 8)``.
+    """``"2/8"`` -> ``(2, 8)``; ``"auto"`` -> :func:`scheduler_shard`.
 
     Raises:
         InputError: ``SHARD_INVALID``.
     """
+    if text.strip().lower() == "auto":
+        return scheduler_shard()
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise InputError("SHARD_INVALID", f"--shard expects i/n (e.g. 0/4), got {text!r}") from None
+        raise InputError("SHARD_INVALID", f"--shard expects i/n (e.g. 0/4) or auto, got {text!r}") from None
     shard([], index, count)
     return index, count

@@ -9,6 +9,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import network_sizes
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,6 @@ from medseg.errors import ConfigError, ModelError
 from medseg.inference.predictor import Predictor
 from medseg.io.readers import read_volume
 from medseg.models.folder import ModelFolder
-
-import network_sizes
 
 HAVE_LITERT = importlib.util.find_spec("litert_torch") is not None and importlib.util.find_spec("ai_edge_litert") is not None
 needs_litert = pytest.mark.skipif(not HAVE_LITERT and not os.environ.get("MEDSEG_REQUIRE_LITERT"),

@@ -194,3 +194,72 @@ def test_nrrd_label_output_keeps_the_input_geometry(predictor, tiny_dataset: Pat
     a, b = read_sitk(tmp_path / "nrrd" / "ct_003.nrrd"), read_nifti(tmp_path / "nifti" / "ct_003.nii.gz")
     assert a.same_grid(b, atol_mm=1e-4) and np.array_equal(a.array, b.array)
     assert np.asarray(a.array).dtype == np.uint8
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0"}, (2, 4)),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}, (0, 3)),  # --array=1-3
+    ({"SLURM_ARRAY_TASK_ID": "14", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "10",
+      "SLURM_ARRAY_TASK_STEP": "2"}, (2, 4)),  # --array=10-16:2
+    ({"JOB_COMPLETION_INDEX": "5", "MEDSEG_SHARD_COUNT": "8"}, (5, 8)),
+])
+def test_shard_auto_reads_the_scheduler(env: dict, expected: tuple, monkeypatch):
+    from medseg.inference.discovery import KUBERNETES_VARS, SLURM_VARS, parse_shard
+
+    for name in (*SLURM_VARS, *KUBERNETES_VARS):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert parse_shard("auto") == expected
+
+
+@pytest.mark.parametrize("env", [
+    {},  # no scheduler: every worker would take every case
+    {"JOB_COMPLETION_INDEX": "1"},  # Kubernetes gives no count
+    {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0"},  # index out of range
+    {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "10",
+     "SLURM_ARRAY_TASK_STEP": "2"},  # off the step
+    {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "4"},
+])
+def test_shard_auto_refusals(env: dict, monkeypatch):
+    from medseg.errors import InputError
+    from medseg.inference.discovery import KUBERNETES_VARS, SLURM_VARS, parse_shard
+
+    for name in (*SLURM_VARS, *KUBERNETES_VARS):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InputError) as info:
+        parse_shard("auto")
+    assert info.value.code == "SHARD_INVALID"
+
+
+def test_shard_auto_workers_split_the_folder_and_resume(smoke_model: Path, tiny_dataset: Path, tmp_path: Path,
+                                                        monkeypatch):
+    """Two Slurm array tasks (--array=1-2) run `medseg predict --shard auto` into one folder: together they predict
+    every case once; a task run again with --resume skips its finished cases."""
+    from medseg.inference.discovery import KUBERNETES_VARS, SLURM_VARS
+
+    for name in (*SLURM_VARS, *KUBERNETES_VARS):
+        monkeypatch.delenv(name, raising=False)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(tiny_dataset / "imagesTr", inputs)
+    args = ["-q", "predict", "-i", str(inputs), "-o", str(out), "-m", str(smoke_model), "--shard", "auto", "--no-qc"]
+    done = {}
+    for task in (1, 2):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+        result = CliRunner().invoke(app, [*args, "--resume"] if task == 1 else args)  # --resume on a fresh folder too
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / f"manifest.shard-{task - 1}-of-2.json").read_text())
+        done[task] = sorted(c["case_id"] for c in manifest["cases"] if c["status"] == "ok")
+    assert done == {1: ["ct_000", "ct_002"], 2: ["ct_001"]}
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["ct_000.nii.gz", "ct_001.nii.gz", "ct_002.nii.gz"]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    stamp = (out / "ct_000.nii.gz").stat().st_mtime_ns
+    again = CliRunner().invoke(app, [*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    manifest = json.loads((out / "manifest.shard-0-of-2.json").read_text())
+    assert sorted(c["case_id"] for c in manifest["cases"]) == ["ct_000", "ct_002"]
+    assert (out / "ct_000.nii.gz").stat().st_mtime_ns == stamp  # finished cases were not predicted again
