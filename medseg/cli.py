@@ -71,8 +71,11 @@ def _root(
     handler = RichHandler(show_path=False, show_time=False, markup=False, console=_stderr_console())
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", handlers=[handler])
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "onnxscript", "onnx_ir", "torch.onnx", "pynetdicom",
-                  "dicomweb_client"):
+                  "dicomweb_client", "absl", "jax", "litert_torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # LiteRT export's environment: torchao's kernels for other GPUs and torch.export's deprecation notices
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger("nibabel").setLevel(logging.CRITICAL)  # a damaged header is reported once, by its code
 
 

@@ -112,6 +112,11 @@ def export_litert(model_dir: Path, out: Path, quantize: str | None, calibration:
     net = folder.load_network("cpu")
     if net is None:
         raise ModelError("MODEL_DIR_INVALID", f"{folder.name} is already an exported ({folder.format}) model folder")
+    import os
+    import warnings
+
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")  # its step-by-step console lines (set y to see them)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the converter's C++ start-up lines
     require_extra("litert_torch", "litert", "LiteRT export")
     import litert_torch
 
@@ -125,7 +130,8 @@ def export_litert(model_dir: Path, out: Path, quantize: str | None, calibration:
     target = tmp / LITERT_FILE
     try:
         patches = calibration_patches(folder, calibration) if quantize == "int8" and calibration else []
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's pytree deprecations
             if quantize == "int8":
                 from litert_torch.quantize import pt2e_quantizer, quant_config
                 from torchao.quantization.pt2e import quantize_pt2e

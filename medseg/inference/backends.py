@@ -152,6 +152,9 @@ class LiteRTInterpreter:
     and outputs are quantised and dequantised with the model's own scale and zero point)."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
+        import os
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the runtime's C++ start-up lines
         require_extra("ai_edge_litert.interpreter", "litert", "the LiteRT backend")
         from ai_edge_litert.interpreter import Interpreter as LiteRT
 
