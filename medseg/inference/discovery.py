@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.errors import InputError, require_exists
+from medseg.errors import InputError, describe, require_exists
 from medseg.io.dicom_headers import DicomSeries, file_label, is_dicom_file, scan_paths, uid_hash, walk_files
 from medseg.io.readers import case_id as file_case_id
 from medseg.io.readers import image_entries, is_supported, unique_ids
@@ -160,7 +160,7 @@ def scheduler_shard(environ: dict[str, str] | None = None) -> tuple[int, int]:
                              "run it as an sbatch --array task or an Indexed Job, or give --shard i/n")
     except (KeyError, ValueError) as exc:
         raise InputError("SHARD_INVALID", f"--shard auto: the scheduler's variables are incomplete or not numbers "
-                         f"({type(exc).__name__}: {exc})", "give --shard i/n") from None
+                         f"({describe(exc)})", "give --shard i/n") from None
     if rest:
         raise InputError("SHARD_INVALID", f"--shard auto: {found} {index} is off the array's step")
     shard([], index, count)
