@@ -80,6 +80,16 @@ def _write(fmt: str, exporter: str, wrapped: torch.nn.Module, inputs: list[torch
             quantized.replace(target)
 
 
+def write_exported_info(folder: Path, info: dict, fmt: str, network: Path, source_name: str, **record) -> None:
+    """The exported folder's ``model.json``: the source's description (labels, channels, provenance) without its
+    weights hash, plus the format, the network file's hash, the source weights' hash and ``record`` (quantization,
+    exporter, parity ...)."""
+    source = {k: v for k, v in info.items() if k != "weights_sha256"}
+    write_info(folder / INFO, {**source, "labels": {str(k): v for k, v in info["labels"].items()}, "format": fmt,
+                               NETWORK_HASH: sha256_file(network), "source_weights_sha256": info.get("weights_sha256"),
+                               "exported_from": source_name, **record})
+
+
 def _parity(folder: Path, info: dict, fmt: str, wrapped: torch.nn.Module, inputs: list[torch.Tensor]) -> float:
     """Largest |logit difference| between the exported network in ``folder`` and PyTorch over ``inputs``."""
     from medseg.inference.backends import load_backend
@@ -169,12 +179,8 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
             continue
         if quantize is not None or diff <= tolerance or exporter == exporters[-1]:
             break
-    source = {k: v for k, v in info.items() if k != "weights_sha256"}
-    exported_info = {**source, "labels": {str(k): v for k, v in info["labels"].items()}, "format": fmt,
-                     NETWORK_HASH: sha256_file(target), "source_weights_sha256": info.get("weights_sha256"),
-                     "quantization": quantize, "exporter": exporter, "exported_from": model_dir.resolve().name,
-                     "parity": {"max_abs_logit_diff": diff, "inputs": [list(x.shape) for x in inputs]}}
-    write_info(tmp / INFO, exported_info)
+    write_exported_info(tmp, info, fmt, target, model_dir.resolve().name, quantization=quantize, exporter=exporter,
+                        parity={"max_abs_logit_diff": diff, "inputs": [list(x.shape) for x in inputs]})
     if quantize is None and diff > tolerance:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError("EXPORT_PARITY_FAILED", f"{fmt} export differs from PyTorch by {diff:.2e} (> {tolerance:g})")

@@ -29,9 +29,8 @@ import torch
 from torch import nn
 
 from medseg.errors import ModelError, require_extra
-from medseg.fsutil import sha256_file
 from medseg.inference.backends import LITERT_FILE, LiteRTInterpreter
-from medseg.models.folder import CONFIG, INFO, NETWORK_HASH, PLAN, ModelFolder, write_info
+from medseg.models.folder import CONFIG, PLAN, ModelFolder
 
 
 class CroppedTranspose(nn.Module):
@@ -100,7 +99,7 @@ def export_litert(model_dir: Path, out: Path, quantize: str | None, calibration:
         ConfigError: ``EXTRA_MISSING`` without ``medseg[litert]``; ``CONFIG_MISSING_KEY`` for int8 without a
             calibration dataset.
     """
-    from medseg.deploy.export import _FinalOutput
+    from medseg.deploy.export import _FinalOutput, write_exported_info
     from medseg.errors import ConfigError, describe
 
     folder = ModelFolder.read(model_dir)
@@ -167,11 +166,8 @@ def export_litert(model_dir: Path, out: Path, quantize: str | None, calibration:
             failed = score > tolerance
     for name in (CONFIG, PLAN):
         shutil.copy2(folder.path / name, tmp / name)
-    source = {k: v for k, v in folder.info.items() if k != "weights_sha256"}
-    write_info(tmp / INFO, {**source, "labels": {str(k): v for k, v in folder.labels.items()}, "format": "tflite",
-                            NETWORK_HASH: sha256_file(target), "source_weights_sha256": folder.network_sha256,
-                            "quantization": quantize, "exporter": "litert-torch", "exported_from": folder.name,
-                            "input_shape": [1, folder.in_channels, *patch], "parity": parity})
+    write_exported_info(tmp, folder.info, "tflite", target, folder.name, quantization=quantize, exporter="litert-torch",
+                        input_shape=[1, folder.in_channels, *patch], parity=parity)
     if failed:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError("EXPORT_PARITY_FAILED", f"the LiteRT model differs from PyTorch: {parity}",

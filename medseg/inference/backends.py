@@ -88,7 +88,7 @@ def load_backend(model_dir: Path, name: str, device: torch.device, net: torch.nn
                          f"run: medseg export -m {model_dir} --format onnx")
     path = str(model_dir / "model.onnx")
     if name.startswith("tensorrt"):
-        return _tensorrt(model_dir, path, device, batch, fp16=name == "tensorrt")
+        return _tensorrt(model_dir, path, device, info, batch, fp16=name == "tensorrt")
     if name == "onnxruntime":
         _need("onnxruntime", "onnxruntime", "onnx")
         import onnxruntime as ort
@@ -107,7 +107,7 @@ def load_backend(model_dir: Path, name: str, device: torch.device, net: torch.nn
     return lambda x: torch.from_numpy(np.asarray(compiled(np.ascontiguousarray(x.cpu().numpy(), np.float32))[0]))
 
 
-def _tensorrt(model_dir: Path, path: str, device: torch.device, batch: int, fp16: bool) -> Backend:
+def _tensorrt(model_dir: Path, path: str, device: torch.device, info: dict | None, batch: int, fp16: bool) -> Backend:
     """ONNX Runtime with the TensorRT execution provider (CUDA for what TensorRT cannot take)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ModelError("BACKEND_NEEDS_GPU", "backend tensorrt runs only on an NVIDIA GPU with CUDA, and "
@@ -122,11 +122,12 @@ def _tensorrt(model_dir: Path, path: str, device: torch.device, batch: int, fp16
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         raise ModelError("BACKEND_UNAVAILABLE", "this onnxruntime has no TensorRT execution provider",
                          "pip install onnxruntime-gpu tensorrt (or medseg[tensorrt]) in place of onnxruntime")
-    from medseg.models.folder import ModelFolder
+    from medseg.config import load_config
+    from medseg.models.folder import CONFIG, ModelFolder
 
-    folder = ModelFolder.read(model_dir)
-    patch = "x".join(str(int(p)) for p in folder.config.data.patch_size or ())
-    channels = folder.in_channels
+    # a caller that read and checked the folder passes its model.json: then only the config is read (no second hash)
+    channels = int((info if info is not None else ModelFolder.read(model_dir).info)["in_channels"])
+    patch = "x".join(str(int(p)) for p in load_config(model_dir / CONFIG).data.patch_size or ())
     input_name = onnx.load(path, load_external_data=False).graph.input[0].name
     gpu = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(device))
     cache = model_dir / "tensorrt" / f"{gpu}_trt{tensorrt.__version__}_{'fp16' if fp16 else 'fp32'}"
