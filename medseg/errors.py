@@ -178,6 +178,8 @@ NOT_CODES = frozenset({
     # the job schedulers' variables that --shard auto reads
     "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
     "JOB_COMPLETION_INDEX", "MEDSEG_SHARD_COUNT",
+    # turns medseg.lean_imports off
+    "MEDSEG_MONAI_FULL_IMPORT",
     # environment variables that quiet LiteRT's converter and runtime
     "LITERT_TORCH_SHOW_PROGRESS", "TF_CPP_MIN_LOG_LEVEL",
 })

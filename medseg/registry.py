@@ -18,12 +18,22 @@ class Registry(Generic[T]):
     Args:
         kind: What the registry holds, for messages (e.g. ``"model"``).
         config_key: The config key that names an entry (e.g. ``"model.name"``).
+        loader: Called once before the entries are first read (imports the modules that register them, so a
+            process that never reads the registry never imports them).
     """
 
-    def __init__(self, kind: str, config_key: str) -> None:
+    def __init__(self, kind: str, config_key: str, loader: Callable[[], None] | None = None) -> None:
         self.kind = kind
         self.config_key = config_key
-        self._entries: dict[str, T] = {}
+        self._store: dict[str, T] = {}
+        self._loader = loader
+
+    @property
+    def _entries(self) -> dict[str, T]:
+        if self._loader is not None:
+            loader, self._loader = self._loader, None
+            loader()
+        return self._store
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering a builder under ``name``."""
@@ -39,9 +49,9 @@ class Registry(Generic[T]):
         Raises:
             ValueError: ``name`` is taken.
         """
-        if name in self._entries:
+        if name in self._store:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
-        self._entries[name] = entry
+        self._store[name] = entry
         return entry
 
     def __contains__(self, name: object) -> bool:

@@ -16,7 +16,7 @@ MEDSEG = Path(__file__).resolve().parents[1] / "medseg"
 
 #: The layers, lowest first; a unit is a top-level module or package of medseg.
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(("__init__", "errors", "fsutil", "progress", "threads", "registry", "device"), 0),
+    **dict.fromkeys(("__init__", "errors", "fsutil", "progress", "threads", "registry", "device", "lean_imports"), 0),
     "config": 1,
     "io": 2,
     **dict.fromkeys(("plan", "transforms"), 3),

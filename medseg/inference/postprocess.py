@@ -2,7 +2,8 @@
 of components below a size in mm^3, hole filling. Works in place on the uint8/uint16 label map, one binary
 mask of one label at a time (1 byte per voxel of extra memory).
 
-Components use full connectivity (26 neighbours in 3D, 8 in 2D), like the lesion metrics' default.
+Components use full connectivity (26 neighbours in 3D, 8 in 2D), like the lesion metrics' default, through
+:func:`medseg.plan.statistics.label_components` (``connected-components-3d``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from scipy import ndimage
 from medseg.config import PostprocessConfig
 from medseg.errors import ConfigError
 from medseg.io.volume import Volume
+from medseg.plan.statistics import label_components
 
 
 def _ids(names: list[str] | dict[str, float], labels: dict[int, str]) -> dict[int, str]:
@@ -38,7 +40,6 @@ def postprocess(labels: Volume, cfg: PostprocessConfig, names: dict[int, str]) -
     """
     data = labels.array[0]
     counts = {"removed_components": 0, "removed_voxels": 0, "filled_voxels": 0}
-    structure = ndimage.generate_binary_structure(data.ndim, data.ndim)
     voxel_mm3 = float(abs(np.linalg.det(labels.affine[: data.ndim, : data.ndim])))  # mm^2 per pixel in 2D
     largest = _ids(cfg.largest_component, names)
     per_label = {k: cfg.min_component_mm3_per_label[n] for k, n in _ids(cfg.min_component_mm3_per_label, names).items()}
@@ -51,7 +52,7 @@ def postprocess(labels: Volume, cfg: PostprocessConfig, names: dict[int, str]) -
         if not mask.any():
             continue
         if value in largest or min_mm3 > 0:
-            components, n = ndimage.label(mask, structure=structure)
+            components, n = label_components(mask)
             if n:
                 sizes = np.bincount(components.ravel())[1:]
                 keep = np.ones(n, dtype=bool)

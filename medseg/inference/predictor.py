@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 
 from medseg import threads
 from medseg.config import Config, planned
@@ -51,11 +50,10 @@ from medseg.io.volume import Volume
 from medseg.models.folder import ModelFolder
 from medseg.plan.planner import Plan
 from medseg.qc.signals import QcAccumulator
-from medseg.transforms.intensity import normalization
-from medseg.transforms.pipeline import IMAGE, build_infer_transforms, preprocessing_identity, volume_to_metatensor
+from medseg.transforms.identity import IMAGE, preprocessing_identity
+from medseg.transforms.pointwise import Normalizer, pointwise_normalizer
 
 log = logging.getLogger(__name__)
-POINTWISE = ("ct", "window", "rgb")  # normalisations that act voxel by voxel with fixed parameters
 WindowCallback = Callable[[int, int], None]
 
 
@@ -123,11 +121,14 @@ class Predictor:
         self.overlap = inference.overlap if overlap is None else overlap
         self.sw_batch_size = sw_batch_size or inference.sw_batch_size
         self.spatial_dims = int(first.info["spatial_dims"])
-        self.streaming = all(not m.cfg.data.clahe.enabled and all(s in POINTWISE for s in m.schemes) for m in members)
-        self._normalize = [normalization(m.cfg.data.intensity, m.plan.normalization, m.plan.intensity) for m in members]
+        pointwise = [pointwise_normalizer(m.cfg.data.intensity, m.plan.normalization, m.plan.intensity,
+                                          int(m.info["in_channels"])) for m in members]
+        self.streaming = all(not m.cfg.data.clahe.enabled for m in members) and all(f is not None for f in pointwise)
+        # voxel-wise normalisations (the functions training's transforms wrap) applied to slabs of the stored image
+        self._normalize: list[Normalizer] = [f for f in pointwise if f is not None] if self.streaming else []
         identities = [preprocessing_identity(m.cfg, m.plan) for m in members]
         self._shared_normalisation = all(x == identities[0] for x in identities)
-        self._preprocess = build_infer_transforms(first.cfg, first.plan)
+        self._preprocess_transforms: Any = None
         self._explainer: Any = None
 
     # ------------------------------------------------------------------------------------------- loading
@@ -195,7 +196,7 @@ class Predictor:
         normalised as :meth:`predict_case` feeds its windows, with the model grid's 4x4 affine."""
         image, model_affine, normalised = self._model_grid(volume)
         tensor = _as_float32(image)
-        return (tensor if normalised else _apply(self._normalize[0], tensor)), model_affine
+        return (tensor if normalised else self._normalize[0](tensor)), model_affine
 
     def explainer(self) -> Any:
         """The Grad-CAM explainer of the (first) model, made once (``medseg predict --explain``;
@@ -335,7 +336,11 @@ class Predictor:
         target = np.array(self.members[0].spacing[:dims])
         if self.streaming and np.allclose(spacing, target, rtol=1e-4, atol=0):
             return ras, affine, False
-        image = self._preprocess({IMAGE: volume_to_metatensor(volume)})[IMAGE]
+        from medseg.transforms.pipeline import build_infer_transforms, volume_to_metatensor  # MONAI: only here
+
+        if self._preprocess_transforms is None:
+            self._preprocess_transforms = build_infer_transforms(self.cfg, self.plan)
+        image = self._preprocess_transforms({IMAGE: volume_to_metatensor(volume)})[IMAGE]
         model_affine = np.asarray(image.affine, dtype=np.float64)
         if dims == 2:
             full = np.eye(4)
@@ -394,9 +399,9 @@ class Predictor:
                 slab = torch.softmax(mean.float(), dim=0) if logits else mean
                 probs[..., z0:z1] = slab.to("cpu", torch.float16).numpy()
             if acc is not None:
-                calibrated = torch.softmax(mean.float() / temperature, dim=0) if logits else mean.float()
-                slab_entropy = acc.add(calibrated, label_slab, values[k:] if acc.groups else None)
-                if entropy is not None:
+                slab_entropy = acc.add(mean, label_slab, values[k:] if acc.groups else None,
+                                       temperature=temperature if logits else None, entropy_map=entropy is not None)
+                if entropy is not None and slab_entropy is not None:
                     entropy[..., z0:z1] = (slab_entropy * 255).round().clamp(0, 255).to("cpu", torch.uint8).numpy()
         return labels, probs, entropy
 
@@ -406,7 +411,7 @@ class Predictor:
         return len(self.members) == 1 and not self.tta
 
     def _normalise_slab(self, raw: torch.Tensor) -> torch.Tensor:
-        return _apply(self._normalize[0], raw)
+        return self._normalize[0](raw)
 
     def _network(self, normalised: bool, with_units: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
         """The batch function of the sliding window: the averaged output ``(B, K, ...)`` and, ``with_units``,
@@ -418,15 +423,17 @@ class Predictor:
 
         groups = self._qc_groups() if with_units else {}
 
+        normalizers: list[Normalizer | None] = list(self._normalize) or [None] * len(self.members)
+
         def run(batch: torch.Tensor) -> torch.Tensor:
             total: Any = None
             member_sums: list[Any] = []
             flip_sums: list[Any] = [None] * len(flips)
-            for member, normalize in zip(self.members, self._normalize):
+            for member, normalize in zip(self.members, normalizers):
                 member_sum: Any = None
                 x = batch
-                if per_member:  # raw windows: this member's normalisation, padding (NaN) becomes 0
-                    scaled = _apply(normalize, batch.transpose(0, 1)).transpose(0, 1)
+                if per_member and normalize is not None:  # raw windows: this member's normalisation, NaN padding -> 0
+                    scaled = normalize(batch.transpose(0, 1)).transpose(0, 1)
                     x = torch.where(torch.isnan(batch), 0.0, scaled)
                 x = x.to(self.device)
                 for f, axes in enumerate(flips):
@@ -453,13 +460,6 @@ class Predictor:
             return torch.cat(units, dim=1)
 
         return run
-
-
-def _apply(transform, image: torch.Tensor) -> torch.Tensor:
-    """A MONAI dictionary transform on one ``(C, ...)`` tensor, returned as a plain tensor: MetaTensors carry
-    metadata bookkeeping into every network operation (about 0.3 s per case measured)."""
-    out = transform({IMAGE: image})[IMAGE]
-    return out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
 
 
 def with_cpu_fallback(attempt: Callable[[torch.device], object], device: torch.device):

@@ -3,8 +3,11 @@ spatial axis, and output slabs that no later window touches are finalised and ha
 complete.
 
 Window positions, padding of images smaller than a window and the Gaussian importance map are MONAI's
-(``dense_patch_slices``, ``compute_importance_map``), so results match ``monai.inferers.sliding_window_inference``
-to float rounding. What differs is memory: MONAI keeps a float map per output channel for the whole image; here
+(``dense_patch_slices`` with ``_get_scan_interval``, ``compute_importance_map``), so results match
+``monai.inferers.sliding_window_inference`` to float rounding. They are restated here in a few lines of torch and
+Python rather than imported, so that prediction with an exported model never imports MONAI (about 1.2 s of start-up
+even without its optional integrations, :mod:`medseg.lean_imports`); ``tests/inference/test_sliding_window.py``
+checks them equal to MONAI's over many shapes, overlaps and sigmas. What differs is memory: MONAI keeps a float map per output channel for the whole image; here
 the accumulator spans about one window depth along the last axis (``K x X x Y x (roi_z + step)`` values plus a
 weight map of ``X x Y x (roi_z + step)``), whatever the image's length.
 
@@ -14,12 +17,12 @@ windows from the stored (e.g. int16) image and normalises each batch on the fly.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from monai.data.utils import compute_importance_map, dense_patch_slices
-from monai.inferers.utils import _get_scan_interval
 
 WindowSource = Callable[[Sequence[slice]], torch.Tensor]  # slices of the padded image -> (C, *roi) float32
 Network = Callable[[torch.Tensor], torch.Tensor]  # (B, C, *roi) -> (B, K, *roi)
@@ -49,16 +52,34 @@ class WindowLayout:
 
     def windows(self) -> list[tuple[slice, ...]]:
         """Window slices on the padded image, ordered by their start on the last axis (then MONAI's order)."""
-        n = len(self.roi)
-        interval = _get_scan_interval(self.padded, self.roi, n, (self.overlap,) * n)
-        slices = dense_patch_slices(self.padded, self.roi, interval)
+        starts = [window_starts(size, r, self.overlap) for size, r in zip(self.padded, self.roi)]
+        slices = [tuple(slice(s, s + r) for s, r in zip(corner, self.roi)) for corner in itertools.product(*starts)]
         return sorted(slices, key=lambda s: s[-1].start)
 
 
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window starts along one axis of ``size`` (>= ``roi``) as MONAI places them: a step of
+    ``int(roi * (1 - overlap))`` (at least 1; ``roi`` when the window fits exactly), as many steps as it takes to
+    reach the end, the last window moved back to end at the border (``_get_scan_interval`` and
+    ``dense_patch_slices``)."""
+    step = roi if roi == size else max(int(roi * (1 - overlap)), 1)
+    count = next((d for d in range(math.ceil(size / step)) if d * step + roi >= size), 0) + 1
+    return [d * step - max(d * step + roi - size, 0) for d in range(count)]
+
+
 def importance_map(roi: Sequence[int], mode: str, device: torch.device, sigma_scale: float = 0.125) -> torch.Tensor:
-    """MONAI's window weights: Gaussian (sigma ``sigma_scale`` x window; config ``inference.gaussian_sigma``) or
-    constant."""
-    return compute_importance_map(tuple(roi), mode=mode, sigma_scale=sigma_scale, device=device, dtype=torch.float32)
+    """MONAI's window weights (``compute_importance_map``): Gaussian (sigma ``sigma_scale`` x window; config
+    ``inference.gaussian_sigma``, not normalised, clamped below at its minimum or 1e-3) or constant."""
+    if mode == "constant":
+        weights = torch.ones(tuple(roi), device=device, dtype=torch.float)
+    elif mode == "gaussian":
+        weights = torch.ones((), device=device, dtype=torch.float)
+        for size in roi:
+            x = torch.arange(start=-(size - 1) / 2.0, end=(size - 1) / 2.0 + 1, dtype=torch.float, device=device)
+            weights = weights.unsqueeze(-1) * torch.exp(x**2 / (-2 * (size * sigma_scale) ** 2))
+    else:
+        raise ValueError(f"blend mode {mode!r}: constant or gaussian")
+    return torch.clamp_(weights, min=max(torch.min(weights).item(), 1e-3)).to(torch.float32)
 
 
 class _Ring:

@@ -5,7 +5,8 @@ A network is one module that registers itself with :func:`network`::
     @network("mynet", NetworkSpec(dims=(2, 3), reads=("channels", "strides"), min_deepest=2))
     def mynet(cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module: ...
 
-plus its import in ``medseg/models/__init__.py``. The spec says what the planner, the checks and export need to
+plus its module name in :data:`BUILTIN`; the modules are imported when the registry is first read, so a process
+that only runs an exported model never imports the networks' libraries (MONAI among them). The spec says what the planner, the checks and export need to
 know; :func:`build_model` applies the checks every entry shares (dimensions, deep supervision, size, packages)
 before the builder runs, and :func:`check_network` applies them to a configuration before any case is read.
 """
@@ -72,7 +73,16 @@ class Network:
     spec: NetworkSpec
 
 
-MODELS: Registry[Network] = Registry("model", "model.name")
+#: The modules of ``medseg.models`` that register networks, imported when :data:`MODELS` is first read.
+BUILTIN = ("deeplabv3", "dynunet", "resenc", "segformer", "segresnet", "smp", "swinunetr", "unet", "unetpp")
+
+
+def _import_builtin() -> None:
+    for module in BUILTIN:
+        importlib.import_module(f"medseg.models.{module}")
+
+
+MODELS: Registry[Network] = Registry("model", "model.name", loader=_import_builtin)
 
 
 def network(name: str, spec: NetworkSpec) -> Callable[[Builder], Builder]:

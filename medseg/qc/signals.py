@@ -47,15 +47,42 @@ class QcAccumulator:
     def extra_channels(self) -> int:
         return self.n_classes * sum(self.groups.values())
 
-    def add(self, probs: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-        """Adds one slab: ``probs (K, ...)`` final probabilities, ``labels`` their argmax, ``extra`` the units'
-        probabilities. Returns the slab's normalised entropy (float32, same device)."""
+    def add(self, scores: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor | None, *,
+            temperature: float | None = None, entropy_map: bool = False) -> torch.Tensor | None:
+        """Adds one slab: ``scores (K, ...)`` the final probabilities, or logits when ``temperature`` is given
+        (the probabilities are ``softmax(scores / temperature)``), ``labels`` their argmax, ``extra`` the units'
+        probabilities.
+
+        The per-label sums need the entropy only in and near a predicted structure, so unless ``entropy_map`` is
+        asked for, it is computed only on the voxels that can be in some label's region: predicted as foreground,
+        or with a foreground probability that may reach :data:`NEAR` — from logits through the bound
+        ``p_l <= sigmoid((s_l - s_0) / T)``, so the softmax too runs only there. Those are a small share of a CT;
+        the sums are those of the whole-slab computation.
+
+        Returns:
+            With ``entropy_map``, the slab's normalised entropy (float32, same device); else ``None``.
+        """
         k = self.n_classes
-        p = probs.float()
-        entropy = -(p * torch.log(p.clamp_min(1e-7))).sum(0) / math.log(k)
+        values = scores.float()
+        entropy: torch.Tensor | None = None
+        if entropy_map:
+            p = torch.softmax(values / temperature, dim=0) if temperature is not None else values
+            entropy = _entropy(p, k)
+            lab_sel, p_sel, h_sel = labels, p, entropy
+        else:
+            if temperature is None:
+                candidates = values[1:].amax(0) >= NEAR
+            else:
+                margin = math.log(NEAR / (1 - NEAR)) - 1e-4  # the bound, with room for rounding
+                candidates = (values[1:].amax(0) - values[0]) / temperature >= margin
+            candidates |= labels != 0
+            lab_sel, p_sel = labels[candidates], values[:, candidates]
+            if temperature is not None:
+                p_sel = torch.softmax(p_sel / temperature, dim=0)
+            h_sel = _entropy(p_sel, k)
         for lab in range(1, k):
-            region = (labels == lab) | (p[lab] >= NEAR)
-            self.entropy_sum[lab] += float(torch.where(region, entropy, 0.0).sum())
+            region = (lab_sel == lab) | (p_sel[lab] >= NEAR)
+            self.entropy_sum[lab] += float(torch.where(region, h_sel, 0.0).sum())
             self.entropy_count[lab] += int(region.sum())
         offset = 0
         for g, n in self.groups.items():
@@ -98,3 +125,8 @@ def pairwise_dice(sizes: np.ndarray, inter: np.ndarray) -> float:
             total = sizes[u] + sizes[v]
             scores.append(1.0 if total == 0 else 2.0 * inter[u, v] / total)
     return float(np.mean(scores)) if scores else 1.0
+
+
+def _entropy(p: torch.Tensor, k: int) -> torch.Tensor:
+    """Normalised entropy ``-sum p log p / log K`` over the first axis."""
+    return -(p * torch.log(p.clamp_min(1e-7))).sum(0) / math.log(k)

@@ -1,4 +1,6 @@
-"""Intensity normalisation chosen by ``data.intensity.scheme`` (see :class:`medseg.config.IntensityConfig`)."""
+"""Intensity normalisation chosen by ``data.intensity.scheme`` (see :class:`medseg.config.IntensityConfig`), as MONAI
+dictionary transforms. The voxel-wise schemes (``ct``, ``window``, ``rgb``) wrap the functions of
+:mod:`medseg.transforms.pointwise`, which prediction applies directly."""
 
 from __future__ import annotations
 
@@ -7,23 +9,24 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
+from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityRangePercentilesd
 
 from medseg.config import IntensityConfig
 from medseg.errors import ConfigError
+from medseg.transforms.pointwise import POINTWISE, Normalizer, channel_normalizer
 
 
-class ClipZScored(MapTransform):
-    """Clips to ``[low, high]`` then z-scores with a fixed ``mean``/``std`` (dataset statistics, CT)."""
+class Pointwised(MapTransform):
+    """Applies a voxel-wise normalisation function (:mod:`medseg.transforms.pointwise`) to ``keys``."""
 
-    def __init__(self, keys: KeysCollection, low: float, high: float, mean: float, std: float) -> None:
+    def __init__(self, keys: KeysCollection, function: Normalizer) -> None:
         super().__init__(keys)
-        self.low, self.high, self.mean, self.std = low, high, mean, max(std, 1e-8)
+        self.function = function
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = (torch.clamp(d[key], self.low, self.high) - self.mean) / self.std
+            d[key] = self.function(d[key])
         return d
 
 
@@ -58,21 +61,11 @@ def normalization(cfg: IntensityConfig, schemes: list[str], stats: list[dict[str
 
 
 def _single(cfg: IntensityConfig, scheme: str, stats: dict[str, float], key: str) -> MapTransform:
-    if scheme == "ct":
-        # clip_low/clip_high: plan.ct_clip_percentiles of the foreground; p00_5/p99_5 in plans written before
-        low = stats["clip_low"] if "clip_low" in stats else stats["p00_5"]
-        high = stats["clip_high"] if "clip_high" in stats else stats["p99_5"]
-        return ClipZScored(key, low, high, stats["mean"], stats["std"])
-    if scheme == "window":
-        if cfg.window is None:
-            raise ConfigError("CONFIG_INVALID_VALUE", "data.intensity.window is required for scheme window", "e.g. [-160, 240]")
-        low, high = cfg.window
-        return ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    if scheme in POINTWISE:
+        return Pointwised(key, channel_normalizer(cfg, scheme, stats))
     if scheme == "zscore":
         return NormalizeIntensityd(key, nonzero=True, channel_wise=True)
     if scheme == "percentile":
         low, high = cfg.percentiles
         return ScaleIntensityRangePercentilesd(key, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)
-    if scheme == "rgb":
-        return ScaleIntensityRanged(key, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)
     raise ConfigError("CONFIG_INVALID_VALUE", f"unknown normalisation scheme {scheme!r}")

@@ -14,11 +14,11 @@ import pytest
 import torch
 from skimage import measure
 
-from medseg.inference.predictor import Member, Predictor, _apply
+from medseg.inference.predictor import Member, Predictor
 from medseg.inference.runner import RunOptions, predict_files
 from medseg.io.readers import read_volume
 from medseg.io.volume import Volume
-from medseg.plan.statistics import label_stats
+from medseg.plan.statistics import count_components, label_stats
 from medseg.qc.assess import PLAUSIBILITY
 from medseg.qc.reference import fit_temperature
 from medseg.qc.signals import QcAccumulator
@@ -74,7 +74,7 @@ def test_identical_ensemble_members_agree_fully(smoke_model: Path, tiny_dataset:
 
 def test_a_known_disagreement_gives_the_expected_pairwise_dice(smoke_model: Path):
     base = Predictor.from_model_dir(smoke_model, "cpu")
-    low, mid, high = _apply(base._normalize[0], torch.tensor([[-100.0, 60.0, 200.0]])).reshape(-1).tolist()
+    low, mid, high = base._normalize[0](torch.tensor([[-100.0, 60.0, 200.0]])).reshape(-1).tolist()
     members = [_threshold_member(base.members[0], (low + mid) / 2), _threshold_member(base.members[0], (mid + high) / 2)]
     predictor = Predictor(members, torch.device("cpu"), tta=False)
     volume, region = _three_region_volume(predictor)
@@ -91,7 +91,7 @@ def test_a_known_disagreement_gives_the_expected_pairwise_dice(smoke_model: Path
 
 def test_mirrored_predictions_of_a_pointwise_network_agree_fully(smoke_model: Path):
     base = Predictor.from_model_dir(smoke_model, "cpu")
-    low, mid, _ = _apply(base._normalize[0], torch.tensor([[-100.0, 60.0, 200.0]])).reshape(-1).tolist()
+    low, mid, _ = base._normalize[0](torch.tensor([[-100.0, 60.0, 200.0]])).reshape(-1).tolist()
     predictor = Predictor([_threshold_member(base.members[0], (low + mid) / 2)], torch.device("cpu"), tta=True)
     qc = predictor.predict_case(_three_region_volume(predictor)[0], qc=True).qc
     assert qc["signals"]["agreement"]["tta"]["organ"] == 1.0
@@ -152,6 +152,8 @@ def test_label_stats_components_match_scikit_image():
         assert stats[lab]["components"] == measure.label(labels == lab, connectivity=3).max()
         assert stats[lab]["volume_ml"] == pytest.approx((labels == lab).sum() * 0.5)
     assert stats[3] == {"volume_ml": 0.0, "components": 0, "touches_border": False}
+    for mask in (np.asfortranarray(labels == 1), labels[::-1, :, ::2] == 2, labels[:, :, 5] == 1, labels[3] == 2):
+        assert count_components(mask) == measure.label(mask, connectivity=mask.ndim).max()  # 2D and 3D, any layout
     inner = np.zeros((10, 10, 10), np.uint8)
     inner[3:6, 3:6, 3:6] = 1
     assert not label_stats(inner, 1.0, [1])[1]["touches_border"]
@@ -208,3 +210,31 @@ def test_border_share_decides_what_rarely_touching_the_border_means():
 
     assert border_reasons(0.05) == []  # 10 % of the training cases touched it: not rare at 5 %
     assert len(border_reasons(0.2)) == 1 and border_reasons(0.2)[0]["label"] == "organ"
+
+
+@pytest.mark.parametrize("temperature", [None, 1.0, 1.7, 0.6])
+def test_entropy_sums_on_candidate_voxels_equal_the_whole_slab_computation(temperature):
+    """QC computes the entropy (and, from logits, the softmax) only where some label's region can be; the per-label
+    sums must equal numpy's over every voxel."""
+    rng = np.random.default_rng(5)
+    k, shape = 4, (24, 20, 12)
+    logits = rng.normal(0, 3, (k, *shape)).astype(np.float32)
+    logits[0] += 6 * (rng.random(shape) < 0.8)  # mostly confident background, as in a CT
+    scores = torch.from_numpy(logits) if temperature else torch.softmax(torch.from_numpy(logits), 0)
+    p = torch.softmax(torch.from_numpy(logits) / (temperature or 1.0), 0).numpy().astype(np.float64)
+    labels = p.argmax(0)
+    entropy = -(p * np.log(np.clip(p, 1e-7, None))).sum(0) / np.log(k)
+    fast, full = QcAccumulator(k), QcAccumulator(k)
+    for z0, z1 in ((0, 5), (5, 12)):
+        part = (slice(None), slice(None), slice(None), slice(z0, z1))
+        lab = torch.from_numpy(labels[part[1:]].astype(np.uint8))
+        assert fast.add(scores[part], lab, None, temperature=temperature) is None
+        slab_entropy = full.add(scores[part], lab, None, temperature=temperature, entropy_map=True)
+        assert slab_entropy is not None
+        np.testing.assert_allclose(slab_entropy.numpy(), entropy[part[1:]], atol=1e-5)
+    for lab in range(1, k):
+        region = (labels == lab) | (p[lab] >= 0.1)
+        assert 0 < region.sum() < region.size
+        assert fast.entropy_count[lab] == full.entropy_count[lab] == region.sum()
+        assert fast.entropy_sum[lab] == pytest.approx(entropy[region].sum(), rel=1e-5)
+        assert full.entropy_sum[lab] == pytest.approx(entropy[region].sum(), rel=1e-5)
