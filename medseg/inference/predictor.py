@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from medseg.inference.backends import Backend, load_backend
 from medseg.inference.grid import axis_map, map_back
 from medseg.inference.postprocess import postprocess
 from medseg.inference.sliding_window import WindowLayout, argmax_labels, sliding_window
-from medseg.io.nifti import TORCH_COPYABLE
+from medseg.io.nifti import float32_tensor as _as_float32
 from medseg.io.orientation import ras_order, to_ras
 from medseg.io.volume import Volume
 from medseg.models.folder import ModelFolder
@@ -515,20 +514,3 @@ def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill:
         return slab(slices[-1])[(slice(None), *slices[:-1])]
 
     return source
-
-
-def _as_float32(part: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``part`` as a float32 tensor: tensors as they are (no copy when already float32: windows are then views
-    of the image), numpy arrays as a C-contiguous copy in one pass (views with reversed axes included; dtypes
-    torch cannot take, e.g. big-endian, through numpy)."""
-    if isinstance(part, torch.Tensor):
-        return part.to(torch.float32)
-    if part.dtype not in TORCH_COPYABLE:
-        return torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
-    flipped = tuple(i for i, step in enumerate(part.strides) if step < 0)
-    if flipped:  # torch has no negative strides: convert the unflipped view, flip the copy
-        part = np.flip(part, flipped)
-    with warnings.catch_warnings():  # a read-only array is only read here
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        out = torch.from_numpy(part).to(torch.float32, memory_format=torch.contiguous_format)
-    return out.flip(flipped) if flipped else out

