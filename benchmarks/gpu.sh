@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared call on a lent GPU machine (the `device` tool runs it in the repository root): installs medseg with a
 # CUDA torch and medseg[tensorrt], runs the `gpu`-marked tests and the GPU benchmarks, and writes JSON and logs
-# under $OUT (default benchmarks/results/gpu). Keep it under 8 minutes.
+# under $OUT (default benchmarks/results/gpu): the TensorRT tests and benchmark (issue 30), the device-resident
+# prediction test and the pipeline breakdown on CUDA (issue 28). Keep it under 8 minutes.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -15,3 +16,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu
 /tmp/gpu-venv/bin/python -m pytest -q -m gpu -p no:cacheprovider -s tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 RESULTS="$OUT" /tmp/gpu-venv/bin/python benchmarks/tensorrt.py --name tensorrt_gpu 2>&1 | tail -30
 cp benchmarks/results/tensorrt_gpu.json "$OUT/" 2>/dev/null || true
+# issue 28: the per-case breakdown on the GPU (device-resident slabs, normalisation, windows, blending, argmax, QC)
+timeout 240 /tmp/gpu-venv/bin/python benchmarks/pipeline.py --device cuda --threads 8 --baseline "" --name pipeline_gpu 2>&1 | tail -40
+cp benchmarks/results/pipeline_gpu.json "$OUT/" 2>/dev/null || true

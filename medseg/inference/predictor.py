@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from medseg.inference.backends import Backend, load_backend
 from medseg.inference.grid import axis_map, map_back
 from medseg.inference.postprocess import postprocess
 from medseg.inference.sliding_window import WindowLayout, argmax_labels, sliding_window
+from medseg.io.nifti import TORCH_COPYABLE
 from medseg.io.nifti import float32_tensor as _as_float32
 from medseg.io.orientation import ras_order, to_ras
 from medseg.io.volume import Volume
@@ -335,6 +337,10 @@ class Predictor:
         target = np.array(self.members[0].spacing[:dims])
         if self.streaming and np.allclose(spacing, target, rtol=1e-4, atol=0):
             return ras, affine, False
+        if self.streaming and dims == 3:  # voxel-wise normalisation: resample axis by axis, then normalise
+            resampled = self._resampled(ras, affine, tuple(float(t) for t in target))
+            if resampled is not None:
+                return resampled
         from medseg.transforms.pipeline import build_infer_transforms, volume_to_metatensor  # MONAI: only here
 
         if self._preprocess_transforms is None:
@@ -346,6 +352,31 @@ class Predictor:
             full[np.ix_([0, 1, 3], [0, 1, 3])] = model_affine
             model_affine = full
         return image.as_tensor(), model_affine, True
+
+    def _resampled(self, ras: np.ndarray, affine: np.ndarray,
+                   spacing: tuple[float, ...]) -> tuple[torch.Tensor, np.ndarray, bool] | None:
+        """The RAS view resampled to ``spacing`` as training's ``Spacingd`` does it, separably
+        (:mod:`medseg.transforms.resample`), and normalised: ``(image, model affine, True)``; ``None`` where the
+        map between the grids is not separable (MONAI's pipeline then resamples).
+
+        Raises:
+            InputError: ``MODEL_GRID_TOO_LARGE`` before resampling, as in training's pipeline.
+        """
+        from medseg.io.volume import check_allocation
+        from medseg.transforms.resample import index_map, model_grid, resample_separable
+
+        shape, model_affine = model_grid(tuple(int(n) for n in ras.shape[1:]), affine, spacing)
+        nbytes = int(np.prod(shape, dtype=np.float64)) * int(ras.shape[0]) * 4
+        check_allocation(nbytes, f"the image at the model's spacing {list(spacing)} mm (its own: "
+                         f"{[round(float(c), 4) for c in np.linalg.norm(affine[:3, :3], axis=0)]} mm) would be "
+                         f"{'x'.join(map(str, shape))} voxels", code="MODEL_GRID_TOO_LARGE",
+                         hint="check the voxel spacing in the image's header")
+        try:
+            xform = index_map(affine, model_affine)
+        except ValueError:
+            return None
+        image = resample_separable(ras, xform, shape)
+        return self._normalize[0](image), model_affine, True
 
     def _predict_grid(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
                       stats: dict, acc: QcAccumulator | None = None, uncertainty: bool = False) -> tuple[Any, ...]:
@@ -384,9 +415,9 @@ class Predictor:
         if normalised:
             source = _window_source(image, layout, 0.0)
         elif self._shared_normalisation:  # every member normalises alike: do it once per slab, pad with 0
-            source = _window_source(image, layout, 0.0, self._normalise_slab)
+            source = _window_source(image, layout, 0.0, self._normalise_slab, device=self.device)
         else:  # raw windows mark padding with NaN; each member normalises and zeroes it (see _network)
-            source = _window_source(image, layout, float("nan"))
+            source = _window_source(image, layout, float("nan"), device=self.device)
         for z0, z1, values in sliding_window(source, layout, network, n_out, sw_batch_size=self.sw_batch_size,
                                               mode=self.cfg.inference.blend, sigma_scale=self.cfg.inference.gaussian_sigma,
                                               device=self.device, accumulate=target,
@@ -480,14 +511,18 @@ def with_cpu_fallback(attempt: Callable[[torch.device], object], device: torch.d
 
 
 def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill: float,
-                   transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                   transform: Callable[[torch.Tensor], torch.Tensor] | None = None, device: torch.device | None = None):
     """Cuts windows (slices of the padded image) from the unpadded image through *slabs*: for each window range
     along the last axis, the image's whole cross-section over that range is converted to float32 once,
     ``transform`` (normalisation) is applied to the part inside the image, and the rest is padded with ``fill``;
     windows are views into the slab (or into a float32 tensor image itself). Windows arrive in order of their
     last-axis start, so two slabs are kept: each voxel is converted and normalised about once per window start
     along the last axis, not once per window (about 4x fewer with overlap 0.5 in 3D), and the window copies read
-    whole contiguous rows."""
+    whole contiguous rows.
+
+    With a CUDA or MPS ``device`` the stored slab goes there in its own dtype (an int16 CT: half the bytes of
+    float32), and conversion, normalisation, padding and window cutting run on the device: only the stored voxels
+    cross the bus, once per slab."""
     pad, shape = layout.pad, layout.shape
     inner = tuple(slice(before, before + size) for (before, _), size in zip(pad[:-1], shape[:-1]))
     slabs: dict[tuple[int, int], torch.Tensor] = {}
@@ -497,7 +532,10 @@ def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill:
         if key not in slabs:
             before = pad[-1][0]
             lo, hi = max(span.start - before, 0), min(span.stop - before, shape[-1])
-            part = _as_float32(image[..., lo:hi])
+            raw = image[..., lo:hi]
+            if device is not None and device.type in ("cuda", "mps") and isinstance(raw, np.ndarray):
+                raw = _to_device(raw, device)
+            part = _as_float32(raw)
             if transform is not None:
                 part = transform(part).to(torch.float32)
             depth = span.stop - span.start
@@ -514,3 +552,16 @@ def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill:
         return slab(slices[-1])[(slice(None), *slices[:-1])]
 
     return source
+
+
+def _to_device(part: np.ndarray, device: torch.device) -> torch.Tensor | np.ndarray:
+    """A stored slab on ``device`` in its own dtype (through pinned memory on CUDA); arrays torch cannot take
+    (e.g. big-endian) stay on the host."""
+    if part.dtype not in TORCH_COPYABLE:
+        return part
+    with warnings.catch_warnings():  # a read-only array is only read here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        host = torch.from_numpy(np.ascontiguousarray(part))
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
