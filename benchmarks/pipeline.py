@@ -16,6 +16,9 @@ medseg version times, per case:
 * ``ratio_to_peer``: read + predict + write over the peer's nibabel read + uint8 write of the same CT;
 * ``non_network_share``: 1 - network / (read + predict + write).
 
+Memory (``--memory``, also alone with ``--memory-only``, which keeps the other results): the peak RSS (``VmHWM``) of
+a fresh process predicting a 512 x 512 x 600 CT as ``benchmarks/inference.py`` (c) does, for each version.
+
 Start-up, in fresh processes (median of 3): ``import torch`` against ``import medseg.inference.predictor``, and
 process start to the first window for the PyTorch and the ONNX model folder (on the tiny network and a 128 x 128 x 64
 case, so reading is not what is timed).
@@ -239,6 +242,11 @@ def _run(args: list[str], pythonpath: Path, timeout: int = 3600) -> str:
     return out.stdout
 
 
+def _remove_worktree(trees: dict[str, Path]) -> None:
+    if "baseline" in trees:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(trees["baseline"])], capture_output=True)
+
+
 def _median_wall(code: str, pythonpath: Path, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
@@ -262,6 +270,25 @@ def startup(tree: Path, models: dict[str, Path], ct: Path) -> dict:
     return result
 
 
+def memory(trees: dict[str, Path], tmp: Path) -> dict:
+    """Peak RSS predicting a 512 x 512 x 600 CT (``benchmarks/inference.py``'s child, its model and volume) with
+    each version's medseg."""
+    import inference
+
+    from medseg.io.nifti import write_nifti
+
+    model = inference.make_model_dir(tmp / "memory_model")
+    write_nifti(inference.ct_volume((512, 512, 600), seed=0), tmp / "memory_in" / "big.nii.gz")
+    out = {}
+    for version, tree in trees.items():
+        args = [str(tree / "benchmarks" / "inference.py"), "--child", "medseg", "--model", str(model),
+                "--inputs", str(tmp / "memory_in"), "--out", str(tmp / f"memory_out_{version}"), "--device", "cpu"]
+        out[version] = json.loads(_run(args, tree).strip().splitlines()[-1])
+    if "baseline" in out:
+        out["ratio_current_to_baseline"] = round(out["current"]["peak_rss_mb"] / out["baseline"]["peak_rss_mb"], 3)
+    return {"shape": [512, 512, 600], **out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default=BASELINE, help="git ref measured beside the working tree ('' for none)")
@@ -270,6 +297,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="pipeline")
+    parser.add_argument("--memory", action="store_true", help="also the peak RSS of a 512 x 512 x 600 case")
+    parser.add_argument("--memory-only", action="store_true", help="only that, kept beside the last results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--first-window", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -294,14 +323,23 @@ def main() -> None:
         from medseg.deploy.export import export_model
 
         startup_models["onnx"] = export_model(startup_models["torch"], "onnx", tmp / "model_onnx")
-        scenarios = [{"name": f"{net}/{inp}/qc_{'on' if qc else 'off'}", "model": str(models[net]), "ct": str(cts[inp]),
-                      "qc": qc} for net in args.networks for inp in cts for qc in (True, False)]
         trees = {"current": REPO}
         if args.baseline:
             baseline = tmp / "baseline"
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(baseline), args.baseline],
                            check=True, capture_output=True)
             trees["baseline"] = baseline
+        if args.memory_only:
+            try:
+                result = json.loads((Path(__file__).parent / "results" / f"{args.name}.json").read_text())
+                result.pop("machine", None)
+                result["memory"] = memory(trees, tmp)
+            finally:
+                _remove_worktree(trees)
+            save(args.name, result)
+            return
+        scenarios = [{"name": f"{net}/{inp}/qc_{'on' if qc else 'off'}", "model": str(models[net]), "ct": str(cts[inp]),
+                      "qc": qc} for net in args.networks for inp in cts for qc in (True, False)]
         results: dict = {}
         try:
             for version, tree in trees.items():
@@ -311,10 +349,10 @@ def main() -> None:
                     "cases": json.loads(_run([str(script), "--worker", json.dumps(job)], tree).splitlines()[-1]),
                     "startup": startup(tree, startup_models, small),
                 }
+            if args.memory:
+                results["memory"] = memory(trees, tmp)
         finally:
-            if "baseline" in trees:
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(trees["baseline"])],
-                               capture_output=True)
+            _remove_worktree(trees)
     summary: dict = {}
     if "baseline" in results:
         for name, now in results["current"]["cases"].items():

@@ -193,6 +193,6 @@ def argmax_labels(values: torch.Tensor, dtype: torch.dtype = torch.uint8) -> tor
     labels = torch.zeros(values.shape[1:], dtype=dtype, device=values.device)
     for k in range(1, values.shape[0]):
         better = values[k] > best
-        labels[better] = k
-        best = torch.where(better, values[k], best)
+        labels.masked_fill_(better, k)
+        torch.where(better, values[k], best, out=best)
     return labels

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 NEAR = 0.1  # a voxel with at least this probability of a label is "near" it
+CHUNK_VOXELS = 1 << 21  # voxels per piece of a slab for the entropy sums (bounds the gathered copies)
 
 
 @dataclass
@@ -68,22 +69,21 @@ class QcAccumulator:
         if entropy_map:
             p = torch.softmax(values / temperature, dim=0) if temperature is not None else values
             entropy = _entropy(p, k)
-            lab_sel, p_sel, h_sel = labels, p, entropy
-        else:
-            if temperature is None:
-                candidates = values[1:].amax(0) >= NEAR
-            else:
-                margin = math.log(NEAR / (1 - NEAR)) - 1e-4  # the bound, with room for rounding
-                candidates = (values[1:].amax(0) - values[0]) / temperature >= margin
-            candidates |= labels != 0
-            lab_sel, p_sel = labels[candidates], values[:, candidates]
-            if temperature is not None:
-                p_sel = torch.softmax(p_sel / temperature, dim=0)
-            h_sel = _entropy(p_sel, k)
-        for lab in range(1, k):
-            region = (lab_sel == lab) | (p_sel[lab] >= NEAR)
-            self.entropy_sum[lab] += float(torch.where(region, h_sel, 0.0).sum())
-            self.entropy_count[lab] += int(region.sum())
+            self._add_entropy(labels, p, entropy)
+        else:  # a few planes at a time: the gathered voxels and their indices stay small whatever the slab
+            step = max(1, CHUNK_VOXELS // max(1, math.prod(values.shape[1:-1])))
+            for z in range(0, values.shape[-1], step):
+                part, lab_part = values[..., z : z + step], labels[..., z : z + step]
+                if temperature is None:
+                    candidates = part[1:].amax(0) >= NEAR
+                else:
+                    margin = math.log(NEAR / (1 - NEAR)) - 1e-4  # the bound, with room for rounding
+                    candidates = (part[1:].amax(0) - part[0]) / temperature >= margin
+                candidates |= lab_part != 0
+                p_sel = part[:, candidates]
+                if temperature is not None:
+                    p_sel = torch.softmax(p_sel / temperature, dim=0)
+                self._add_entropy(lab_part[candidates], p_sel, _entropy(p_sel, k))
         offset = 0
         for g, n in self.groups.items():
             assert extra is not None  # groups need the units' channels
@@ -96,6 +96,12 @@ class QcAccumulator:
                     for v in range(u + 1, n):
                         self.inter[g][u, v, lab] += int((masks[u] & masks[v]).sum())
         return entropy
+
+    def _add_entropy(self, labels: torch.Tensor, p: torch.Tensor, entropy: torch.Tensor) -> None:
+        for lab in range(1, self.n_classes):
+            region = (labels == lab) | (p[lab] >= NEAR)
+            self.entropy_sum[lab] += float(torch.where(region, entropy, 0.0).sum())
+            self.entropy_count[lab] += int(region.sum())
 
     def merge(self, other: QcAccumulator) -> None:
         self.entropy_sum += other.entropy_sum

@@ -212,10 +212,11 @@ def test_border_share_decides_what_rarely_touching_the_border_means():
     assert len(border_reasons(0.2)) == 1 and border_reasons(0.2)[0]["label"] == "organ"
 
 
-@pytest.mark.parametrize("temperature", [None, 1.0, 1.7, 0.6])
-def test_entropy_sums_on_candidate_voxels_equal_the_whole_slab_computation(temperature):
-    """QC computes the entropy (and, from logits, the softmax) only where some label's region can be; the per-label
-    sums must equal numpy's over every voxel."""
+@pytest.mark.parametrize("temperature, chunk", [(None, 1 << 21), (1.0, 1 << 21), (1.7, 700), (0.6, 1)])
+def test_entropy_sums_on_candidate_voxels_equal_the_whole_slab_computation(temperature, chunk, monkeypatch):
+    """QC computes the entropy (and, from logits, the softmax) only where some label's region can be, a few planes
+    at a time; the per-label sums must equal numpy's over every voxel."""
+    monkeypatch.setattr("medseg.qc.signals.CHUNK_VOXELS", chunk)  # 700: two planes per piece; 1: one plane
     rng = np.random.default_rng(5)
     k, shape = 4, (24, 20, 12)
     logits = rng.normal(0, 3, (k, *shape)).astype(np.float32)

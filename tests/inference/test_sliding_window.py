@@ -46,3 +46,14 @@ def test_importance_map_equals_monai(roi, mode, sigma):
 def test_unknown_blend_mode_is_refused():
     with pytest.raises(ValueError, match="blend mode"):
         importance_map((8, 8), "triangular", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("classes, dtype", [(2, torch.uint8), (3, torch.uint8), (7, torch.int32)])
+def test_argmax_labels_equals_torch_argmax_on_strided_slabs_with_ties(classes, dtype):
+    from medseg.inference.sliding_window import argmax_labels
+
+    g = torch.Generator().manual_seed(classes)
+    values = torch.randint(0, 4, (classes + 1, 9, 8, 12), generator=g).float()[:classes, :, :, 2:10]  # many ties
+    labels = argmax_labels(values, dtype)
+    assert labels.dtype == dtype
+    assert torch.equal(labels.long(), values.argmax(0))  # the first maximum, as torch's
