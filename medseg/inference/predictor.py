@@ -196,7 +196,7 @@ class Predictor:
         """The network's input for a whole volume: ``(C, *model grid)`` float32, reoriented, resampled and
         normalised as :meth:`predict_case` feeds its windows, with the model grid's 4x4 affine."""
         image, model_affine, normalised = self._model_grid(volume)
-        tensor = _as_float32(image)
+        tensor = _as_float32(image).cpu()  # the model grid may have been made on the GPU
         return (tensor if normalised else self._normalize[0](tensor)), model_affine
 
     def explainer(self) -> Any:
@@ -375,7 +375,7 @@ class Predictor:
             xform = index_map(affine, model_affine)
         except ValueError:
             return None
-        image = resample_separable(ras, xform, shape)
+        image = resample_separable(ras, xform, shape, self.device if self.device.type in ("cuda", "mps") else None)
         return self._normalize[0](image), model_affine, True
 
     def _predict_grid(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,

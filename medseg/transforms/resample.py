@@ -48,13 +48,15 @@ def index_map(source_affine: np.ndarray, target_affine: np.ndarray) -> np.ndarra
     return xform
 
 
-def resample_separable(image: np.ndarray | torch.Tensor, xform: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+def resample_separable(image: np.ndarray | torch.Tensor, xform: np.ndarray, shape: tuple[int, ...],
+                       device: torch.device | None = None) -> torch.Tensor:
     """Linear resampling of ``image (C, *spatial)`` onto ``shape`` (float32 out), where output index ``i`` along
     axis ``d`` reads input index ``xform[d, d] * i + xform[d, -1]`` clamped to the image (border padding).
 
     A numpy image is read as it is stored (any dtype torch takes, any axis order, reversed axes included): each
     pass gathers the two neighbour planes along one axis and interpolates, in memory order, so the first pass
-    converts only the gathered planes to float32."""
+    converts only the gathered planes to float32. With a ``device`` the stored array goes there first, in its own
+    dtype, and every pass runs there."""
     flips: list[int] = []
     if isinstance(image, np.ndarray):
         array: np.ndarray = image
@@ -68,6 +70,8 @@ def resample_separable(image: np.ndarray | torch.Tensor, xform: np.ndarray, shap
             out = torch.from_numpy(array)
     else:
         out = image
+    if device is not None:
+        out = out.to(device)
     # work in memory order: spatial axes sorted by stride, outermost first (an F-ordered CT: z, y, x), so every
     # gather copies rows and the outermost pass, which also converts to float32, copies whole planes
     spatial = sorted(range(len(shape)), key=lambda a: (-out.stride(a + 1), a))
