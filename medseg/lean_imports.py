@@ -9,7 +9,9 @@ scikit-learn (the embedding-collapse metric). Measured on the 2-core development
 
 :class:`LeanMonaiFinder` (installed by ``medseg/__init__.py``) reports them as missing *only while MONAI's own
 package is executing* (``monai.__spec__._initializing``, which the import system sets for a module being
-initialised), so MONAI's ``optional_import`` records the features that need them as unavailable, and once
+initialised) and *to MONAI's own modules* (a package MONAI imports, e.g. torchvision, and ``importlib.util.find_spec``
+asked by anyone else, get their ordinary answers), so MONAI's ``optional_import`` records the features that need
+them as unavailable, and once
 ``monai`` is imported they import normally: medseg's SegFormer still gets ``transformers``, the reports
 ``matplotlib.pyplot``, tracking ``mlflow``. A package imported before MONAI is not touched (its submodules import
 for MONAI as usual).
@@ -33,13 +35,26 @@ def monai_initialising() -> bool:
     return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
+def imported_by_monai() -> bool:
+    """Whether the import being resolved was asked for by a MONAI module itself (the first frame outside the
+    import machinery belongs to ``monai``): packages MONAI imports (torchvision, scikit-image, ...) import what they
+    need as usual, and ``importlib.util.find_spec`` asked by anyone else gets its ordinary answer."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (frame.f_code.co_filename.startswith("<frozen importlib") or module.startswith("importlib")):
+            return module == "monai" or module.startswith("monai.")
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
 class LeanMonaiFinder(MetaPathFinder):
-    """A meta-path finder that refuses :data:`OPTIONAL` (and their submodules) while MONAI is initialising, unless
-    the package itself was imported before."""
+    """A meta-path finder that refuses :data:`OPTIONAL` (and their submodules) to MONAI's own modules while MONAI is
+    initialising, unless the package itself was imported before."""
 
     def find_spec(self, fullname: str, path=None, target=None):
         blocked = any((fullname == name or fullname.startswith(name + ".")) and name not in sys.modules for name in OPTIONAL)
-        if blocked and monai_initialising():
+        if blocked and monai_initialising() and imported_by_monai():
             raise ModuleNotFoundError(f"{fullname} is not imported while MONAI initialises (medseg.lean_imports)",
                                       name=fullname)
         return None

@@ -68,3 +68,23 @@ def test_prediction_with_an_exported_model_imports_no_monai(smoke_model: Path, t
     assert result == []
     labels = nib.load(tmp_path / "out" / "case.nii.gz")
     assert labels.shape == image.shape
+
+
+def test_only_monai_modules_are_refused_and_find_spec_keeps_its_answer(monkeypatch):
+    """The refusal is for MONAI's own imports while it initialises: a package MONAI imports (torchvision, whose
+    import reaches torch._dynamo) that asks ``importlib.util.find_spec`` must get the ordinary answer, not an
+    exception (that broke torch.export beside torchvision)."""
+    import importlib.util
+
+    from medseg import lean_imports
+
+    monkeypatch.setattr(lean_imports, "OPTIONAL", ("medseg_no_such_optional",))
+    monkeypatch.setattr(lean_imports, "monai_initialising", lambda: True)
+    finder = lean_imports.LeanMonaiFinder()
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    assert importlib.util.find_spec("medseg_no_such_optional") is None  # asked from here: not MONAI
+    assert importlib.util.find_spec("json") is not None
+    scope = {"__name__": "monai.utils.module", "finder": finder}
+    exec("try:\n    finder.find_spec('medseg_no_such_optional')\n    refused = False\n"
+         "except ModuleNotFoundError:\n    refused = True", scope)
+    assert scope["refused"] is True
