@@ -41,23 +41,26 @@ PATCH = (96, 96, 64)
 WINDOW = (-160.0, 240.0)
 
 
-def make_model_dir(folder: Path, overlap: float = 0.5) -> Path:
-    """A medseg model folder with seeded random weights (no training)."""
+def make_model_dir(folder: Path, overlap: float = 0.5, *, spacing=SPACING, patch=PATCH, channels=(8, 16, 32, 64),
+                   strides=(2, 2, 2), overrides: tuple[str, ...] = (), prepare=None) -> Path:
+    """A medseg model folder with seeded random weights (no training; ``prepare(net)`` may change them first)."""
     from medseg.config import load_config
     from medseg.models.folder import save_model_dir
     from medseg.models.registry import build_model
     from medseg.plan.planner import Plan
 
     cfg = load_config("smoke", [
-        f"data.spacing={list(SPACING)}", f"data.patch_size={list(PATCH)}", "model.channels=[8, 16, 32, 64]",
-        "model.strides=[2, 2, 2]", "model.num_res_units=1", f"inference.overlap={overlap}", "inference.sw_batch_size=2",
-        f"data.intensity.window={list(WINDOW)}",
+        f"data.spacing={list(spacing)}", f"data.patch_size={list(patch)}", f"model.channels={list(channels)}",
+        f"model.strides={list(strides)}", "model.num_res_units=1", f"inference.overlap={overlap}", "inference.sw_batch_size=2",
+        f"data.intensity.window={list(WINDOW)}", *overrides,
     ])
-    plan = Plan(dims=3, spacing=list(SPACING), patch_size=list(PATCH), batch_size=2, channels=[8, 16, 32, 64],
-                strides=[2, 2, 2], normalization=["window"], intensity=[{}], anisotropic=False,
+    plan = Plan(dims=3, spacing=list(spacing), patch_size=list(patch), batch_size=2, channels=list(channels),
+                strides=list(strides), normalization=["window"], intensity=[{}], anisotropic=False,
                 fingerprint_hash="benchmark")
     torch.manual_seed(0)
     net = build_model(cfg.model, 3, 1, 3)
+    if prepare is not None:
+        prepare(net)
     info = {"labels": {0: "background", 1: "organ", 2: "lesion"}, "spatial_dims": 3, "in_channels": 1}
     return save_model_dir(folder, net, cfg, plan, info)
 

@@ -60,28 +60,14 @@ NETWORKS = {
 
 
 def make_model(folder: Path, name: str) -> Path:
-    """A medseg model folder: seeded weights fitted briefly to a phantom, CT window normalisation, 3 classes."""
-    import torch
-
-    from medseg.config import load_config
-    from medseg.models.folder import save_model_dir
-    from medseg.models.registry import build_model
-    from medseg.plan.planner import Plan
+    """A medseg model folder (``benchmarks/inference.py``'s, with this network): seeded weights fitted briefly to a
+    phantom, CT window normalisation, 3 classes."""
+    import inference
 
     spec = NETWORKS[name]
-    cfg = load_config("smoke", [
-        f"data.spacing={list(MODEL_SPACING)}", f"data.patch_size={spec['patch']}", f"model.channels={spec['channels']}",
-        f"model.strides={spec['strides']}", "model.num_res_units=1", "inference.overlap=0.5", "inference.sw_batch_size=2",
-        "data.intensity.scheme=window", "data.intensity.window=[-160, 240]",
-    ])
-    plan = Plan(dims=3, spacing=list(MODEL_SPACING), patch_size=spec["patch"], batch_size=2, channels=spec["channels"],
-                strides=spec["strides"], normalization=["window"], intensity=[{}], anisotropic=False,
-                fingerprint_hash="benchmark")
-    torch.manual_seed(0)
-    net = build_model(cfg.model, 3, 1, 3)
-    fit_briefly(net, spec["patch"])
-    info = {"labels": {0: "background", 1: "organ", 2: "lesion"}, "spatial_dims": 3, "in_channels": 1}
-    return save_model_dir(folder, net, cfg, plan, info)
+    return inference.make_model_dir(folder, spacing=MODEL_SPACING, patch=spec["patch"], channels=spec["channels"],
+                                    strides=spec["strides"], overrides=("data.intensity.scheme=window",),
+                                    prepare=lambda net: fit_briefly(net, spec["patch"]))
 
 
 def phantom(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +43,8 @@ from medseg.inference.backends import Backend, load_backend
 from medseg.inference.grid import axis_map, map_back
 from medseg.inference.postprocess import postprocess
 from medseg.inference.sliding_window import WindowLayout, argmax_labels, sliding_window
-from medseg.io.nifti import TORCH_COPYABLE
 from medseg.io.nifti import float32_tensor as _as_float32
+from medseg.io.nifti import stored_tensor
 from medseg.io.orientation import ras_order, to_ras
 from medseg.io.volume import Volume
 from medseg.models.folder import ModelFolder
@@ -362,15 +361,10 @@ class Predictor:
         Raises:
             InputError: ``MODEL_GRID_TOO_LARGE`` before resampling, as in training's pipeline.
         """
-        from medseg.io.volume import check_allocation
-        from medseg.transforms.resample import index_map, model_grid, resample_separable
+        from medseg.transforms.resample import check_model_grid, index_map, model_grid, resample_separable
 
         shape, model_affine = model_grid(tuple(int(n) for n in ras.shape[1:]), affine, spacing)
-        nbytes = int(np.prod(shape, dtype=np.float64)) * int(ras.shape[0]) * 4
-        check_allocation(nbytes, f"the image at the model's spacing {list(spacing)} mm (its own: "
-                         f"{[round(float(c), 4) for c in np.linalg.norm(affine[:3, :3], axis=0)]} mm) would be "
-                         f"{'x'.join(map(str, shape))} voxels", code="MODEL_GRID_TOO_LARGE",
-                         hint="check the voxel spacing in the image's header")
+        check_model_grid(shape, int(ras.shape[0]), tuple(np.linalg.norm(affine[:3, :3], axis=0)), spacing)
         try:
             xform = index_map(affine, model_affine)
         except ValueError:
@@ -554,14 +548,9 @@ def _window_source(image: np.ndarray | torch.Tensor, layout: WindowLayout, fill:
     return source
 
 
-def _to_device(part: np.ndarray, device: torch.device) -> torch.Tensor | np.ndarray:
-    """A stored slab on ``device`` in its own dtype (through pinned memory on CUDA); arrays torch cannot take
-    (e.g. big-endian) stay on the host."""
-    if part.dtype not in TORCH_COPYABLE:
-        return part
-    with warnings.catch_warnings():  # a read-only array is only read here
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        host = torch.from_numpy(np.ascontiguousarray(part))
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+def _to_device(part: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A stored slab on ``device`` in its own dtype (through pinned memory on CUDA)."""
+    host, flipped = stored_tensor(part)
+    host = host.contiguous()
+    moved = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    return moved.flip(flipped) if flipped else moved

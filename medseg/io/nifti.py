@@ -233,6 +233,22 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | type | None 
     return atomic_write(path, write, suffix=".nii.gz")
 
 
+def stored_tensor(array: np.ndarray) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A tensor over ``array``'s memory, as it is stored: ``(tensor, reversed axes)``. torch has no negative strides,
+    so axes stored reversed (views of flipped images) are read forwards and returned for the caller to flip back or
+    to count backwards; dtypes torch cannot take (big-endian, uint16) come as a float32 copy."""
+    import torch
+
+    flipped = tuple(i for i, step in enumerate(array.strides) if step < 0)
+    if flipped:
+        array = np.flip(array, flipped)
+    if array.dtype not in TORCH_COPYABLE:
+        array = array.astype(np.float32)
+    with warnings.catch_warnings():  # a read-only array is only read
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(array), flipped
+
+
 def float32_tensor(part: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``part`` as a float32 tensor: tensors as they are (no copy when already float32: windows are then views of
     the image), numpy arrays as a C-contiguous copy in one pass (views with reversed axes included; dtypes torch
@@ -242,12 +258,6 @@ def float32_tensor(part: np.ndarray | torch.Tensor) -> torch.Tensor:
 
     if isinstance(part, torch.Tensor):
         return part.to(torch.float32)
-    if part.dtype not in TORCH_COPYABLE:
-        return torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
-    flipped = tuple(i for i, step in enumerate(part.strides) if step < 0)
-    if flipped:  # torch has no negative strides: convert the unflipped view, flip the copy
-        part = np.flip(part, flipped)
-    with warnings.catch_warnings():  # a read-only array is only read here
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        out = torch.from_numpy(part).to(torch.float32, memory_format=torch.contiguous_format)
+    tensor, flipped = stored_tensor(part)
+    out = tensor.to(torch.float32, memory_format=torch.contiguous_format)
     return out.flip(flipped) if flipped else out

@@ -107,7 +107,7 @@ class GridCapd(MapTransform):
         self.spacing = tuple(float(s) for s in spacing)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from medseg.io.volume import check_allocation
+        from medseg.transforms.resample import check_model_grid
 
         d = dict(data)
         image = d[IMAGE]
@@ -115,10 +115,7 @@ class GridCapd(MapTransform):
         affine = np.asarray(image.affine, dtype=np.float64)
         current = tuple(float(v) for v in np.linalg.norm(affine[:dims, :dims], axis=0))
         shape = resampled_shape(tuple(int(n) for n in image.shape[1:]), current, self.spacing)
-        nbytes = int(np.prod(shape, dtype=np.float64)) * int(image.shape[0]) * 4 * len(self.keys)
-        check_allocation(nbytes, f"the image at the model's spacing {list(self.spacing)} mm (its own: "
-                         f"{[round(c, 4) for c in current]} mm) would be {'x'.join(map(str, shape))} voxels",
-                         code="MODEL_GRID_TOO_LARGE", hint="check the voxel spacing in the image's header")
+        check_model_grid(shape, int(image.shape[0]), current, self.spacing, images=len(self.keys))
         return d
 
 

@@ -16,12 +16,13 @@ Measured on a 512 x 512 x 300 int16 CT at 0.8 x 0.8 x 1.5 mm to 1.5 x 1.5 x 3 mm
 
 from __future__ import annotations
 
-import warnings
+import math
 
 import numpy as np
 import torch
 
-from medseg.io.nifti import TORCH_COPYABLE
+from medseg.io.nifti import stored_tensor
+from medseg.io.volume import check_allocation
 
 
 def model_grid(shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...]) -> tuple[tuple[int, ...], np.ndarray]:
@@ -33,6 +34,20 @@ def model_grid(shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float,
     stand_in = MetaTensor(torch.zeros(1).expand(1, *shape), affine=torch.as_tensor(affine, dtype=torch.float64))
     pending: MetaTensor = Spacing(pixdim=spacing, mode="bilinear", lazy=True)(stand_in)  # type: ignore[assignment]
     return tuple(int(s) for s in pending.peek_pending_shape()), np.asarray(pending.peek_pending_affine(), np.float64)
+
+
+def check_model_grid(shape: tuple[int, ...], channels: int, spacing: tuple[float, ...], target: tuple[float, ...],
+                     images: int = 1) -> None:
+    """Refuses, before resampling, an image whose grid at the model's spacing (``shape``) would not fit in memory
+    (a header with 1000 mm voxels resampled to 1 mm: 10^9 times the voxels), naming both spacings.
+
+    Raises:
+        InputError: ``MODEL_GRID_TOO_LARGE``.
+    """
+    nbytes = math.prod(shape) * channels * 4 * images
+    check_allocation(nbytes, f"the image at the model's spacing {list(target)} mm (its own: "
+                     f"{[round(float(c), 4) for c in spacing]} mm) would be {'x'.join(map(str, shape))} voxels",
+                     code="MODEL_GRID_TOO_LARGE", hint="check the voxel spacing in the image's header")
 
 
 def index_map(source_affine: np.ndarray, target_affine: np.ndarray) -> np.ndarray:
@@ -57,17 +72,9 @@ def resample_separable(image: np.ndarray | torch.Tensor, xform: np.ndarray, shap
     pass gathers the two neighbour planes along one axis and interpolates, in memory order, so the first pass
     converts only the gathered planes to float32. With a ``device`` the stored array goes there first, in its own
     dtype, and every pass runs there."""
-    flips: list[int] = []
-    if isinstance(image, np.ndarray):
-        array: np.ndarray = image
-        flips = [i for i, step in enumerate(array.strides) if step < 0]
-        if flips:  # torch takes no negative strides: read the axis forwards, count positions backwards (below)
-            array = np.flip(array, tuple(flips))
-        if array.dtype not in TORCH_COPYABLE:  # e.g. big-endian or uint16: through numpy
-            array = array.astype(np.float32)
-        with warnings.catch_warnings():  # a read-only array is only read here
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            out = torch.from_numpy(array)
+    flips: tuple[int, ...] = ()
+    if isinstance(image, np.ndarray):  # axes stored reversed are read forwards, positions counted backwards (below)
+        out, flips = stored_tensor(image)
     else:
         out = image
     if device is not None:
