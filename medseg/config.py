@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from medseg.errors import ConfigError, InputError
 
@@ -50,8 +50,41 @@ class ClaheConfig(_Strict):
     nbins: int = Field(ge=2)
 
 
+class LabelSource(_Strict):
+    """Which RTSTRUCT ROIs / DICOM-SEG segments make one label of a DICOM-study dataset (:mod:`medseg.io.dicom_labels`)."""
+
+    patterns: tuple[str, ...] = Field(min_length=1, description="regular expressions searched in the ROI name (case and spaces ignored)")
+    required: bool = Field(True, description="a case without a matching, non-empty ROI is refused (LABEL_ROI_MISSING)")
+    priority: int | None = Field(None, description="where ROIs overlap the higher priority wins; null = declaration order (later wins)")
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        for pattern in patterns:
+            if len(pattern) > 200:
+                raise ValueError(f"pattern of {len(pattern)} characters (at most 200)")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
+        return patterns
+
+
+def _label_source(value: Any) -> Any:
+    """``name: [pattern, ...]`` or ``name: pattern`` is shorthand for ``name: {patterns: [...]}``."""
+    if isinstance(value, str):
+        return {"patterns": [value]}
+    if isinstance(value, (list, tuple)):
+        return {"patterns": list(value)}
+    return value
+
+
 class DataConfig(_Strict):
     dataset: str | None = Field(description="dataset folder (MSD layout with dataset.json)")
+    labels: dict[str, Annotated[LabelSource, BeforeValidator(_label_source)]] | None = Field(
+        description="DICOM-study datasets: label name -> RTSTRUCT ROI / SEG segment name patterns, in label-value order")
     val_fraction: float = Field(gt=0, lt=1)
     spacing: tuple[float, ...] | None = Field(min_length=2, max_length=3, description="target spacing; null = plan")
     patch_size: tuple[int, ...] | None = Field(min_length=2, max_length=3, description="null = plan")

@@ -76,6 +76,12 @@ CODES: dict[str, str] = {
     "LABEL_CHANNELS": "A label map with more than one channel.",
     "LABEL_NOT_INTEGER": "A label map with non-integer values.",
     "LABEL_VALUES_UNEXPECTED": "A label map with values the dataset does not declare.",
+    "LABEL_RULES_MISSING": "A DICOM-study dataset (series labelled by RTSTRUCT/SEG) with no data.labels in the config to say which ROIs make which label.",
+    "LABEL_ROI_MISSING": "A case of a DICOM-study dataset without a non-empty ROI (or segment) matching a required label of data.labels.",
+    "LABEL_ROI_AMBIGUOUS": "An RTSTRUCT ROI or SEG segment whose name matches the patterns of two labels of data.labels.",
+    "LABEL_REFERENCE_MISSING": "An RTSTRUCT or SEG whose referenced image series is not in its study (missing, or in another study).",
+    "RTSTRUCT_CONTOUR_OFF_GRID": "An RTSTRUCT contour off every slice plane of its series (more than a quarter slice step away), or in another frame of reference.",
+    "SEG_FRAME_OFF_GRID": "A DICOM-SEG frame that is not on its series' grid (position, orientation, matrix or pixel spacing).",
     "SPLITS_MISMATCH": "A saved splits.json that does not fit the dataset or data.folds.",
     # configuration
     "CONFIG_YAML_INVALID": "A config file that is not valid YAML (or not UTF-8 text).",
@@ -182,6 +188,9 @@ NOT_CODES = frozenset({
     "MEDSEG_MONAI_FULL_IMPORT",
     # environment variables that quiet LiteRT's converter and runtime
     "LITERT_TORCH_SHOW_PROGRESS", "TF_CPP_MIN_LOG_LEVEL",
+    # where rasterised DICOM-study datasets are cached; RTSTRUCT and SEG vocabulary
+    "MEDSEG_CACHE_DIR", "XDG_CACHE_HOME", "RTSTRUCT_SOP", "SEG_SOP", "RASTER_VERSION", "PLANE_TOLERANCE",
+    "IN_PLANE_TOLERANCE", "FRACTIONAL", "BINARY", "SEG",
 })
 
 

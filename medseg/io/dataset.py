@@ -1,4 +1,4 @@
-"""Dataset discovery: four layouts to one list of cases.
+"""Dataset discovery: five layouts to one list of cases.
 
 1. **MSD** (Medical Segmentation Decathlon)::
 
@@ -16,7 +16,11 @@
    image may also be a DICOM series folder ``DATASET/images/ID/``. Label names come from an optional
    ``DATASET/labels.json`` (``{"0": "background", "1": "liver"}``), else from the values found in the labels.
 
-4. **CSV manifest**: a ``.csv`` file (or ``DATASET/dataset.csv``) with columns ``case_id,image,label`` and
+4. **DICOM studies** (no dataset.json, CSV or images/+labels/): a folder of DICOM image series with the RTSTRUCT
+   and/or DICOM-SEG objects that label them; the config's ``data.labels`` says which ROIs make which label
+   (:mod:`medseg.io.dicom_labels`). The labelled series are rasterised once into a cached paired dataset.
+
+5. **CSV manifest**: a ``.csv`` file (or ``DATASET/dataset.csv``) with columns ``case_id,image,label`` and
    optional ``split`` (``train``/``test``); ``image`` may list several channel files separated by ``;``.
    Paths are relative to the CSV. Label names as for paired folders.
 
@@ -26,9 +30,11 @@ Case IDs come from file names or the CSV, never from image headers.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medseg.errors import DatasetError, describe, require_exists
 from medseg.io.readers import case_id as file_case_id
@@ -65,6 +71,7 @@ class Dataset:
     layout: str = "msd"
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (case id, code, message)
     declared_training: int | None = None
+    sources: dict = field(default_factory=dict)  # DICOM studies: per case the ROIs each label came from
 
 
 def _read_json(path: Path) -> dict:
@@ -76,13 +83,21 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def load_dataset(root: str | Path, strict: bool = True) -> Dataset:
-    """Discovers a dataset in any of the four layouts and checks that every case has its files.
+def load_configured(data: Any, strict: bool = True) -> Dataset:
+    """:func:`load_dataset` of a config's ``data`` section (its dataset, ``labels`` rules and ``cache_dir``)."""
+    cache = Path(data.cache_dir) / "dicom-labels" if data.cache_dir else None
+    return load_dataset(data.dataset or "", strict, labels=data.labels, cache=cache)
+
+
+def load_dataset(root: str | Path, strict: bool = True, *, labels: Any = None, cache: Path | None = None) -> Dataset:
+    """Discovers a dataset in any of the five layouts and checks that every case has its files.
 
     Args:
         root: Dataset folder, or a CSV manifest file.
         strict: Raise on missing files (training and prediction); with ``False`` the problems are listed in
             :attr:`Dataset.problems` instead (``medseg validate``).
+        labels: ``data.labels`` (a DICOM-study folder's ROI rules); ignored by the other layouts.
+        cache: Where a DICOM-study folder's rasterised cases go (default :func:`medseg.io.dicom_labels.default_cache`).
 
     Raises:
         InputError: ``PATH_NOT_FOUND``.
@@ -101,9 +116,11 @@ def load_dataset(root: str | Path, strict: bool = True) -> Dataset:
         dataset = _load_csv(root / "dataset.csv")
     elif (root / "images").is_dir() and (root / "labels").is_dir():
         dataset = _load_paired(root)
+    elif root.is_dir() and _holds_dicom(root):
+        dataset = _load_dicom_studies(root, labels, cache, strict)
     else:
         raise DatasetError(
-            "DATASET_JSON_MISSING", f"no dataset.json, dataset.csv or images/+labels/ folders in {root}",
+            "DATASET_JSON_MISSING", f"no dataset.json, dataset.csv, images/+labels/ folders or DICOM files in {root}",
             "see `medseg validate -h` for the supported layouts",
         )
     _refuse_duplicate_ids(dataset, strict)
@@ -219,6 +236,39 @@ def _load_nnunet(root: Path, meta: dict) -> Dataset:
         training=training, test=test, layout="nnunet", problems=problems,
         declared_training=meta.get("numTraining"),
     )
+
+
+def _holds_dicom(root: Path) -> bool:
+    from medseg.io.dicom_headers import is_dicom_file
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if any(is_dicom_file(Path(dirpath) / f) for f in sorted(filenames)[:20]):
+            return True
+    return False
+
+
+def _load_dicom_studies(root: Path, labels: Any, cache: Path | None, strict: bool) -> Dataset:
+    """A folder of DICOM studies labelled by RTSTRUCT/SEG, rasterised into a cached paired dataset."""
+    from dataclasses import replace
+
+    from medseg.io.dicom_labels import label_rules, materialise
+
+    if not labels:
+        raise DatasetError(
+            "LABEL_RULES_MISSING", f"{root.name} is a folder of DICOM studies, and the config names no labels",
+            "declare data.labels, e.g. --set 'data.labels={\"tumour\": [\"^gtv\"]}' (docs/dicom-labels.md)",
+        )
+    folder, sources = materialise(root, label_rules(labels), cache)
+    problems = [tuple(p) for p in sources["problems"]]
+    if problems and strict:
+        case, code, message = problems[0]
+        raise DatasetError(code, f"{len(problems)} problem(s) in the DICOM studies; first, {case}: {message}",
+                           "run `medseg validate DATASET -c CONFIG` for every case's ROIs and problems")
+    dataset = _load_paired(folder)
+    return replace(dataset, root=root.resolve(), name=root.name, layout="dicom",
+                   modality={"0": sources["modality"]} if sources.get("modality") else {},
+                   problems=[*dataset.problems, *problems], sources=sources)
 
 
 def _labels_sidecar(folder: Path) -> dict[int, str]:

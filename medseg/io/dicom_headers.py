@@ -75,6 +75,9 @@ class DicomFile:
     modality: str
     pixel_offset: int | None  # byte offset of native pixel data, when known
     pixel_length: int | None
+    study_uid: str = ""
+    frame_of_reference: str = ""
+    sop_instance: str = ""  # what RTSTRUCT contours and DICOM-SEG frames reference
 
     @property
     def label(self) -> str:
@@ -276,6 +279,9 @@ def _dicom_file(path: Path, ds: Any) -> DicomFile:
         modality=str(ds.get("Modality", "")),
         pixel_offset=offset,
         pixel_length=length,
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
+        sop_instance=str(ds.get("SOPInstanceUID", "")),
     )
 
 
