@@ -11,11 +11,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
 import medseg
-from medseg.errors import MedsegError
+from medseg.errors import DatasetError, MedsegError
 from medseg.inference.formats import help_text as output_help
 
 app = typer.Typer(
@@ -101,27 +102,34 @@ def sample_data(
 
 @app.command()
 def validate(
-    dataset: Path = typer.Argument(..., help="Dataset folder (MSD, nnU-Net v2 raw, images/+labels/) or a CSV manifest."),
+    dataset: Path = typer.Argument(..., help="Dataset folder (MSD, nnU-Net v2 raw, images/+labels/, DICOM studies with RTSTRUCT/SEG) or a CSV manifest."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the findings as JSON here."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Config whose data.labels maps RTSTRUCT/SEG ROI names to labels (DICOM studies)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Check a dataset's integrity (files, readability, NaN/Inf, channels, image/label geometry, label values).
 
+    For DICOM studies, also lists per case the ROIs found, the label each went to and the unmatched ones.
     Prints a table of problems per case; exits 1 when there is any."""
     from dataclasses import asdict
 
     from rich.table import Table
 
+    from medseg.config import load_config
     from medseg.fsutil import check_output_file, write_json
     from medseg.io.validate import validate_dataset
 
     if json_out:
         check_output_file(json_out)
-    report = validate_dataset(dataset)
+    data = load_config(config, set_).data
+    report = validate_dataset(dataset, data.labels, Path(data.cache_dir) / "dicom-labels" if data.cache_dir else None)
     console = _stderr_console()
     typer.echo(
         f"{report.layout} dataset: {report.n_training} training, {report.n_test} test case(s); "
         f"labels {report.labels}"
     )
+    if report.sources:
+        _print_roi_table(report.sources)
     if json_out:
         payload = {**asdict(report), "root": Path(report.root).name, "ok": report.ok}
         write_json(json_out, payload, default=str)
@@ -134,6 +142,19 @@ def validate(
             table.add_row(case_id if i == 0 else "", p.code, p.message)
     console.print(table)
     raise typer.Exit(1)
+
+
+def _print_roi_table(sources: dict) -> None:
+    """The DICOM-study cases: which ROIs made each label, which matched nothing, what was skipped."""
+    from rich.table import Table
+
+    table = Table("case", "label <- ROIs", "unmatched ROIs", "notes", title="RTSTRUCT/SEG ROIs per case")
+    for case_id, case in sources["cases"].items():
+        labels = "; ".join(f"{label} <- {', '.join(rois)}" for label, rois in case["labels"].items())
+        table.add_row(case_id, labels or "-", ", ".join(case["unmatched"]) or "-", "; ".join(case["notes"]) or "-")
+    _stderr_console().print(table)
+    if sources.get("unlabelled_series"):
+        typer.echo(f"{sources['unlabelled_series']} image series without an RTSTRUCT/SEG (not cases)", err=True)
 
 
 @app.command()
@@ -154,7 +175,7 @@ def plan(
     cfg = load_config(config, set_)
     if out is not None:
         check_output_file(out)
-    fingerprint = compute_fingerprint(load_dataset(dataset), clip_percentiles=cfg.plan.ct_clip_percentiles)
+    fingerprint = compute_fingerprint(load_dataset(dataset, labels=cfg.data.labels), clip_percentiles=cfg.plan.ct_clip_percentiles)
     made = make_plan(fingerprint, cfg.plan, on_gpu=gpu)
     if out is None:
         typer.echo(made.to_json())
@@ -514,12 +535,20 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     allow_tilt: bool = typer.Option(False, "--allow-tilt", help="Resample gantry-tilted series (recorded) instead of refusing."),
     dicom: list[str] = _dicom_option(),
+    config: str | None = typer.Option(None, "--config", "-c", help="Config whose data.labels maps RTSTRUCT/SEG ROIs to labels (default: one label per ROI name)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Convert DICOM series (one output per series, named by index and UID hash) or any image to NIfTI/NRRD/MHA."""
+    """Convert DICOM series (one output per series, named by index and UID hash) or any image to NIfTI/NRRD/MHA.
+
+    A series labelled by an RTSTRUCT or DICOM-SEG in the folder also gets its label map (<output>_labels) and a JSON
+    naming each value and the ROIs it came from."""
+    from medseg.config import load_config
     from medseg.io.convert import convert as run_convert
     from medseg.io.dicom_geometry import configured_tolerances
 
-    report = run_convert(input, out, overwrite=overwrite, allow_tilt=allow_tilt, tolerances=configured_tolerances(None, dicom))
+    labels = load_config(config, set_).data.labels if (config or set_) else None
+    report = run_convert(input, out, overwrite=overwrite, allow_tilt=allow_tilt,
+                         tolerances=configured_tolerances(None, dicom), labels=labels)
     for r in report.results:
         if r.status == "ok":
             note = f" ({'; '.join(r.notes)})" if r.notes else ""
@@ -583,15 +612,23 @@ def evaluate(
 
     _claim_threads(threads)
     settings = load_config(config, set_).evaluation
-    labels, context = None, {}
+    labels: dict[int, str] | None = None
+    context: dict = {}
     if model is not None:
         from medseg.models.folder import ModelFolder
 
         folder = ModelFolder.read(model)
         labels = {k: v for k, v in folder.labels.items() if k != 0}
         context = {"Model": folder.name, "Dataset": folder.info.get("dataset"), "Config hash": folder.info.get("config_hash")}
+    cfg = load_config(config, set_)
     if dataset is not None:
-        labels = {k: v for k, v in load_dataset(dataset).labels.items() if k != 0}
+        labels = {k: v for k, v in load_dataset(dataset, labels=cfg.data.labels).labels.items() if k != 0}
+    from medseg.io.dicom_labels import is_study_folder
+
+    if is_study_folder(ref):  # DICOM studies with RTSTRUCT/SEG references: rasterised into OUT/dicom-references
+        ref, dicom_images, roi_sources = _dicom_references(ref, out, cfg.data.labels, model, labels)
+        images = images or dicom_images
+        context = {**context, "Reference ROIs": roi_sources}
     summary = evaluate_folders(pred, ref, out, settings=settings, labels=labels, metadata=metadata, context=context,
                                window=window, qc=qc_records(pred))
     write_overlays(out, pred, ref, images)
@@ -601,6 +638,30 @@ def evaluate(
         typer.echo(f"{name}: mean Dice {text}, n={dice['n']}")
     typer.echo(f"written: {out / 'metrics.csv'}, {out / 'summary.json'}")
     _log_to_active_mlflow_run(out, summary)
+
+
+def _dicom_references(ref: Path, out: Path, rules: Any, model: Path | None,
+                      labels: dict[int, str] | None) -> tuple[Path, Path, str]:
+    """A folder of DICOM studies as evaluation references: the ROI rules are the config's data.labels, else the
+    model's training config's, else the label names matched exactly; the labelled series are rasterised into
+    ``OUT/dicom-references``. Returns the label and image folders and which ROIs each label came from."""
+    from medseg.io.dicom_labels import exact_rules, label_rules, materialise, roi_summary
+
+    if rules is None and model is not None:
+        from medseg.models.folder import ModelFolder
+
+        rules = ModelFolder.read(model).config.data.labels
+    if rules is not None:
+        parsed = label_rules(rules)
+    elif labels:
+        parsed = exact_rules(labels)
+    else:
+        raise DatasetError("LABEL_RULES_MISSING", f"{ref.name} holds DICOM studies; nothing says which ROIs are which label",
+                           "give -c CONFIG with data.labels, or --model / --dataset whose label names the ROIs carry")
+    folder, sources = materialise(ref, parsed, out / "dicom-references")
+    for case, code, message in sources["problems"]:
+        typer.echo(f"reference {case}: {code}: {message}", err=True)
+    return folder / "labels", folder / "images", roi_summary(sources)
 
 
 def _log_to_active_mlflow_run(eval_dir: Path, summary: dict) -> None:

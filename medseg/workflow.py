@@ -17,7 +17,7 @@ from medseg.fsutil import read_json, write_json, write_text
 from medseg.inference.manifest import qc_records
 from medseg.inference.predictor import Predictor
 from medseg.inference.runner import predict_files
-from medseg.io.dataset import Case, load_dataset
+from medseg.io.dataset import Case, load_configured
 from medseg.io.readers import files_by_id
 from medseg.metrics.catalogue import names
 from medseg.metrics.evaluate import evaluate_folders
@@ -75,7 +75,7 @@ def evaluate_model(
     Outputs go to ``out/predictions`` and ``out/evaluation``; MLflow gets ``<name>_<metric>_<label>`` metrics
     and the evaluation folder as the artifact ``<name>/``.
     """
-    dataset = load_dataset(cfg.data.dataset or "")
+    dataset = load_configured(cfg.data)
     labels = {k: v for k, v in dataset.labels.items() if k != 0}
     log.info("predicting %d %s case(s)", len(cases), name)
     predictor = Predictor.from_model_dir(fit_result.model_dir, cfg.train.device)
@@ -133,7 +133,7 @@ def train_and_validate(
     if not result.is_main:
         return result, None
     resolved = load_config(run_dir / "config.yaml")
-    dataset = load_dataset(resolved.data.dataset or "")
+    dataset = load_configured(resolved.data)
     by_id = {c.id: c for c in dataset.training}
     val_ids = read_json(run_dir / "splits.json", "SPLITS_MISMATCH", "split record")["val"]
     cases = [by_id[i] for i in val_ids]
@@ -180,7 +180,7 @@ def check_inputs(cfg: Config, run_dir: Path) -> None:
     check_config(cfg)  # network, loss and optimizer: before a case is read
     if int(os.environ.get("RANK", "0")) != 0 or cfg.data.dataset is None:
         return
-    dataset = load_dataset(cfg.data.dataset)
+    dataset = load_configured(cfg.data)
     unknown = sorted(set(cfg.labels) - {str(v) for v in dataset.labels.values()})
     if unknown:
         import difflib
@@ -258,7 +258,7 @@ def cross_validate(cfg: Config, root: Path, folds: list[int | str], resume: bool
     Splits come from ``root/splits.json`` (made once with ``seed`` and ``data.folds``, then reused). Fold ``all``
     trains on every case and validates on the training cases. All folds log to one MLflow store.
     """
-    dataset = load_dataset(cfg.data.dataset or "")
+    dataset = load_configured(cfg.data)
     check_inputs(cfg, root)
     splits = load_or_make_splits(root / "splits.json", [c.id for c in dataset.training], cfg.data.folds, cfg.seed)
     everything = sorted(c.id for c in dataset.training)
@@ -323,7 +323,7 @@ def _std(values: list) -> float | None:
 
 def _pool_folds(cfg: Config, root: Path, folds: list[dict]) -> EvaluationResult:
     """Evaluates every fold's validation predictions together, against the training labels."""
-    dataset = load_dataset(cfg.data.dataset or "")
+    dataset = load_configured(cfg.data)
     pooled = root / "cv" / "predictions"
     pooled.mkdir(parents=True, exist_ok=True)
     for fold in folds:
@@ -363,7 +363,7 @@ def train_predict_evaluate(cfg: Config, out_dir: str | Path, show_progress: bool
         MedsegError: From any step.
     """
     out = Path(out_dir)
-    dataset = load_dataset(cfg.data.dataset or "")
+    dataset = load_configured(cfg.data)
     if not dataset.test or any(c.label is None for c in dataset.test):
         raise DatasetError("DATASET_NO_TEST_LABELS", f"{dataset.root} needs imagesTs/ with labels in labelsTs/")
     run_dir = out / "run"

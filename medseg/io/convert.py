@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medseg.errors import InputError, MedsegError, OutputError, require_exists
 from medseg.fsutil import check_output_dir, check_output_file
@@ -106,8 +107,13 @@ def _record_series(result: Converted, volume, target: Path) -> None:
 
 
 def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, allow_tilt: bool = False,
-            tolerances: DicomTolerances | None = None) -> ConvertReport:
+            tolerances: DicomTolerances | None = None, labels: Any = None) -> ConvertReport:
     """Converts a DICOM folder/file or any supported image file.
+
+    A series that an RTSTRUCT or DICOM-SEG in the folder references also gets its label map,
+    ``<series output>_labels<ending>``, on the series' grid, and ``<series output>_labels.json`` naming the values
+    and the ROIs each came from (:mod:`medseg.io.dicom_labels`). With ``labels`` (the config's ``data.labels``) the
+    ROIs are matched to those labels; without, each distinct ROI name is its own label, numbered in ROI order.
 
     Args:
         inputs: A DICOM folder (scanned recursively), a DICOM file, or a NIfTI/NRRD/MetaImage/2D file.
@@ -116,6 +122,7 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
         overwrite: Replace existing outputs.
         allow_tilt: Resample gantry-tilted series instead of refusing them.
         tolerances: When a slice stack is one volume (``--dicom KEY=VALUE``).
+        labels: ``data.labels`` rules for the RTSTRUCT/SEG ROIs (see above).
 
     Returns:
         :class:`ConvertReport`.
@@ -142,6 +149,14 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
     if not scan.series:
         summary = scan.skipped_text()
         raise InputError("DICOM_NO_SERIES", f"no DICOM image series under {inputs} (skipped: {summary})")
+    index = None
+    if any(s.code == "DICOM_NOT_IMAGE" for s in scan.skipped):
+        from medseg.io.dicom_labels import index_studies, label_rules
+
+        index = index_studies(inputs, label_rules(labels) if labels else None, scan)
+        used = {str(o.path) for o in index.objects}  # read as labels: not skipped
+        scan.skipped = [s for s in scan.skipped if str(s.path) not in used]
+    cases = {c.id: c for c in index.cases} if index else {}
     results = []
     for series in scan.series:
         if layout is None:
@@ -157,6 +172,10 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
             volume = load_series(series, tolerances=tolerances, allow_tilt=allow_tilt)
             _write(volume, target)
             _record_series(result, volume, target)
+            if series.name in cases:
+                results.append(result)
+                result = Converted(f"{series.name} labels", "failed")
+                _convert_labels(cases[series.name], volume, target, overwrite, result)
         except MedsegError as exc:
             if exc.code == "DISK_FULL":  # every further series would fail too; the outputs so far are complete
                 raise
@@ -167,4 +186,26 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
             else:
                 log.error("%s: %s", series.name, result.error)
         results.append(result)
+    if index is not None:
+        results.extend(Converted(what, "failed", error_code=code, error=f"{code}: {message}")
+                       for what, code, message in index.problems)
     return ConvertReport(results, scan.skipped_summary())
+
+
+def _convert_labels(case, volume: Volume, image_target: Path, overwrite: bool, result: Converted) -> None:
+    """The label map of a series' RTSTRUCT/SEG objects beside its image output, and its names and sources."""
+    from medseg.fsutil import write_json
+    from medseg.io.dicom_labels import label_map
+
+    folder, stem, ending = _split(image_target) or (image_target.parent, image_target.name, "")
+    target = folder / f"{stem}_labels{ending}"
+    if target.exists() and not overwrite:
+        raise OutputError("OUTPUT_EXISTS", f"{target.name} exists", "pass --overwrite to replace it")
+    array = label_map(case, case.rules, volume)
+    _write(volume.with_array(array[None]), target)
+    names = {"0": "background", **{str(r.value): r.name for r in case.rules}}
+    write_json(folder / f"{stem}_labels.json", {"labels": names, **case.sources()})
+    result.status, result.output, result.shape = "ok", str(target), volume.spatial_shape
+    result.spacing = tuple(round(s, 4) for s in volume.spacing)
+    result.notes.extend(f"{label} <- {', '.join(rois)}" for label, rois in case.sources()["labels"].items())
+    result.notes.extend(case.notes)

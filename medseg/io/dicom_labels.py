@@ -20,9 +20,11 @@ Rasterisation is exact and deterministic:
   ImagePositionPatient, ImageOrientationPatient and PixelSpacing: oblique and jittered series too; a point further
   than a quarter of the slice step from the plane, or a contour in another frame of reference, is
   ``RTSTRUCT_CONTOUR_OFF_GRID``). A pixel belongs to the ROI when its **centre** is inside by the **even-odd
-  rule** over all of the ROI's contours on that slice (holes, islands in holes). The tie rule on an edge is
-  half-open (a centre exactly on a left or lower edge is inside); medseg's own writer
-  (:mod:`medseg.io.rtstruct`) places contours half-way between pixel centres, so writer -> reader is lossless.
+  rule** over all of the ROI's contours on that slice (holes, islands in holes), or **on** a contour (within
+  1/1000 pixel). The second part is for the writers that draw contours through the centres of a mask's boundary
+  pixels (rt-utils, OpenCV-based tools): their structure sets read back to the mask they were given. medseg's own
+  writer (:mod:`medseg.io.rtstruct`) places contours half-way between pixel centres, so no centre is on a contour
+  and writer -> reader is lossless either way.
   POINT and OPEN contours, contours of fewer than 3 points and ROIs without contours are skipped and reported;
   repeated points are harmless.
 * **DICOM-SEG** (read through highdicom): every frame is placed on the slice at its PlanePositionSequence (its
@@ -50,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DatasetError, InputError, MedsegError, describe
-from medseg.io.dicom_headers import DicomFile, DicomSeries, file_label, scan_paths, uid_hash, walk_files
+from medseg.io.dicom_headers import DicomFile, DicomScan, DicomSeries, file_label, scan_paths, uid_hash, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +260,7 @@ class LabelledCase:
     notes: list[str] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (code, message)
     chosen: dict[str, list[tuple[LabelObject, Roi]]] = field(default_factory=dict)
+    rules: list[LabelRule] = field(default_factory=list)  # what the ROIs were matched with
 
     def sources(self) -> dict:
         """JSON-ready account of the case: which ROI went to which label, what was left out and why."""
@@ -279,9 +282,10 @@ class StudyIndex:
     skipped: dict[str, int]
 
 
-def index_studies(root: str | Path, rules: list[LabelRule] | None) -> StudyIndex:
-    """Scans ``root`` and ties each label object to its series (see the module docstring). With ``rules`` each
-    case's ROIs are matched to labels; with None every distinct ROI name becomes its own label (:func:`roi_rules`).
+def index_studies(root: str | Path, rules: list[LabelRule] | None, scan: DicomScan | None = None) -> StudyIndex:
+    """Scans ``root`` (unless its ``scan`` is given) and ties each label object to its series (see the module
+    docstring). With ``rules`` each case's ROIs are matched to labels; with None every distinct ROI name becomes
+    its own label (:func:`roi_rules`).
 
     Raises:
         InputError: ``PATH_NOT_FOUND``.
@@ -290,7 +294,8 @@ def index_studies(root: str | Path, rules: list[LabelRule] | None) -> StudyIndex
 
     root = Path(root)
     require_exists(root, "DICOM folder")
-    scan = scan_paths(root, [root] if root.is_file() else walk_files(root))
+    if scan is None:
+        scan = scan_paths(root, [root] if root.is_file() else walk_files(root))
     objects: list[LabelObject] = []
     problems: list[tuple[str, str, str]] = []
     skipped: dict[str, int] = {}
@@ -317,7 +322,8 @@ def index_studies(root: str | Path, rules: list[LabelRule] | None) -> StudyIndex
         if problem:
             case.notes.append(problem)
     for case in cases.values():
-        _match(case, rules if rules is not None else roi_rules([r.name for o in case.objects for r in o.rois]))
+        case.rules = rules if rules is not None else roi_rules([r.name for o in case.objects for r in o.rois])
+        _match(case, case.rules)
     labelled = {c.series.name for c in cases.values()}
     return StudyIndex(root, scan.series, objects, sorted(cases.values(), key=lambda c: c.id), problems,
                       [s for s in scan.series if s.name not in labelled], skipped)
@@ -379,11 +385,17 @@ def _match(case: LabelledCase, rules: list[LabelRule]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- rasterisation
+ON_EDGE = 1e-3  # pixel: a centre this close to a contour edge is on it (inside)
+
+
 def fill_even_odd(polygons: list[np.ndarray], rows: int, columns: int) -> np.ndarray:
     """``(rows, columns)`` mask of the pixel centres inside ``polygons`` (each ``(n, 2)`` as (column, row) pixel
-    coordinates, closed implicitly) by the even-odd rule over all of them; half-open ties (see module docstring)."""
+    coordinates, closed implicitly) by the even-odd rule over all of them, plus the centres on an edge (see
+    the module docstring)."""
     counts = np.zeros((rows, columns + 1), np.int32)
+    on_edge = np.zeros((rows, columns), bool)
     for poly in polygons:
+        _mark_edges(poly, on_edge)
         x0, y0 = poly[:, 0], poly[:, 1]
         x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
         start = np.clip(np.ceil(np.minimum(y0, y1)), 0, rows).astype(np.int64)
@@ -396,7 +408,32 @@ def fill_even_odd(polygons: list[np.ndarray], rows: int, columns: int) -> np.nda
         row = start[edge] + (np.arange(len(edge)) - first[edge])
         x = x0[edge] + (row - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
         np.add.at(counts, (row, np.clip(np.ceil(x), 0, columns).astype(np.int64)), 1)
-    return (np.cumsum(counts[:, :columns], axis=1) & 1).astype(bool)
+    return (np.cumsum(counts[:, :columns], axis=1) & 1).astype(bool) | on_edge
+
+
+def _mark_edges(poly: np.ndarray, out: np.ndarray) -> None:
+    """Marks the pixel centres that lie on an edge of ``poly`` (within :data:`ON_EDGE`): every edge is walked at
+    the integer steps of its longer axis, and a step whose other coordinate is an integer is a centre on it."""
+    start, end = poly, np.roll(poly, -1, axis=0)
+    for axis in (0, 1):  # the edges that run mostly along x, then those mostly along y
+        delta = end - start
+        keep = (np.abs(delta[:, axis]) >= np.abs(delta[:, 1 - axis])) if axis == 0 else (np.abs(delta[:, 1]) > np.abs(delta[:, 0]))
+        a, b = start[keep], end[keep]
+        lo = np.ceil(np.minimum(a[:, axis], b[:, axis]) - ON_EDGE).astype(np.int64)
+        hi = np.floor(np.maximum(a[:, axis], b[:, axis]) + ON_EDGE).astype(np.int64)
+        n = np.maximum(hi - lo + 1, 0)
+        if not n.any():
+            continue
+        edge = np.repeat(np.arange(len(n)), n)
+        step = lo[edge] + (np.arange(len(edge)) - (np.cumsum(n) - n)[edge])
+        span = b[edge, axis] - a[edge, axis]
+        t = np.where(span != 0, (step - a[edge, axis]) / np.where(span != 0, span, 1), 0.0)
+        other = a[edge, 1 - axis] + t * (b[edge, 1 - axis] - a[edge, 1 - axis])
+        hit = np.abs(other - np.round(other)) <= ON_EDGE
+        xy = np.empty((int(hit.sum()), 2), np.int64)
+        xy[:, axis], xy[:, 1 - axis] = step[hit], np.round(other[hit]).astype(np.int64)
+        inside = (xy[:, 0] >= 0) & (xy[:, 0] < out.shape[1]) & (xy[:, 1] >= 0) & (xy[:, 1] < out.shape[0])
+        out[xy[inside, 1], xy[inside, 0]] = True
 
 
 @dataclass
@@ -477,7 +514,8 @@ def rasterise_rtstruct(obj: LabelObject, rois: list[Roi], files: list[DicomFile]
                     f"(at most {tolerance:.2f} mm, a quarter of the {slices.step:.2f} mm slice step)",
                     "the structure set was drawn on another series or slice spacing: export it against this series")
             pixel = slices.pixels(points, k)
-            if (pixel.min(0) < -0.5).any() or pixel[:, 0].max() > shape[0] - 0.5 or pixel[:, 1].max() > shape[1] - 0.5:
+            margin = 0.5 + 1e-3  # a contour around a border pixel runs half a pixel beyond its centre
+            if (pixel.min(0) < -margin).any() or pixel[:, 0].max() > shape[0] - 1 + margin or pixel[:, 1].max() > shape[1] - 1 + margin:
                 outside += 1
             polygons[number].setdefault(k, []).append(pixel)
         if outside:
@@ -661,3 +699,29 @@ def materialise(root: str | Path, rules: list[LabelRule], cache: Path | None = N
     except OSError:  # another process finished first: use its result
         shutil.rmtree(tmp, ignore_errors=True)
     return target, json.loads((target / "sources.json").read_text())
+
+
+def is_study_folder(folder: Path) -> bool:
+    """True for a folder of DICOM files and no label-map files directly in it (``evaluate --ref``)."""
+    from medseg.io.dicom_headers import is_dicom_file
+    from medseg.io.readers import is_supported
+
+    if not folder.is_dir() or any(p.is_file() and is_supported(p) for p in folder.iterdir()):
+        return False
+    return any(is_dicom_file(p) for p in walk_files(folder)[:2000])
+
+
+def exact_rules(names: Mapping[int, str]) -> list[LabelRule]:
+    """Rules matching each label name exactly (case and spaces ignored): the reference ROIs carry the model's names."""
+    spec = {name: ["^" + re.escape(roi_key(name)) + "$"] for value, name in sorted(names.items()) if value != 0}
+    return label_rules(spec)
+
+
+def roi_summary(sources: dict) -> str:
+    """``label <- ROI, ROI; label <- ...`` over every case: the report's account of where each reference came from."""
+    found: dict[str, list[str]] = {}
+    for case in sources.get("cases", {}).values():
+        for label, rois in case["labels"].items():
+            found.setdefault(label, [])
+            found[label].extend(r for r in rois if r not in found[label])
+    return "; ".join(f"{label} <- {', '.join(rois)}" for label, rois in found.items())

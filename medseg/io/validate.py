@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class ValidationReport:
     n_test: int
     labels: dict[int, str]
     problems: list[Problem] = field(default_factory=list)
+    sources: dict = field(default_factory=dict)  # DICOM studies: per case the ROIs of each label (dicom_labels)
 
     @property
     def ok(self) -> bool:
@@ -162,14 +164,18 @@ def refuse(problems: list[Problem], what: str) -> None:
     )
 
 
-def validate_dataset(root: str | Path) -> ValidationReport:
-    """Checks every case of a dataset (any layout of :mod:`medseg.io.dataset`).
+def validate_dataset(root: str | Path, labels: Any = None, cache: Path | None = None) -> ValidationReport:
+    """Checks every case of a dataset (any layout of :mod:`medseg.io.dataset`; ``labels`` and ``cache`` as there).
+
+    A DICOM-study dataset's report also holds, per case, which ROI went to which label, the unmatched ROIs and
+    what was skipped (:attr:`ValidationReport.sources`).
 
     Raises:
         InputError / DatasetError: only when the dataset cannot be discovered at all (no layout, bad JSON).
     """
-    dataset = load_dataset(root, strict=False)
-    report = ValidationReport(Path(root), dataset.layout, len(dataset.training), len(dataset.test), dataset.labels)
+    dataset = load_dataset(root, strict=False, labels=labels, cache=cache)
+    report = ValidationReport(Path(root), dataset.layout, len(dataset.training), len(dataset.test), dataset.labels,
+                              sources=dataset.sources)
     missing = set()
     for cid, code, message in dataset.problems:
         report.problems.append(Problem(cid, code, message))

@@ -35,7 +35,7 @@ from medseg.config import Config, config_hash, config_to_dict, flatten, planned,
 from medseg.device import select_device
 from medseg.errors import ConfigError, TrainingError
 from medseg.fsutil import git_commit, json_hash, read_json, versions, write_json, write_text
-from medseg.io.dataset import Case, Dataset, load_dataset
+from medseg.io.dataset import Case, Dataset, load_configured
 from medseg.losses import build_loss
 from medseg.models import build_model
 from medseg.models.contract import deep_supervision_loss
@@ -351,7 +351,7 @@ def _prepare(cfg: Config, run_dir: Path, tracker: Tracker | None, resume: bool,
     pipeline (cached preprocessing, augmentation, sampler, loader)."""
     if cfg.data.dataset is None:
         raise ConfigError("CONFIG_MISSING_KEY", "data.dataset is not set", "use --set data.dataset=PATH")
-    dataset = load_dataset(cfg.data.dataset)
+    dataset = load_configured(cfg.data)
     device = select_device(cfg.train.device)
     rank = ddp.init_distributed(device.type)
     if rank.enabled and device.type == "cuda":

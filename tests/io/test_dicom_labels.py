@@ -10,10 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_helpers import rotated_affine, series
+from dicom_label_helpers import PRODUCER, shapes, study
 
 from medseg.errors import ConfigError, DatasetError
 from medseg.io.dicom import load_series, read_dicom
-from medseg.io.dicom_derived import Producer
 from medseg.io.dicom_labels import (
     fill_even_odd,
     index_studies,
@@ -22,36 +22,7 @@ from medseg.io.dicom_labels import (
     materialise,
     roi_key,
 )
-from medseg.io.dicom_seg import write_dicom_seg
 from medseg.io.rtstruct import write_rtstruct
-
-PRODUCER = Producer("organ3d", "unet", "ab12" * 16, "9.9.9", "1.2.826.0.1.3680043.10.777.")
-
-
-def shapes(shape) -> np.ndarray:
-    """Label 1: a ring (a hole) with an island in the hole; label 2: two boxes, one touching the image border."""
-    labels = np.zeros(shape, np.uint8)
-    x, y = np.mgrid[: shape[0], : shape[1]]
-    for z in range(1, shape[2] - 1):
-        r = np.hypot(x - 20.3, y - 22.8)
-        labels[..., z][(r < 12 + z % 3) & (r >= 5)] = 1
-        labels[..., z][r < 2.5] = 1
-        labels[..., z][(x > 36) & (y > 4) & (y < 16)] = 2
-        labels[..., z][(x > 34) & (x < 44) & (y > 26 + z) & (y < 40)] = 2
-    labels[3:6, 40:43, 2] = 1  # a one-row sliver and a diagonal staircase: corners for the fill rule
-    for k in range(6):
-        labels[10 + k, 2 + k, 3] = 2
-    return labels
-
-
-def study(folder: Path, labels: np.ndarray, names: dict[int, str], *, affine=None, kind="rtstruct", seed=0, **kw):
-    """A series plus its label object in ``folder``; returns the series volume as read back."""
-    series(folder / "ct", shape=labels.shape, affine=rotated_affine(spacing=(0.8, 0.7, 2.5)) if affine is None else affine,
-           seed=seed, **kw)
-    source = read_dicom(folder / "ct")
-    writer = write_rtstruct if kind == "rtstruct" else write_dicom_seg
-    writer(source.with_array(labels[None]), source, folder / f"{kind}.dcm", names, PRODUCER)
-    return source
 
 
 def labelled(root: Path, spec) -> tuple:
@@ -106,9 +77,11 @@ def test_fill_rule_is_even_odd_by_pixel_centre():
     clipped = np.zeros((6, 6), bool)
     clipped[1:5, 0:2] = True
     np.testing.assert_array_equal(fill_even_odd([shifted], 6, 6), clipped)
-    # a centre exactly on an edge: half-open (left and lower edges inside, right and upper outside)
-    np.testing.assert_array_equal(fill_even_odd([np.array([[1, 1], [3, 1], [3, 3], [1, 3]], float)], 5, 5)[1:4, 1:4],
-                                  [[1, 1, 0], [1, 1, 0], [0, 0, 0]])
+    # a centre exactly on an edge is inside: a contour through the centres of a mask's boundary gives the mask
+    on_centres = np.array([[1, 1], [3, 1], [3, 3], [1, 3]], float)
+    np.testing.assert_array_equal(fill_even_odd([on_centres], 5, 5)[1:4, 1:4], np.ones((3, 3), bool))
+    diagonal = np.array([[1, 1], [3, 3], [1, 3]], float)  # an edge through (2, 2) at 45 degrees
+    assert fill_even_odd([diagonal], 5, 5)[2, 2] and fill_even_odd([diagonal], 5, 5).sum() == 6
 
 
 def test_patterns_case_space_and_aliases(tmp_path: Path):
