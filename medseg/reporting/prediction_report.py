@@ -116,7 +116,7 @@ def write_prediction_report(pred_dir: str | Path, out: str | Path | None = None)
         InputError: ``PATH_NOT_FOUND``; ``PREDICTION_DIR_INVALID`` without a readable manifest.
     """
     data = build_prediction_report(pred_dir)
-    env = Environment(loader=PackageLoader("medseg.reporting", "templates"), autoescape=select_autoescape())
+    env = Environment(loader=PackageLoader("medseg.reporting", "templates"), autoescape=select_autoescape(["html.j2"]))
     env.filters["b64"] = lambda raw: base64.b64encode(raw).decode()
     html = env.get_template("review.html.j2").render(**data)
     out_path = check_output_file(Path(out) if out else Path(pred_dir) / REVIEW_REPORT)

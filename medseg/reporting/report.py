@@ -243,7 +243,7 @@ def write_report(eval_dir: str | Path, out: str | Path | None = None, pdf: bool 
         InputError: ``PATH_NOT_FOUND``; ``EVAL_DIR_INVALID`` when the evaluation files are missing.
     """
     data = build_report(eval_dir)
-    env = Environment(loader=PackageLoader("medseg.reporting", "templates"), autoescape=select_autoescape())
+    env = Environment(loader=PackageLoader("medseg.reporting", "templates"), autoescape=select_autoescape(["html.j2"]))
     env.filters["b64"] = lambda raw: base64.b64encode(raw).decode()
     env.filters["num"] = _fmt
     html = env.get_template("report.html.j2").render(**data, ref_colour=REF_COLOUR, pred_colour=PRED_COLOUR)

@@ -180,3 +180,17 @@ def test_a_label_whose_distances_are_undefined_in_every_case_still_reports(tiny_
     assert not any("median HD95" in s for s in data["cards"]["lesion"])
     assert any("median HD95" in s for s in data["cards"]["organ"])
     assert "lesion" in write_report(tmp_path / "ev").read_text()
+
+
+def test_text_from_inputs_is_escaped(evaluated: Path, tmp_path: Path):
+    """Names that come from inputs (RTSTRUCT ROI names, models' and datasets' label names) are text, never markup: the
+    templates are autoescaped (they end in .html.j2, which jinja2's default selection did not cover)."""
+    import json
+
+    copy = tmp_path / "ev"
+    shutil.copytree(evaluated, copy)
+    record = json.loads((copy / "evaluation.json").read_text())
+    record["context"]["Reference ROIs"] = 'lesion <- <script>alert("x")</script>'
+    (copy / "evaluation.json").write_text(json.dumps(record))
+    html = write_report(copy).read_text()
+    assert '<script>alert("x")' not in html and "lesion &lt;- &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
