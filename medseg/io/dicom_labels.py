@@ -473,6 +473,30 @@ class _Slices:
         return np.stack([offset @ self.rows_dir[k] / self.spacing[k, 1], offset @ self.cols_dir[k] / self.spacing[k, 0]], 1)
 
 
+def _decimals(item: Any, keyword: str, obj: LabelObject, roi: Roi) -> np.ndarray:
+    """A DS multi-value as float64, parsed by numpy from the stored bytes (pydicom's DSfloat objects take 5 s for
+    the contours of one CT structure set).
+
+    Raises:
+        InputError: ``DICOM_UNREADABLE`` for values that are not finite decimal numbers.
+    """
+    if keyword not in item:
+        return np.zeros(0)
+    element = item.get_item(keyword)
+    value = element.value
+    try:
+        if isinstance(value, bytes):
+            data = np.array(value.strip(b" \x00").split(b"\\")).astype(np.float64) if value.strip() else np.zeros(0)
+        else:
+            data = np.asarray([float(v) for v in (value if isinstance(value, list | tuple) else [value]) if v != ""], float)
+    except (ValueError, TypeError):
+        data = np.asarray([np.nan])
+    if not np.isfinite(data).all():
+        raise InputError("DICOM_UNREADABLE", f"ROI {roi.name!r} of {obj.label}: a contour's {keyword} holds values "
+                         "that are not finite decimal numbers", "re-export the structure set")
+    return data
+
+
 def _ordered_files(series: DicomSeries, image) -> list[DicomFile]:
     by_path = {str(f.path): f for f in series.files}
     return [by_path[str(p)] for p in image.meta["dicom_files"]]
@@ -480,7 +504,8 @@ def _ordered_files(series: DicomSeries, image) -> list[DicomFile]:
 
 def rasterise_rtstruct(obj: LabelObject, rois: list[Roi], files: list[DicomFile], shape: tuple[int, int, int],
                        notes: list[str]) -> dict[int, np.ndarray]:
-    """``{ROI number: (X, Y, Z) mask}`` of ``rois`` of an RTSTRUCT on the series whose slices are ``files``.
+    """``{ROI number: (Z, Y, X) mask}`` (slice, row, column) of ``rois`` of an RTSTRUCT on the series whose slices
+    are ``files``; ``shape`` is the volume's ``(X, Y, Z)``.
 
     Raises:
         DatasetError: ``RTSTRUCT_CONTOUR_OFF_GRID``.
@@ -502,8 +527,10 @@ def rasterise_rtstruct(obj: LabelObject, rois: list[Roi], files: list[DicomFile]
                                "reference than its series", "export the structure set against this image series")
         outside = 0
         for contour in _seq(roi_contour, "ContourSequence"):
-            data = np.asarray([float(v) for v in contour.get("ContourData", []) or []], float)
-            if str(contour.get("ContourGeometricType", "")) != "CLOSED_PLANAR" or data.size < 9 or data.size % 3:
+            if str(contour.get("ContourGeometricType", "")) != "CLOSED_PLANAR":
+                continue
+            data = _decimals(contour, "ContourData", obj, roi)
+            if data.size < 9 or data.size % 3:
                 continue
             points = data.reshape(-1, 3)
             k, distance = slices.place(points)
@@ -522,15 +549,15 @@ def rasterise_rtstruct(obj: LabelObject, rois: list[Roi], files: list[DicomFile]
             notes.append(f"ROI {roi.name!r} of {obj.label}: {outside} contour(s) reach outside the image (clipped)")
     masks = {}
     for number, per_slice in polygons.items():
-        mask = np.zeros(shape, bool)
+        planes = np.zeros(shape[::-1], bool)  # (Z, rows, columns): each slice contiguous while it is filled
         for k, polys in per_slice.items():
-            mask[:, :, k] = fill_even_odd(polys, shape[1], shape[0]).T
-        masks[number] = mask
+            planes[k] = fill_even_odd(polys, shape[1], shape[0])
+        masks[number] = planes
     return masks
 
 
 def rasterise_seg(obj: LabelObject, rois: list[Roi], files: list[DicomFile], shape: tuple[int, int, int]) -> dict[int, np.ndarray]:
-    """``{segment number: (X, Y, Z) mask}`` of ``rois`` of a DICOM-SEG, its frames placed by position.
+    """``{segment number: (Z, Y, X) mask}`` of ``rois`` of a DICOM-SEG, its frames placed by position.
 
     Raises:
         DatasetError: ``SEG_FRAME_OFF_GRID``; InputError ``DICOM_UNREADABLE`` when highdicom cannot read it.
@@ -550,7 +577,7 @@ def rasterise_seg(obj: LabelObject, rois: list[Roi], files: list[DicomFile], sha
     groups = _seq(seg, "SharedFunctionalGroupsSequence")
     shared = groups[0] if groups else None
     wanted = {r.number for r in rois}
-    masks = {n: np.zeros(shape, bool) for n in wanted}
+    masks = {n: np.zeros(shape[::-1], bool) for n in wanted}
     by_sop = {sop: k for k, sop in enumerate(slices.sops)}
     off = f"{obj.label}: a frame is not on the series' grid"
 
@@ -589,7 +616,7 @@ def rasterise_seg(obj: LabelObject, rois: list[Roi], files: list[DicomFile], sha
             if not hits:
                 raise DatasetError("SEG_FRAME_OFF_GRID", f"{off} (no position and no source image of the series)")
             k = hits[0]
-        masks[number][:, :, k] |= (pixels[i] >= threshold).T
+        masks[number][k] |= pixels[i] >= threshold
     return masks
 
 
@@ -607,10 +634,10 @@ def label_map(case: LabelledCase, rules: list[LabelRule], image) -> np.ndarray:
         raise DatasetError("RTSTRUCT_CONTOUR_OFF_GRID", f"{case.id}: the series was resampled (gantry tilt) or is not a "
                            "volume, so its label objects' slices do not map to it")
     files = _ordered_files(case.series, image)
-    out = np.zeros(shape, np.uint8)
+    out = np.zeros(shape[::-1], np.uint8)  # (Z, Y, X) while painting: each slice contiguous
     for rule in sorted(rules, key=lambda r: r.priority):
         chosen = case.chosen.get(rule.name, [])
-        union = np.zeros(shape, bool)
+        union = np.zeros(shape[::-1], bool)
         for obj in {id(o): o for o, _ in chosen}.values():
             rois = [r for o, r in chosen if o is obj]
             if obj.kind == "RTSTRUCT":
@@ -624,7 +651,7 @@ def label_map(case: LabelledCase, rules: list[LabelRule], image) -> np.ndarray:
         if rule.required and chosen and not union.any():
             raise DatasetError("LABEL_ROI_MISSING", f"{case.id}: the ROIs of label {rule.name!r} cover no pixel")
         out[union] = rule.value
-    return out
+    return out.transpose(2, 1, 0)  # F-ordered (X, Y, Z): NIfTI's own order, no copy
 
 
 # ------------------------------------------------------------------------------------------------ materialisation
@@ -661,16 +688,42 @@ def materialise(root: str | Path, rules: list[LabelRule], cache: Path | None = N
         The dataset folder and its ``sources.json``: per case the ROIs of each label, unmatched ROIs, notes; the
         failed cases and label objects under ``problems`` (``[case, code, message]``).
     """
-    from medseg.io.dicom import load_series
-    from medseg.io.nifti import write_nifti
-
     root = Path(root)
     target = (cache or default_cache()) / _cache_key(root, rules)[:20]
     if (target / "sources.json").is_file():
         return target, json.loads((target / "sources.json").read_text())
     index = index_studies(root, rules)
+    _remove_abandoned(target)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_cases(index, rules, tmp, tolerances)
+    except BaseException:  # a full disk, Ctrl-C: no half dataset stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first: use its result
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, json.loads((target / "sources.json").read_text())
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Removes the temporary folders of runs that were killed while writing ``target`` (their process is gone)."""
+    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+        try:
+            os.kill(int(tmp.name.split(".")[-2]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # a live process of another user
+            pass
+
+
+def _write_cases(index: StudyIndex, rules: list[LabelRule], tmp: Path, tolerances) -> None:
+    """The labelled cases of ``index`` as a paired dataset in ``tmp``; failed cases go to ``sources.json``."""
+    from medseg.io.dicom import load_series
+    from medseg.io.nifti import write_nifti
+
     (tmp / "images").mkdir(parents=True)
     (tmp / "labels").mkdir()
     sources: dict[str, Any] = {"cases": {}, "problems": [list(p) for p in index.problems],
@@ -684,6 +737,8 @@ def materialise(root: str | Path, rules: list[LabelRule], cache: Path | None = N
             image = load_series(case.series, tolerances=tolerances)
             labels = label_map(case, rules, image)
         except MedsegError as exc:
+            if exc.code == "DISK_FULL":
+                raise
             sources["problems"].append([case.id, exc.code, exc.message])
             continue
         write_nifti(image, tmp / "images" / f"{case.id}.nii.gz")
@@ -694,11 +749,6 @@ def materialise(root: str | Path, rules: list[LabelRule], cache: Path | None = N
     names = {"0": "background", **{str(r.value): r.name for r in rules}}
     (tmp / "labels.json").write_text(json.dumps(names, indent=1))
     (tmp / "sources.json").write_text(json.dumps(sources, indent=1))
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first: use its result
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target, json.loads((target / "sources.json").read_text())
 
 
 def is_study_folder(folder: Path) -> bool:

@@ -259,3 +259,30 @@ def test_materialised_dataset_is_cached_and_names_no_patient(tmp_path: Path):
     (tmp_path / "data" / "Canary_Patient" / "study1" / "rtstruct.dcm").touch()  # a changed file: a new key
     materialise(tmp_path / "data", rules, tmp_path / "cache")
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_materialise_leaves_nothing_half_written(tmp_path: Path, monkeypatch):
+    """A full disk mid-way removes the partial dataset and stops (not a per-case problem); a folder a killed run left
+    behind (its process gone) is removed by the next run."""
+    import medseg.io.nifti
+    from medseg.errors import OutputError
+
+    study(tmp_path / "data", shapes((40, 44, 5)), {0: "background", 1: "organ", 2: "lesion"})
+    rules = label_rules({"organ": ["organ"], "lesion": ["lesion"]})
+    real = medseg.io.nifti.write_nifti
+
+    def full(*args, **kwargs):
+        raise OutputError("DISK_FULL", "no space left on the device")
+
+    monkeypatch.setattr(medseg.io.nifti, "write_nifti", full)
+    with pytest.raises(OutputError) as err:
+        materialise(tmp_path / "data", rules, tmp_path / "cache")
+    assert err.value.code == "DISK_FULL"
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(medseg.io.nifti, "write_nifti", real)
+    folder, _ = materialise(tmp_path / "data", rules, tmp_path / "cache")
+    shutil.rmtree(folder)
+    abandoned = folder.with_name(f".{folder.name}.999999999.tmp")
+    (abandoned / "images").mkdir(parents=True)
+    materialise(tmp_path / "data", rules, tmp_path / "cache")
+    assert not abandoned.exists() and folder.is_dir()
