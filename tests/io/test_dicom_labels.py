@@ -286,3 +286,18 @@ def test_materialise_leaves_nothing_half_written(tmp_path: Path, monkeypatch):
     (abandoned / "images").mkdir(parents=True)
     materialise(tmp_path / "data", rules, tmp_path / "cache")
     assert not abandoned.exists() and folder.is_dir()
+
+
+def test_non_finite_contour_data_is_refused(tmp_path: Path):
+    from medseg.errors import InputError
+
+    study(tmp_path, shapes((40, 44, 5)), {0: "background", 1: "organ", 2: "lesion"})
+    rt = pydicom.dcmread(tmp_path / "rtstruct.dcm")
+    contour = rt.ROIContourSequence[0].ContourSequence[0]
+    contour.ContourData = ["NaN", *list(contour.ContourData)[1:]]
+    rt.save_as(tmp_path / "rtstruct.dcm")
+    spec = {"organ": ["organ"], "lesion": ["lesion"]}
+    (case,) = index_studies(tmp_path, label_rules(spec)).cases
+    with pytest.raises(InputError) as err:
+        label_map(case, label_rules(spec), load_series(case.series))
+    assert err.value.code == "DICOM_UNREADABLE" and "'organ'" in err.value.message
