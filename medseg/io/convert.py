@@ -116,7 +116,8 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
     ROIs are matched to those labels; without, each distinct ROI name is its own label, numbered in ROI order.
 
     Args:
-        inputs: A DICOM folder (scanned recursively), a DICOM file, or a NIfTI/NRRD/MetaImage/2D file.
+        inputs: A DICOM folder (scanned recursively), a DICOM file, or a NIfTI/NRRD/MetaImage/2D file; an RTSTRUCT
+            or SEG file converts its series (found in the file's folder, recursively) and its label map only.
         out: Output file (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``) or a folder (NIfTI files inside). With a
             file name and several series, each series gets ``<stem>_series_<i>_<hash><ending>`` beside it.
         overwrite: Replace existing outputs.
@@ -145,15 +146,25 @@ def convert(inputs: str | Path, out: str | Path, *, overwrite: bool = False, all
             raise OutputError("OUTPUT_NAME_INVALID", f"-o must name a .nii.gz, .nii, .nrrd or .mha file, not {out.name}")
         return ConvertReport([_convert_file(inputs, out, overwrite, roots)], {})
 
+    label_file = None
+    if inputs.is_file():
+        from medseg.io.dicom_labels import read_label_object
+
+        if read_label_object(inputs) is not None:  # an RTSTRUCT/SEG file: its series is found beside it
+            label_file, inputs = inputs, inputs.parent
     scan = scan_dicom(inputs)
     if not scan.series:
         summary = scan.skipped_text()
         raise InputError("DICOM_NO_SERIES", f"no DICOM image series under {inputs} (skipped: {summary})")
     index = None
     if any(s.code == "DICOM_NOT_IMAGE" for s in scan.skipped):
-        from medseg.io.dicom_labels import index_studies, label_rules
+        from medseg.io.dicom_labels import index_studies, label_rules, only_object
 
-        index = index_studies(inputs, label_rules(labels) if labels else None, scan)
+        rules = label_rules(labels) if labels else None
+        index = index_studies(inputs, rules, scan)
+        if label_file is not None:
+            index = only_object(index, label_file, rules)
+            scan.series = index.series
         used = {str(o.path) for o in index.objects}  # read as labels: not skipped
         scan.skipped = [s for s in scan.skipped if str(s.path) not in used]
     cases = {c.id: c for c in index.cases} if index else {}
@@ -204,7 +215,7 @@ def _convert_labels(case, volume: Volume, image_target: Path, overwrite: bool, r
     array = label_map(case, case.rules, volume)
     _write(volume.with_array(array[None]), target)
     names = {"0": "background", **{str(r.value): r.name for r in case.rules}}
-    write_json(folder / f"{stem}_labels.json", {"labels": names, **case.sources()})
+    write_json(folder / f"{stem}_labels.json", {"values": names, **case.sources()})
     result.status, result.output, result.shape = "ok", str(target), volume.spatial_shape
     result.spacing = tuple(round(s, 4) for s in volume.spacing)
     result.notes.extend(f"{label} <- {', '.join(rois)}" for label, rois in case.sources()["labels"].items())

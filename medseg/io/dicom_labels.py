@@ -329,6 +329,22 @@ def index_studies(root: str | Path, rules: list[LabelRule] | None, scan: DicomSc
                       [s for s in scan.series if s.name not in labelled], skipped)
 
 
+def only_object(index: StudyIndex, path: Path, rules: list[LabelRule] | None) -> StudyIndex:
+    """``index`` cut down to the label object in ``path`` and its series, its ROIs matched again with ``rules``
+    (as for :func:`index_studies`): ``medseg convert -i RS.dcm`` converts that object, not a newer one beside it."""
+    chosen = [o for o in index.objects if Path(o.path).resolve() == Path(path).resolve()]
+    cases = []
+    for case in index.cases:
+        objects = [o for o in case.objects if o in chosen]
+        if objects:
+            fresh = LabelledCase(case.id, case.series, objects)
+            fresh.rules = rules if rules is not None else roi_rules([r.name for o in objects for r in o.rois])
+            _match(fresh, fresh.rules)
+            cases.append(fresh)
+    problems = [p for p in index.problems if chosen and p[0] == chosen[0].label]
+    return StudyIndex(index.root, [c.series for c in cases], chosen, cases, problems, [], index.skipped)
+
+
 def _referenced_series(obj: LabelObject, all_series: list[DicomSeries]) -> tuple[DicomSeries | None, str]:
     """The image series ``obj`` labels, or None and why."""
     in_study = [s for s in all_series if s.files[0].study_uid == obj.study_uid]

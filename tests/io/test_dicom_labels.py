@@ -301,3 +301,25 @@ def test_non_finite_contour_data_is_refused(tmp_path: Path):
     with pytest.raises(InputError) as err:
         label_map(case, label_rules(spec), load_series(case.series))
     assert err.value.code == "DICOM_UNREADABLE" and "'organ'" in err.value.message
+
+
+def test_convert_one_structure_set_file(tmp_path: Path):
+    """``convert -i RS.dcm``: the series it references (found beside it) and its label map; a revised structure set
+    beside it is not mixed in; NRRD output keeps the series' grid."""
+    from medseg.io.convert import convert
+    from medseg.io.readers import read_volume
+
+    labels = shapes((40, 44, 5))
+    source = study(tmp_path / "in", labels, {0: "background", 1: "GTV 1", 2: "Cord"})
+    series(tmp_path / "in" / "other", shape=(20, 20, 4), seed=3)  # another series in the folder: not converted
+    write_rtstruct(source.with_array(np.where(labels == 1, 1, 0)[None].astype(np.uint8)), source,
+                   tmp_path / "in" / "revised.dcm", {0: "background", 1: "GTV 2"}, PRODUCER)
+    report = convert(tmp_path / "in" / "rtstruct.dcm", tmp_path / "out" / "ct.nrrd")
+    assert report.ok and [r.name.endswith("labels") for r in report.results] == [False, True]
+    written = read_volume(tmp_path / "out" / "ct_labels.nrrd")
+    assert written.same_grid(source)
+    np.testing.assert_array_equal(written.array[0], labels)
+    names = __import__("json").loads((tmp_path / "out" / "ct_labels.json").read_text())
+    assert names["values"] == {"0": "background", "1": "GTV 1", "2": "Cord"}
+    assert names["labels"] == {"GTV 1": ["GTV 1"], "Cord": ["Cord"]}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ct.nrrd", "ct_labels.json", "ct_labels.nrrd"]
