@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from medseg.errors import ConfigError, InputError
+from medseg.errors import ConfigError, InputError, describe
 
 
 class _Strict(BaseModel):
@@ -68,7 +68,7 @@ class LabelSource(_Strict):
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
+                raise ValueError(f"pattern {pattern!r} is not a regular expression: {describe(exc)}") from None
         return patterns
 
 

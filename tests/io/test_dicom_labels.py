@@ -96,6 +96,13 @@ def test_patterns_case_space_and_aliases(tmp_path: Path):
     with pytest.raises(ConfigError) as err:
         label_rules({"tumour": ["(unclosed"]})
     assert err.value.code == "CONFIG_INVALID_VALUE"
+    from medseg.config import load_config
+
+    with pytest.raises(ConfigError) as err:  # the config refuses it before any file is read
+        load_config("smoke", ['data.labels={"tumour": ["(unclosed"]}'])
+    assert err.value.code == "CONFIG_INVALID_VALUE" and "not a regular expression" in err.value.message
+    short = load_config("smoke", ['data.labels={"tumour": "^gtv", "cord": {"patterns": ["cord"], "required": false}}'])
+    assert [(r.name, r.value, r.required) for r in label_rules(short.data.labels)] == [("tumour", 1, True), ("cord", 2, False)]
 
 
 def test_overlaps_later_label_wins_or_priority(tmp_path: Path):

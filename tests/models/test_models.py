@@ -166,8 +166,9 @@ def test_network_loss_and_optimizer_are_checked_before_any_case_is_read(sets, co
     def never(*args, **kwargs):
         raise AssertionError("the dataset was read before the configuration was checked")
 
+    monkeypatch.setattr(dataset_module, "load_dataset", never)
     for module in (dataset_module, workflow):
-        monkeypatch.setattr(module, "load_dataset", never)
+        monkeypatch.setattr(module, "load_configured", never)
     result = CliRunner().invoke(app, ["train", "-c", "smoke", "-o", str(tmp_path / "run"),
                                       "--set", f"data.dataset={tmp_path}", *[a for s in sets for a in ("--set", s)]])
     assert isinstance(result.exception, ConfigError), result.output + repr(result.exception)
