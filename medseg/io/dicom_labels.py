@@ -402,6 +402,7 @@ def _match(case: LabelledCase, rules: list[LabelRule]) -> None:
 
 # ------------------------------------------------------------------------------------------------- rasterisation
 ON_EDGE = 1e-3  # pixel: a centre this close to a contour edge is on it (inside)
+CROSSINGS_PER_PIXEL = 4  # a contour crossing a slice's rows more often than this is refused (memory bound)
 
 
 def fill_even_odd(polygons: list[np.ndarray], rows: int, columns: int) -> np.ndarray:
@@ -419,6 +420,10 @@ def fill_even_odd(polygons: list[np.ndarray], rows: int, columns: int) -> np.nda
         n = stop - start
         if not n.any():
             continue
+        if int(n.sum()) > CROSSINGS_PER_PIXEL * rows * columns:
+            raise InputError("DICOM_UNREADABLE", f"a contour of {len(poly)} points crosses the image rows {int(n.sum())} "
+                             f"times (more than {CROSSINGS_PER_PIXEL} per pixel): not a drawn outline",
+                             "re-export the structure set")
         edge = np.repeat(np.arange(len(n)), np.maximum(n, 0))
         first = np.cumsum(np.maximum(n, 0)) - np.maximum(n, 0)
         row = start[edge] + (np.arange(len(edge)) - first[edge])
@@ -435,11 +440,15 @@ def _mark_edges(poly: np.ndarray, out: np.ndarray) -> None:
         delta = end - start
         keep = (np.abs(delta[:, axis]) >= np.abs(delta[:, 1 - axis])) if axis == 0 else (np.abs(delta[:, 1]) > np.abs(delta[:, 0]))
         a, b = start[keep], end[keep]
-        lo = np.ceil(np.minimum(a[:, axis], b[:, axis]) - ON_EDGE).astype(np.int64)
-        hi = np.floor(np.maximum(a[:, axis], b[:, axis]) + ON_EDGE).astype(np.int64)
+        size = out.shape[1 - axis]  # only steps inside the image matter (and far-away points stay cheap)
+        lo = np.clip(np.ceil(np.minimum(a[:, axis], b[:, axis]) - ON_EDGE), 0, size).astype(np.int64)
+        hi = np.clip(np.floor(np.maximum(a[:, axis], b[:, axis]) + ON_EDGE), -1, size - 1).astype(np.int64)
         n = np.maximum(hi - lo + 1, 0)
         if not n.any():
             continue
+        if int(n.sum()) > CROSSINGS_PER_PIXEL * out.size:
+            raise InputError("DICOM_UNREADABLE", f"a contour of {len(poly)} points passes {int(n.sum())} pixel steps "
+                             f"(more than {CROSSINGS_PER_PIXEL} per pixel): not a drawn outline", "re-export the structure set")
         edge = np.repeat(np.arange(len(n)), n)
         step = lo[edge] + (np.arange(len(edge)) - (np.cumsum(n) - n)[edge])
         span = b[edge, axis] - a[edge, axis]
@@ -580,13 +589,17 @@ def rasterise_seg(obj: LabelObject, rois: list[Roi], files: list[DicomFile], sha
     """
     import highdicom as hd
 
-    try:
-        seg = hd.seg.segread(obj.path)
-        pixels = seg.pixel_array
+    try:  # frames decoded one at a time, as wanted: a SEG of 100 segments would not fit in memory at once
+        seg = hd.seg.segread(obj.path, lazy_frame_retrieval=True)
     except Exception as exc:  # noqa: BLE001 - any failure to decode a third-party object is this code
         raise InputError("DICOM_UNREADABLE", f"{obj.label} cannot be read as a segmentation: {type(exc).__name__}") from None
-    if pixels.ndim == 2:
-        pixels = pixels[None]
+
+    def frame_pixels(i: int) -> np.ndarray:
+        try:
+            return seg.get_stored_frame(i + 1)
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise InputError("DICOM_UNREADABLE", f"{obj.label}: frame {i + 1} cannot be decoded: {type(exc).__name__}") from None
+
     slices = _Slices.of(files)
     fractional = str(seg.get("SegmentationType", "BINARY")) == "FRACTIONAL"
     threshold = float(seg.get("MaximumFractionalValue", 1) or 1) / 2 if fractional else 0.5
@@ -632,7 +645,7 @@ def rasterise_seg(obj: LabelObject, rois: list[Roi], files: list[DicomFile], sha
             if not hits:
                 raise DatasetError("SEG_FRAME_OFF_GRID", f"{off} (no position and no source image of the series)")
             k = hits[0]
-        masks[number][k] |= pixels[i] >= threshold
+        masks[number][k] |= frame_pixels(i) >= threshold
     return masks
 
 

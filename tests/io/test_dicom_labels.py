@@ -330,3 +330,16 @@ def test_convert_one_structure_set_file(tmp_path: Path):
     assert names["values"] == {"0": "background", "1": "GTV 1", "2": "Cord"}
     assert names["labels"] == {"GTV 1": ["GTV 1"], "Cord": ["Cord"]}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ct.nrrd", "ct_labels.json", "ct_labels.nrrd"]
+
+
+def test_hostile_contours_stay_cheap_or_are_refused():
+    """Points far outside the image cost nothing (edges are clipped to it); an outline crossing the rows more than
+    4 times per pixel (a zigzag of 20,000 points) is refused before memory is spent on it."""
+    from medseg.errors import InputError
+
+    huge = np.array([[-1e12, -1e12], [1e12, -1e12], [1e12, 1e12], [-1e12, 1e12]])
+    assert fill_even_odd([huge], 40, 44).all()
+    zigzag = np.stack([np.arange(20000) % 44, np.where(np.arange(20000) % 2, -5.0, 50.0)], 1)
+    with pytest.raises(InputError) as err:
+        fill_even_odd([zigzag], 40, 44)
+    assert err.value.code == "DICOM_UNREADABLE" and "per pixel" in err.value.message
