@@ -117,12 +117,13 @@ def validate(
 
     from medseg.config import load_config
     from medseg.fsutil import check_output_file, write_json
+    from medseg.io.dataset import dicom_cache
     from medseg.io.validate import validate_dataset
 
     if json_out:
         check_output_file(json_out)
     data = load_config(config, set_).data
-    report = validate_dataset(dataset, data.labels, Path(data.cache_dir) / "dicom-labels" if data.cache_dir else None)
+    report = validate_dataset(dataset, data.labels, dicom_cache(data))
     console = _stderr_console()
     typer.echo(
         f"{report.layout} dataset: {report.n_training} training, {report.n_test} test case(s); "
@@ -611,7 +612,8 @@ def evaluate(
     from medseg.reporting.report import write_overlays
 
     _claim_threads(threads)
-    settings = load_config(config, set_).evaluation
+    cfg = load_config(config, set_)
+    settings = cfg.evaluation
     labels: dict[int, str] | None = None
     context: dict = {}
     if model is not None:
@@ -620,7 +622,6 @@ def evaluate(
         folder = ModelFolder.read(model)
         labels = {k: v for k, v in folder.labels.items() if k != 0}
         context = {"Model": folder.name, "Dataset": folder.info.get("dataset"), "Config hash": folder.info.get("config_hash")}
-    cfg = load_config(config, set_)
     if dataset is not None:
         labels = {k: v for k, v in load_dataset(dataset, labels=cfg.data.labels).labels.items() if k != 0}
     from medseg.io.dicom_labels import is_study_folder

@@ -30,13 +30,13 @@ Case IDs come from file names or the CSV, never from image headers.
 from __future__ import annotations
 
 import csv
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import DatasetError, describe, require_exists
+from medseg.io.dicom_labels import holds_dicom
 from medseg.io.readers import case_id as file_case_id
 from medseg.io.readers import duplicate_id, is_supported
 
@@ -85,8 +85,13 @@ def _read_json(path: Path) -> dict:
 
 def load_configured(data: Any, strict: bool = True) -> Dataset:
     """:func:`load_dataset` of a config's ``data`` section (its dataset, ``labels`` rules and ``cache_dir``)."""
-    cache = Path(data.cache_dir) / "dicom-labels" if data.cache_dir else None
-    return load_dataset(data.dataset or "", strict, labels=data.labels, cache=cache)
+    return load_dataset(data.dataset or "", strict, labels=data.labels, cache=dicom_cache(data))
+
+
+def dicom_cache(data: Any) -> Path | None:
+    """Where a config's ``data`` section puts rasterised DICOM-study datasets: ``cache_dir/dicom-labels``, or None for
+    :func:`medseg.io.dicom_labels.default_cache`."""
+    return Path(data.cache_dir) / "dicom-labels" if data.cache_dir else None
 
 
 def load_dataset(root: str | Path, strict: bool = True, *, labels: Any = None, cache: Path | None = None) -> Dataset:
@@ -116,7 +121,7 @@ def load_dataset(root: str | Path, strict: bool = True, *, labels: Any = None, c
         dataset = _load_csv(root / "dataset.csv")
     elif (root / "images").is_dir() and (root / "labels").is_dir():
         dataset = _load_paired(root)
-    elif root.is_dir() and _holds_dicom(root):
+    elif root.is_dir() and holds_dicom(root):
         dataset = _load_dicom_studies(root, labels, cache, strict)
     else:
         raise DatasetError(
@@ -236,16 +241,6 @@ def _load_nnunet(root: Path, meta: dict) -> Dataset:
         training=training, test=test, layout="nnunet", problems=problems,
         declared_training=meta.get("numTraining"),
     )
-
-
-def _holds_dicom(root: Path) -> bool:
-    from medseg.io.dicom_headers import is_dicom_file
-
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        if any(is_dicom_file(Path(dirpath) / f) for f in sorted(filenames)[:20]):
-            return True
-    return False
 
 
 def _load_dicom_studies(root: Path, labels: Any, cache: Path | None, strict: bool) -> Dataset:

@@ -119,8 +119,18 @@ def roi_rules(names: list[str]) -> list[LabelRule]:
     seen: dict[str, str] = {}
     for name in names:
         seen.setdefault(roi_key(name), name)
-    return [LabelRule(name, k + 1, (re.compile("^" + re.escape(key) + "$", re.IGNORECASE),), False, k)
-            for k, (key, name) in enumerate(seen.items())]
+    return _exact_rules(list(enumerate(seen.values(), start=1)), required=False)
+
+
+def exact_rules(names: Mapping[int, str]) -> list[LabelRule]:
+    """Required rules matching each label name exactly (case and spaces ignored), keeping the label values: the
+    reference ROIs carry the model's names (``evaluate --ref`` without ``data.labels``)."""
+    return _exact_rules([(value, name) for value, name in sorted(names.items()) if value != 0], required=True)
+
+
+def _exact_rules(labels: list[tuple[int, str]], required: bool) -> list[LabelRule]:
+    return [LabelRule(name, value, (re.compile("^" + re.escape(roi_key(name)) + "$", re.IGNORECASE),), required, k)
+            for k, (value, name) in enumerate(labels)]
 
 
 # -------------------------------------------------------------------------------------------------- label objects
@@ -424,8 +434,8 @@ def fill_even_odd(polygons: list[np.ndarray], rows: int, columns: int) -> np.nda
             raise InputError("DICOM_UNREADABLE", f"a contour of {len(poly)} points crosses the image rows {int(n.sum())} "
                              f"times (more than {CROSSINGS_PER_PIXEL} per pixel): not a drawn outline",
                              "re-export the structure set")
-        edge = np.repeat(np.arange(len(n)), np.maximum(n, 0))
-        first = np.cumsum(np.maximum(n, 0)) - np.maximum(n, 0)
+        edge = np.repeat(np.arange(len(n)), n)  # n >= 0: start and stop are clipped alike
+        first = np.cumsum(n) - n
         row = start[edge] + (np.arange(len(edge)) - first[edge])
         x = x0[edge] + (row - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
         np.add.at(counts, (row, np.clip(np.ceil(x), 0, columns).astype(np.int64)), 1)
@@ -436,9 +446,8 @@ def _mark_edges(poly: np.ndarray, out: np.ndarray) -> None:
     """Marks the pixel centres that lie on an edge of ``poly`` (within :data:`ON_EDGE`): every edge is walked at
     the integer steps of its longer axis, and a step whose other coordinate is an integer is a centre on it."""
     start, end = poly, np.roll(poly, -1, axis=0)
-    for axis in (0, 1):  # the edges that run mostly along x, then those mostly along y
-        delta = end - start
-        keep = (np.abs(delta[:, axis]) >= np.abs(delta[:, 1 - axis])) if axis == 0 else (np.abs(delta[:, 1]) > np.abs(delta[:, 0]))
+    along_x = np.abs(end[:, 0] - start[:, 0]) >= np.abs(end[:, 1] - start[:, 1])
+    for axis, keep in ((0, along_x), (1, ~along_x)):  # the edges that run mostly along x, then those mostly along y
         a, b = start[keep], end[keep]
         size = out.shape[1 - axis]  # only steps inside the image matter (and far-away points stay cheap)
         lo = np.clip(np.ceil(np.minimum(a[:, axis], b[:, axis]) - ON_EDGE), 0, size).astype(np.int64)
@@ -780,20 +789,25 @@ def _write_cases(index: StudyIndex, rules: list[LabelRule], tmp: Path, tolerance
     (tmp / "sources.json").write_text(json.dumps(sources, indent=1))
 
 
+def holds_dicom(folder: Path) -> bool:
+    """True when a file below ``folder`` is DICOM (the first 20 files of each folder are looked at; stops at the
+    first hit)."""
+    from medseg.io.dicom_headers import is_dicom_file
+
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        if any(is_dicom_file(Path(dirpath) / f) for f in sorted(filenames)[:20]):
+            return True
+    return False
+
+
 def is_study_folder(folder: Path) -> bool:
     """True for a folder of DICOM files and no label-map files directly in it (``evaluate --ref``)."""
-    from medseg.io.dicom_headers import is_dicom_file
     from medseg.io.readers import is_supported
 
     if not folder.is_dir() or any(p.is_file() and is_supported(p) for p in folder.iterdir()):
         return False
-    return any(is_dicom_file(p) for p in walk_files(folder)[:2000])
-
-
-def exact_rules(names: Mapping[int, str]) -> list[LabelRule]:
-    """Rules matching each label name exactly (case and spaces ignored): the reference ROIs carry the model's names."""
-    spec = {name: ["^" + re.escape(roi_key(name)) + "$"] for value, name in sorted(names.items()) if value != 0}
-    return label_rules(spec)
+    return holds_dicom(folder)
 
 
 def roi_summary(sources: dict) -> str:

@@ -343,3 +343,12 @@ def test_hostile_contours_stay_cheap_or_are_refused():
     with pytest.raises(InputError) as err:
         fill_even_odd([zigzag], 40, 44)
     assert err.value.code == "DICOM_UNREADABLE" and "per pixel" in err.value.message
+
+
+def test_exact_and_per_roi_rules():
+    from medseg.io.dicom_labels import exact_rules, roi_rules
+
+    rules = exact_rules({0: "background", 1: "Liver", 3: "GTV primary"})
+    assert [(r.name, r.value, r.required) for r in rules] == [("Liver", 1, True), ("GTV primary", 3, True)]
+    assert rules[1].matches("gtv  PRIMARY") and not rules[1].matches("GTV primary 2")
+    assert [(r.name, r.value, r.required) for r in roi_rules(["Cord", "CORD", "Lung"])] == [("Cord", 1, False), ("Lung", 2, False)]
