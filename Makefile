@@ -46,7 +46,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK)
 	$(BIN)/python tools/lock.py check $(LOCK)
 	touch $@
 
-install: $(VENV)/.installed
+# The reports' volume viewer (NiiVue) from npm, at the version package-lock.json pins (with its integrity hash);
+# without npm the reports show their static figures (say so, do not fail: `pip install medseg` users have no npm).
+NIIVUE := node_modules/@niivue/niivue/dist/niivue.umd.js
+$(NIIVUE): package.json package-lock.json
+	@if command -v npm >/dev/null; then npm ci --ignore-scripts --no-audit --no-fund --omit=dev --loglevel=error && touch $@; \
+	else echo "npm not found: reports get no interactive viewer (apt-get install npm, then make install)"; fi
+
+install: $(VENV)/.installed $(NIIVUE)
 
 demo: install
 	$(BIN)/medseg demo -o demo_output

@@ -686,17 +686,24 @@ def report(
     eval_dir: Path = typer.Argument(..., help="Folder written by `medseg evaluate`, or by `medseg predict` (review report)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="HTML path (default EVAL_DIR/report.html, PRED_DIR/review.html)."),
     pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Also write report.pdf beside the HTML (evaluation reports)."),
+    static: bool = typer.Option(False, "--static", help="Figures only: no interactive viewers in the HTML."),
+    all_viewers: bool = typer.Option(False, "--all-viewers", help="Review report: a viewer for every case, not only those to review."),
 ) -> None:
     """Render the self-contained HTML report (and its PDF version) of an evaluation folder, or the review-first
-    report of a prediction folder (no reference: cases to review first, with the reasons)."""
+    report of a prediction folder (no reference: cases to review first, with the reasons). Each case shown gets an
+    interactive volume viewer (NiiVue, offline) beside its figure unless --static."""
     from medseg.reporting.prediction_report import is_prediction_dir, write_prediction_report
     from medseg.reporting.report import write_report
+    from medseg.reporting.viewer import niivue_script
 
+    if not static and niivue_script() is None:
+        typer.echo("note: NiiVue is not installed, so the report has its static figures only (`make install` "
+                   "installs it from npm)", err=True)
     if eval_dir.is_dir() and is_prediction_dir(eval_dir):
-        html = write_prediction_report(eval_dir, out)
+        html = write_prediction_report(eval_dir, out, static=static, all_viewers=all_viewers)
         typer.echo(f"review report: {html}")
         return
-    html = write_report(eval_dir, out, pdf=pdf)
+    html = write_report(eval_dir, out, pdf=pdf, static=static)
     typer.echo(f"report: {html}" + (f" and {html.with_suffix('.pdf')}" if pdf else ""))
 
 

@@ -69,6 +69,7 @@ from medseg.inference.outputs import (
     write_uncertainty,
 )
 from medseg.inference.predictor import Prediction, Predictor
+from medseg.inference.viewer_file import write_case_viewer
 from medseg.io.dicom_derived import PYDICOM_ROOT
 from medseg.io.dicom_geometry import DicomTolerances, default_tolerances
 from medseg.io.readers import case_id as case_id_of
@@ -252,7 +253,8 @@ def _rebuilt(case: CaseInput, out_dir: Path, options: RunOptions) -> CaseResult 
     extra = {"probabilities": (options.save_probabilities, f"probabilities/{case.case_id}.npz"),
              "uncertainty": (options.save_uncertainty, f"uncertainty/{case.case_id}.nii.gz"),
              "saliency": (options.explain, f"saliency/{case.case_id}.nii.gz"),
-             "preview": (options.preview, f"previews/{case.case_id}.png")}
+             "preview": (options.preview, f"previews/{case.case_id}.png"),
+             "viewer": (options.preview, f"previews/{case.case_id}.viewer.npz")}
     targets.update({kind: out_dir / name for kind, (wanted, name) in extra.items() if wanted})
     if not all(verify_output(path) for path in targets.values()):
         return None
@@ -477,6 +479,8 @@ def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction,
             written["preview"] = target.parent / "previews" / f"{case}.png"
             write_preview(volume, prediction.labels, written["preview"], predictor.labels, prediction.uncertainty,
                           prediction.saliency)
+            written["viewer"] = target.parent / "previews" / f"{case}.viewer.npz"
+            write_case_viewer(volume, prediction.labels, prediction.uncertainty, predictor.labels, written["viewer"])
         outputs = hashes(written, target.parent)
         return WriteOutcome("ok", round(time.perf_counter() - start, 3), outputs=outputs,
                             write_s=round(time.perf_counter() - t, 3))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from medseg.errors import InputError, require_exists
 from medseg.fsutil import atomic_write, check_output_file, versions
 from medseg.inference.manifest import read_manifests
+from medseg.reporting.viewer import case_viewer, template_globals
 
 REVIEW_REPORT = "review.html"
 
@@ -27,8 +28,9 @@ def is_prediction_dir(folder: Path) -> bool:
     return any(folder.glob("manifest*.json")) and not (folder / "evaluation.json").is_file()
 
 
-def build_prediction_report(pred_dir: str | Path) -> dict:
-    """Everything ``review.html`` shows: cases sorted for review, their reasons, volumes and previews."""
+def build_prediction_report(pred_dir: str | Path, viewers: str = "review") -> dict:
+    """Everything ``review.html`` shows: cases sorted for review, their reasons, volumes and previews, and the
+    interactive viewer data of the ``review`` cases (``viewers="all"``: of every case; ``"none"``: of none)."""
     pred_dir = Path(pred_dir)
     require_exists(pred_dir, "prediction folder")
     if not any(pred_dir.glob("manifest*.json")):
@@ -42,10 +44,16 @@ def build_prediction_report(pred_dir: str | Path) -> dict:
         preview = (c.get("outputs") or {}).get("preview")  # a path inside pred_dir (the manifest is validated)
         png = (pred_dir / preview["file"]).read_bytes() if preview and (pred_dir / preview["file"]).is_file() else None
         volumes = c.get("volumes_ml") or (qc.get("signals") or {}).get("volumes_ml") or {}
+        viewer = (c.get("outputs") or {}).get("viewer")
+        verdict = qc.get("verdict")
+        view = None
+        if viewer and (viewers == "all" or (viewers == "review" and verdict == "review")) \
+                and (pred_dir / viewer["file"]).is_file():
+            view = case_viewer(pred_dir / viewer["file"], "prediction")
         rows.append({"case": c["case_id"], "status": c["status"], "verdict": qc.get("verdict", "–" if c["status"] == "ok" else c["status"]),
                      "score": qc.get("score"), "reasons": [r["text"] for r in qc.get("reasons", [])],
                      "codes": [r["code"] for r in qc.get("reasons", [])], "volumes": volumes, "png": png,
-                     "error": c.get("error")})
+                     "error": c.get("error"), "view": view})
     order = {"failed": 0, "review": 1, "ok": 3}
     rows.sort(key=lambda r: (order.get(r["verdict"], 2), r["score"] if r["score"] is not None else 2.0, r["case"]))
     labels = sorted({name for r in rows for name in r["volumes"]})
@@ -109,16 +117,20 @@ def _provenance(pred_dir: Path) -> _Provenance:
     return _Provenance()
 
 
-def write_prediction_report(pred_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Renders the review-first report of a prediction folder (default ``PRED_DIR/review.html``).
+def write_prediction_report(pred_dir: str | Path, out: str | Path | None = None, static: bool = False,
+                            all_viewers: bool = False) -> Path:
+    """Renders the review-first report of a prediction folder (default ``PRED_DIR/review.html``), with an
+    interactive viewer for every ``review`` case (``all_viewers``: every case; ``static``: none) whose viewer file
+    ``predict --preview`` wrote.
 
     Raises:
         InputError: ``PATH_NOT_FOUND``; ``PREDICTION_DIR_INVALID`` without a readable manifest.
     """
-    data = build_prediction_report(pred_dir)
+    viewer = template_globals(static)
+    data = build_prediction_report(pred_dir, "none" if viewer["viewer_lib"] is None else "all" if all_viewers else "review")
     env = Environment(loader=PackageLoader("medseg.reporting", "templates"), autoescape=select_autoescape(["html.j2"]))
     env.filters["b64"] = lambda raw: base64.b64encode(raw).decode()
-    html = env.get_template("review.html.j2").render(**data)
+    html = env.get_template("review.html.j2").render(**data, **viewer, all_viewers=all_viewers)
     out_path = check_output_file(Path(out) if out else Path(pred_dir) / REVIEW_REPORT)
     atomic_write(out_path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     return out_path

@@ -115,12 +115,20 @@ class _Overlay(_Record):
     file: str
     caption: str = ""
     flags: list[str] = []
+    viewer: str | None = None  # the case's viewer file (medseg.reporting.viewer), inside overlays/
 
     @field_validator("file")
     @classmethod
     def _plain_name(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+\.png", value) or value.startswith("."):
             raise ValueError(f"a figure is a PNG file inside overlays/, found {value!r:.80}")
+        return value
+
+    @field_validator("viewer")
+    @classmethod
+    def _plain_viewer_name(cls, value: str | None) -> str | None:
+        if value is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+\.viewer\.npz", value) or value.startswith(".")):
+            raise ValueError(f"a viewer is a .viewer.npz file inside overlays/, found {value!r:.80}")
         return value
 
 

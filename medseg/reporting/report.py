@@ -13,12 +13,14 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from medseg.errors import InputError
 from medseg.fsutil import atomic_write, check_output_file, versions, write_json
+from medseg.inference.viewer_file import evaluation_marks, write_viewer
 from medseg.io.readers import files_by_id, read_volume
 from medseg.metrics.aggregate import subgroups
 from medseg.metrics.catalogue import METRICS
 from medseg.reporting import figures
 from medseg.reporting.overlays import PRED_COLOUR, REF_COLOUR, overlay_2d, overlay_3d
 from medseg.reporting.records import Overlays, load_evaluation, read_json_record
+from medseg.reporting.viewer import case_viewer, template_globals
 
 MAX_FLAGGED_OVERLAYS = 40  # default of evaluation.report_max_flagged_overlays (evaluations written before it)
 THICKNESS_BINS_MM = (2.5, 5.0)  # default of evaluation.report_slice_thickness_bins_mm
@@ -161,12 +163,19 @@ def write_overlays(eval_dir: str | Path, pred_dir: Path, ref_dir: Path, images_d
             png, caption = overlay_2d(image, ref_vol.array[0], pred_arr, labels)
         name = f"{k:03d}.png"
         (folder / name).write_bytes(png)
+        viewer_file = None
+        if len(ref_vol.spatial_shape) == 3:
+            viewer_file = f"{k:03d}.viewer.npz"
+            marks = evaluation_marks(ref_vol.array[0], pred_arr, ref_vol.affine, labels, settings["lesion_overlap"])
+            write_viewer(folder / viewer_file, None if image is None else image[0], ref_vol.affine,
+                         {"reference": ref_vol.array[0], "prediction": pred_arr}, labels, marks)
         case_flags = sorted({f"{r['label']}: {f}" for r in rows if r["case"] == case for f in r["flags"]})
-        entries.append({"case": case, "why": why, "file": name, "caption": caption, "flags": case_flags})
+        entries.append({"case": case, "why": why, "file": name, "caption": caption, "flags": case_flags,
+                        "viewer": viewer_file})
     write_json(folder / "overlays.json", {"overlays": entries, "flagged_not_shown": max(0, flagged_total - max_flagged)})
 
 
-def _read_overlays(eval_dir: Path) -> tuple[list[dict], int]:
+def _read_overlays(eval_dir: Path, viewers: bool = False, window: tuple[float, float] | None = None) -> tuple[list[dict], int]:
     path = eval_dir / OVERLAYS / "overlays.json"
     if not path.is_file():
         raise InputError("EVAL_DIR_INVALID", f"{eval_dir.name} lacks {OVERLAYS}/overlays.json",
@@ -178,12 +187,16 @@ def _read_overlays(eval_dir: Path) -> tuple[list[dict], int]:
         if not figure.is_file():
             raise InputError("EVAL_DIR_INVALID", f"{OVERLAYS}/{o.file} (listed in overlays.json) is missing",
                              "run `medseg evaluate` again to create it")
-        overlays.append({**o.model_dump(), "png": figure.read_bytes()})
+        viewer = None
+        if viewers and o.viewer and (eval_dir / OVERLAYS / o.viewer).is_file():
+            viewer = case_viewer(eval_dir / OVERLAYS / o.viewer, "evaluation", window)
+        overlays.append({**o.model_dump(), "png": figure.read_bytes(), "view": viewer})
     return overlays, record.flagged_not_shown
 
 
-def build_report(eval_dir: str | Path) -> dict:
-    """Everything the HTML and PDF show, with figures as PNG bytes."""
+def build_report(eval_dir: str | Path, viewers: bool = False) -> dict:
+    """Everything the HTML and PDF show, with figures as PNG bytes (and, with ``viewers``, each shown case's
+    interactive viewer data, :func:`medseg.reporting.viewer.case_viewer`)."""
     eval_dir = Path(eval_dir)
     rows, summary, record = _load(eval_dir)
     settings = record["settings"]
@@ -192,7 +205,7 @@ def build_report(eval_dir: str | Path) -> dict:
     unit = record["units"]["volume"]
     flag_rows(rows, settings)
     window = tuple(record["window"]) if record.get("window") else None
-    overlays, flagged_not_shown = _read_overlays(eval_dir)
+    overlays, flagged_not_shown = _read_overlays(eval_dir, viewers, window)
 
     case_meta = {case: dict(info.get("metadata", {})) for case, info in record["cases"].items()}
     for case, info in record["cases"].items():
@@ -228,13 +241,14 @@ def build_report(eval_dir: str | Path) -> dict:
     }
 
 
-def write_report(eval_dir: str | Path, out: str | Path | None = None, pdf: bool = True) -> Path:
+def write_report(eval_dir: str | Path, out: str | Path | None = None, pdf: bool = True, static: bool = False) -> Path:
     """Renders ``report.html`` (and ``report.pdf`` beside it) for an evaluation folder.
 
     Args:
         eval_dir: Folder written by :func:`medseg.metrics.evaluate.evaluate_folders`.
         out: HTML path (default ``eval_dir/report.html``).
         pdf: Also write the PDF version (same name, ``.pdf``).
+        static: Figures only, without the interactive viewers (:mod:`medseg.reporting.viewer`).
 
     Returns:
         The HTML path.
@@ -242,11 +256,12 @@ def write_report(eval_dir: str | Path, out: str | Path | None = None, pdf: bool 
     Raises:
         InputError: ``PATH_NOT_FOUND``; ``EVAL_DIR_INVALID`` when the evaluation files are missing.
     """
-    data = build_report(eval_dir)
+    viewer = template_globals(static)
+    data = build_report(eval_dir, viewers=viewer["viewer_lib"] is not None)
     env = Environment(loader=PackageLoader("medseg.reporting", "templates"), autoescape=select_autoescape(["html.j2"]))
     env.filters["b64"] = lambda raw: base64.b64encode(raw).decode()
     env.filters["num"] = _fmt
-    html = env.get_template("report.html.j2").render(**data, ref_colour=REF_COLOUR, pred_colour=PRED_COLOUR)
+    html = env.get_template("report.html.j2").render(**data, **viewer, ref_colour=REF_COLOUR, pred_colour=PRED_COLOUR)
     out_path = check_output_file(Path(out) if out else Path(eval_dir) / "report.html")
     atomic_write(out_path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     if pdf:
