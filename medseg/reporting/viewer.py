@@ -12,16 +12,20 @@ without WebGL2 (a one-line notice) the reports show their static figures only.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import zipfile
 from pathlib import Path
 
+from medseg.errors import describe
 from medseg.inference.viewer_file import MARGIN_MM, MAX_AXIS, read_viewer
 
 REF_COLOUR, PRED_COLOUR = "#0072B2", "#E69F00"  # Okabe-Ito blue and orange, as the overlay figures
 #: Window/level presets (level, width) of CT images in HU; other images get "auto" (their robust range).
 CT_PRESETS = {"soft tissue": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0)}
 NIIVUE_PATH_ENV = "MEDSEG_NIIVUE_JS"
+log = logging.getLogger(__name__)
 
 
 def niivue_script() -> tuple[str, str] | None:
@@ -64,8 +68,14 @@ def case_viewer(path: Path, scheme: str, window: tuple[float, float] | None = No
             (one colour per label, as the previews).
         window: The default display window (``evaluate --window``); else CT soft tissue, or the image's own range.
     """
-    data = read_viewer(path)
-    meta = data["meta"]
+    try:
+        data = read_viewer(path)
+        meta = data["meta"]
+        if not {"labels", "marks", "modality", "auto_window", "volumes"} <= set(meta):
+            raise KeyError("the description lacks keys")
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        log.warning("viewer file %s is unreadable (%s): the report shows its figure only", path.name, describe(exc))
+        return {"error": f"{path.parent.name}/{path.name} is unreadable; run the command that wrote it again"}
     labels = {int(k): v for k, v in meta["labels"].items()}
     if scheme == "evaluation":
         roles = [(r, c) for r, c in (("reference", REF_COLOUR), ("prediction", PRED_COLOUR)) if r in data["volumes"]]

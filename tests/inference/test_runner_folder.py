@@ -131,7 +131,7 @@ def test_dicom_seg_output_stats_preview_and_probabilities(predictor, tmp_path: P
     csv = (out / "stats.csv").read_text().splitlines()
     assert csv[0] == "case_id,organ_ml,lesion_ml,qc,qc_score,qc_reasons" and csv[1].startswith(result.case_id)
     assert csv[1].split(",")[3] == result.qc["verdict"] and float(csv[1].split(",")[4]) == result.qc["score"]
-    assert set(result.outputs) == {"labels", "probabilities", "preview"}
+    assert set(result.outputs) == {"labels", "probabilities", "preview", "viewer"}  # viewer: the reports' viewer file
 
 
 def test_dicom_seg_for_nifti_inputs_writes_nifti_with_a_note(predictor, tiny_dataset: Path, tmp_path: Path):

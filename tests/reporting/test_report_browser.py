@@ -10,6 +10,7 @@ import pytest
 from medseg.inference.manifest import qc_records
 from medseg.metrics.evaluate import evaluate_folders
 from medseg.reporting.report import write_overlays, write_report
+from medseg.reporting.viewer import niivue_script
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -93,4 +94,18 @@ def test_review_report_of_a_prediction_folder_renders_review_first(tiny_dataset:
         assert first.nth(0).inner_text() == "mr_like" and first.nth(1).inner_text() == "review"
         assert "unlike the training scans" in rows.first.inner_text()
         assert "research use only" in page.locator(".banner").inner_text().lower()
+        if niivue_script() is not None:  # the review case's viewer, from the file predict --preview wrote
+            n_review = page.locator("#cases td.verdict-review").count()
+            assert page.locator(".viewer").count() == n_review >= 1
+            viewer = page.locator(".viewer").first  # mr_like's
+            assert viewer.locator(".v-uncertainty").count() == 1
+            viewer.locator(".viewer-open").click()
+            page.wait_for_function("el => el.dataset.state !== 'loading'", arg=viewer.element_handle(), timeout=60_000)
+            assert viewer.get_attribute("data-state") == "ready"
+            assert page.evaluate("el => el.nv.volumes.map(v => v.name)", viewer.element_handle()) == [
+                "image.nii.gz", "prediction.nii.gz", "uncertainty.nii.gz"]
         browser.close()
+    if niivue_script() is not None:
+        result = runner.invoke(app, ["report", str(tmp_path / "pred"), "--all-viewers"])
+        assert result.exit_code == 0, result.output
+        assert html.read_text().count('class="viewer"') == 3
