@@ -254,7 +254,9 @@ def _rebuilt(case: CaseInput, out_dir: Path, options: RunOptions) -> CaseResult 
              "uncertainty": (options.save_uncertainty, f"uncertainty/{case.case_id}.nii.gz"),
              "saliency": (options.explain, f"saliency/{case.case_id}.nii.gz"),
              "preview": (options.preview, f"previews/{case.case_id}.png"),
-             "viewer": (options.preview, f"previews/{case.case_id}.viewer.npz")}
+             # the reports' viewer file: 3D cases only (written before the preview), so the one there is checked
+             "viewer": (options.preview and (out_dir / f"previews/{case.case_id}.viewer.npz").is_file(),
+                        f"previews/{case.case_id}.viewer.npz")}
     targets.update({kind: out_dir / name for kind, (wanted, name) in extra.items() if wanted})
     if not all(verify_output(path) for path in targets.values()):
         return None
@@ -476,11 +478,14 @@ def _write_case(predictor: Predictor, volume: Volume, prediction: Prediction,
             written["saliency"] = target.parent / "saliency" / f"{case}.nii.gz"
             write_saliency(prediction.saliency, written["saliency"])
         if options.preview:
+            # the reports' viewer file first: a case whose preview PNG is there has it (3D; 2D pictures, often RGB,
+            # are shown whole by their preview)
+            if len(volume.spatial_shape) == 3:
+                written["viewer"] = target.parent / "previews" / f"{case}.viewer.npz"
+                write_case_viewer(volume, prediction.labels, prediction.uncertainty, predictor.labels, written["viewer"])
             written["preview"] = target.parent / "previews" / f"{case}.png"
             write_preview(volume, prediction.labels, written["preview"], predictor.labels, prediction.uncertainty,
                           prediction.saliency)
-            written["viewer"] = target.parent / "previews" / f"{case}.viewer.npz"
-            write_case_viewer(volume, prediction.labels, prediction.uncertainty, predictor.labels, written["viewer"])
         outputs = hashes(written, target.parent)
         return WriteOutcome("ok", round(time.perf_counter() - start, 3), outputs=outputs,
                             write_s=round(time.perf_counter() - t, 3))

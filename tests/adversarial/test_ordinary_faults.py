@@ -83,7 +83,7 @@ def test_full_disk_stops_the_run_and_records_every_case(tmp_path: Path, cli, smo
     that could not be written and the rest; after space is freed, --resume completes the run."""
     with tmpfs(tmp_path / "small", "4m") as disk:
         out = disk / "out"
-        filler = _fill_when(out / "previews" / "ct_000.viewer.npz", disk)  # its last output: the first case is complete
+        filler = _fill_when(out / "previews" / "ct_000.png", disk)  # the first case is complete
         run = cli("predict", "-i", case_folder, "-o", out, "-m", smoke_model, "--no-tta", "--preview")
         filler.join()
         assert_coded(run, "DISK_FULL")

@@ -50,6 +50,26 @@ def test_resume_over_a_truncated_manifest_rebuilds_it_from_the_outputs(tmp_path:
     assert any("manifest rebuilt" in note for c in manifest["cases"] if c["resumed"] for note in c["notes"])
 
 
+def test_rebuilt_manifest_keeps_the_viewer_files_and_redoes_a_damaged_one(tmp_path: Path, cli, smoke_model: Path,
+                                                                           case_folder: Path):
+    """With --preview every 3D case also has its report viewer file: a rebuilt manifest records the intact ones,
+    and a case whose viewer file is damaged is predicted again."""
+    out = tmp_path / "out"
+    assert cli("predict", "-i", case_folder, "-o", out, "-m", smoke_model, "--no-tta", "--preview").code == 0
+    viewers = sorted((out / "previews").glob("*.viewer.npz"))
+    assert len(viewers) == len(list(out.glob("*.nii.gz"))) >= 2
+    (out / "manifest.json").write_text("{")
+    viewers[0].write_bytes(viewers[0].read_bytes()[:100])
+    run = cli("predict", "-i", case_folder, "-o", out, "-m", smoke_model, "--no-tta", "--preview", "--resume")
+    assert run.code == 0, run.err
+    cases = {c["case_id"]: c for c in _manifest(out)["cases"]}
+    damaged = viewers[0].name.removesuffix(".viewer.npz")
+    assert {case: c["resumed"] for case, c in cases.items()} == {
+        v.name.removesuffix(".viewer.npz"): v != viewers[0] for v in viewers}
+    assert all(c["outputs"]["viewer"]["file"] == f"previews/{case}.viewer.npz" for case, c in cases.items())
+    assert np.load(viewers[0])["meta"].size > 0 and cases[damaged]["status"] == "ok"
+
+
 def test_resume_keeps_the_records_of_cases_not_given_again(tmp_path: Path, cli, smoke_model: Path, case_folder: Path):
     out = tmp_path / "out"
     assert cli("predict", "-i", case_folder, "-o", out, "-m", smoke_model, "--no-tta").code == 0
