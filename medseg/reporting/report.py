@@ -15,6 +15,7 @@ from medseg.errors import InputError
 from medseg.fsutil import atomic_write, check_output_file, versions, write_json
 from medseg.inference.viewer_file import evaluation_marks, write_viewer
 from medseg.io.readers import files_by_id, read_volume
+from medseg.io.volume import Volume
 from medseg.metrics.aggregate import subgroups
 from medseg.metrics.catalogue import METRICS
 from medseg.reporting import figures
@@ -130,6 +131,16 @@ def _read_case(paths: dict[str, Path], case: str) -> np.ndarray | None:
 OVERLAYS = "overlays"  # folder of the evaluation holding the report's case figures (overlays.json + PNGs)
 
 
+def _uncertainty(pred_dir: Path, case: str, grid: Volume) -> np.ndarray | None:
+    """The case's uncertainty map (0..1) that ``predict --save-uncertainty`` wrote into the prediction folder, when
+    it is there and on the reference's grid (for the viewer's second overlay)."""
+    path = pred_dir / "uncertainty" / f"{case}.nii.gz"
+    if not path.is_file():
+        return None
+    volume = read_volume(path)
+    return volume.array[0].astype(np.float32) if volume.same_grid(grid) else None
+
+
 def write_overlays(eval_dir: str | Path, pred_dir: Path, ref_dir: Path, images_dir: Path | None = None) -> None:
     """Draws the report's case figures (best, median, worst and flagged cases) into ``eval_dir/overlays/``, after
     :func:`medseg.metrics.evaluate.evaluate_folders` and while the label (and image) files are at hand, so the
@@ -168,7 +179,8 @@ def write_overlays(eval_dir: str | Path, pred_dir: Path, ref_dir: Path, images_d
             viewer_file = f"{k:03d}.viewer.npz"
             marks = evaluation_marks(ref_vol.array[0], pred_arr, ref_vol.affine, labels, settings["lesion_overlap"])
             write_viewer(folder / viewer_file, None if image is None else image[0], ref_vol.affine,
-                         {"reference": ref_vol.array[0], "prediction": pred_arr}, labels, marks)
+                         {"reference": ref_vol.array[0], "prediction": pred_arr}, labels, marks,
+                         _uncertainty(pred_dir, case, ref_vol))
         case_flags = sorted({f"{r['label']}: {f}" for r in rows if r["case"] == case for f in r["flags"]})
         entries.append({"case": case, "why": why, "file": name, "caption": caption, "flags": case_flags,
                         "viewer": viewer_file})

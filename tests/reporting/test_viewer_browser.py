@@ -75,6 +75,11 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for folder, data in (("ref", ref), ("pred", pred), ("img", image)):
             (root / folder).mkdir(exist_ok=True)
             nib.save(nib.Nifti1Image(data, affine), root / folder / f"{case}.nii.gz")
+        if case == "plain":  # as predict --save-uncertainty writes it: uint8 with scl_slope 1/255
+            (root / "pred" / "uncertainty").mkdir()
+            u = nib.Nifti1Image(np.where(ref == 1, 200, 0).astype(np.uint8), affine)
+            u.header.set_slope_inter(1 / 255, 0)
+            nib.save(u, root / "pred" / "uncertainty" / f"{case}.nii.gz")
     evaluate_folders(root / "pred", root / "ref", root / "eval", labels=LABELS)
     write_overlays(root / "eval", root / "pred", root / "ref", root / "img")
     write_report(root / "eval", pdf=False)
@@ -349,3 +354,16 @@ def test_review_report_views_review_cases_or_all(tmp_path: Path):
     assert write_prediction_report(pred_dir).read_text().count('class="viewer"') == 1
     assert write_prediction_report(pred_dir, all_viewers=True).read_text().count('class="viewer"') == 2
     assert write_prediction_report(pred_dir, static=True).read_text().count('class="viewer"') == 0
+
+
+def test_evaluation_viewer_carries_the_prediction_uncertainty_when_predict_saved_it(evaluated: Path):
+    from medseg.inference.viewer_file import read_viewer
+
+    record = json.loads((evaluated / "eval" / "overlays" / "overlays.json").read_text())
+    volumes = {o["case"]: read_viewer(evaluated / "eval" / "overlays" / o["viewer"])["meta"]["volumes"]
+               for o in record["overlays"]}
+    assert volumes == {"plain": ["image", "reference", "prediction", "uncertainty"],
+                       "flipped": ["image", "reference", "prediction"], "oblique": ["image", "reference", "prediction"]}
+    text = (evaluated / "eval" / "report.html").read_text()
+    if niivue_script() is not None:
+        assert text.count('class="v-uncertainty"') == 1

@@ -91,6 +91,17 @@ def test_small_volume_is_cropped_not_reduced_and_mr_keeps_its_units(tmp_path: Pa
     assert np.abs(values - original)[inside].max() <= step / 2 + 1e-3  # the scan's own units, 255 steps
 
 
+def test_embedded_headers_hold_geometry_only(tmp_path: Path):
+    """The embedded NIfTI headers carry no text a source header could have put there (names, descriptions)."""
+    labels = np.zeros((10, 10, 4), np.uint8)
+    labels[3:6, 3:6, 1:3] = 1
+    write_viewer(tmp_path / "c.viewer.npz", np.zeros((10, 10, 4), np.float32), np.eye(4), {"prediction": labels},
+                 {1: "lesion"}, [], np.zeros((10, 10, 4), np.float32))
+    for role in read_viewer(tmp_path / "c.viewer.npz")["meta"]["volumes"]:
+        header = _embedded(tmp_path / "c.viewer.npz", role).header
+        assert all(bytes(header[field]).strip(b"\0 ") == b"" for field in ("descrip", "aux_file", "intent_name", "db_name"))
+
+
 def test_two_d_pictures_get_a_one_slice_viewer(tmp_path: Path):
     labels = np.zeros((30, 20), np.uint8)
     labels[5:9, 5:9] = 1
