@@ -305,6 +305,10 @@ def test_review_viewer_label_switch_changes_that_label_colour_only(tmp_path: Pat
         v.locator(".v-uncertainty").check()
         page.wait_for_timeout(200)
         assert (np.abs(_pixels(v) - after).sum(axis=2) > 24).sum() > 500
+        v.locator(".viewer-close").click()  # closed, the controls reset; it opens again
+        assert v.get_attribute("data-state") == "closed" and v.locator(".viewer-body").is_hidden()
+        _open(page, v)
+        assert v.locator(".v-label[data-value='1']").is_checked() and not v.locator(".v-uncertainty").is_checked()
         browser.close()
     assert not blocked and not errors
 
