@@ -22,6 +22,10 @@ from medseg.errors import describe
 from medseg.inference.viewer_file import MARGIN_MM, MAX_AXIS, read_viewer
 
 REF_COLOUR, PRED_COLOUR = "#0072B2", "#E69F00"  # Okabe-Ito blue and orange, as the overlay figures
+#: Evaluation viewers: label k of the reference takes REF_SHADES[(k - 1) % 3], of the prediction PRED_SHADES[...]
+#: (the Okabe-Ito palette split into cool and warm colours, so structures differ as well as sources).
+REF_SHADES = (REF_COLOUR, "#56B4E9", "#009E73")
+PRED_SHADES = (PRED_COLOUR, "#D55E00", "#CC79A7")
 #: Window/level presets (level, width) of CT images in HU; other images get "auto" (their robust range).
 CT_PRESETS = {"soft tissue": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0)}
 NIIVUE_PATH_ENV = "MEDSEG_NIIVUE_JS"
@@ -78,13 +82,14 @@ def case_viewer(path: Path, scheme: str, window: tuple[float, float] | None = No
         return {"error": f"{path.parent.name}/{path.name} is unreadable; run the command that wrote it again"}
     labels = {int(k): v for k, v in meta["labels"].items()}
     if scheme == "evaluation":
+        shades = {"reference": REF_SHADES, "prediction": PRED_SHADES}
         roles = [(r, c) for r, c in (("reference", REF_COLOUR), ("prediction", PRED_COLOUR)) if r in data["volumes"]]
-        colours = {r: {k: c for k in labels} for r, c in roles}
-        rows: list[tuple[int, str, str | None]] = [(k, name, None) for k, name in sorted(labels.items())]
+        colours = {r: {k: shades[r][(k - 1) % len(shades[r])] for k in labels} for r, _ in roles}
+        rows = [(k, name, [colours[r][k] for r, _ in roles]) for k, name in sorted(labels.items())]
     else:
         tab = _tab10(labels)
         roles, colours = [], {"prediction": tab}
-        rows = [(k, name, tab[k]) for k, name in sorted(labels.items())]
+        rows = [(k, name, [tab[k]]) for k, name in sorted(labels.items())]
     if window is None:
         level, width = CT_PRESETS["soft tissue"]
         window = (level - width / 2, level + width / 2) if meta["modality"] == "CT" else tuple(meta["auto_window"])
