@@ -74,7 +74,7 @@ def evaluation_marks(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray, labe
 def prediction_marks(pred: np.ndarray, affine: np.ndarray, labels: dict[int, str],
                      uncertainty: np.ndarray | None = None) -> list[dict]:
     """Where to look in one predicted case: each label's largest part, and the largest region where the model
-    is more uncertain than not (normalised entropy at least 0.5)."""
+    is more uncertain than not (normalised entropy at least 0.5; ``uncertainty`` as uint8 0..255 for 0..1)."""
     marks: list[dict] = []
     for value, name in sorted(labels.items()):
         parts, sizes = _components(pred == value)
@@ -83,7 +83,7 @@ def prediction_marks(pred: np.ndarray, affine: np.ndarray, labels: dict[int, str
             marks.append({"label": name, "kind": "structure", "voxels": int(sizes[biggest]),
                           "mm": _centroid_mm(parts == biggest, affine)})
     if uncertainty is not None:
-        parts, sizes = _components(uncertainty >= 0.5)
+        parts, sizes = _components(uncertainty >= 128)
         if len(sizes) > 1:
             biggest = int(np.argmax(sizes[1:])) + 1
             marks.append({"label": "uncertainty", "kind": "most uncertain region", "voxels": int(sizes[biggest]),
@@ -93,15 +93,17 @@ def prediction_marks(pred: np.ndarray, affine: np.ndarray, labels: dict[int, str
 
 def _box(masks: list[np.ndarray], shape: tuple[int, ...], spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Region of interest ``[lo, hi)`` per axis: the labels' bounding box plus the margin (the whole grid without
-    labels)."""
-    union = np.zeros(shape, bool)
+    labels). From each axis' projection, without listing the labelled voxels."""
+    lo, hi = np.asarray(shape), np.zeros(len(shape), int)
     for m in masks:
-        union |= m > 0
-    if not union.any():
+        for axis in range(len(shape)):
+            hit = np.flatnonzero(np.any(m, axis=tuple(a for a in range(len(shape)) if a != axis)))
+            if hit.size:
+                lo[axis], hi[axis] = min(lo[axis], hit[0]), max(hi[axis], hit[-1] + 1)
+    if (hi <= lo).any():
         return np.zeros(len(shape), int), np.asarray(shape)
-    where = np.argwhere(union)
     margin = np.ceil(MARGIN_MM / np.maximum(spacing, 1e-6)).astype(int)
-    return np.maximum(where.min(axis=0) - margin, 0), np.minimum(where.max(axis=0) + 1 + margin, shape)
+    return np.maximum(lo - margin, 0), np.minimum(hi + margin, shape)
 
 
 def _factors(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
@@ -113,16 +115,21 @@ def _factors(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return f
 
 
-def _reduce(array: np.ndarray, f: np.ndarray, how: str) -> np.ndarray:
-    """Block mean or maximum with factors ``f`` (edges padded by repeating the last plane)."""
+def _reduce(array: np.ndarray, f: np.ndarray, how: str, chunk: int = 16) -> np.ndarray:
+    """Block mean (float32) or maximum with factors ``f`` (edges padded by repeating the last plane), ``chunk``
+    output planes of the last axis at a time, so a large input is never copied whole."""
     if (f == 1).all():
-        return array
-    pad = [(0, int(-s % k)) for s, k in zip(array.shape, f)]
-    a = np.pad(array, pad, mode="edge")
-    shape = [v for s, k in zip(a.shape, f) for v in (s // k, k)]
-    blocks = a.reshape(shape)
+        return np.asarray(array, np.float32) if how == "mean" else np.asarray(array)
+    out_shape = [-(-s // k) for s, k in zip(array.shape, f)]
+    out = np.empty(out_shape, np.float32 if how == "mean" else array.dtype)
     axes = tuple(range(1, 2 * len(f), 2))
-    return blocks.max(axis=axes) if how == "max" else blocks.mean(axis=axes, dtype=np.float32)
+    for z0 in range(0, out_shape[-1], chunk):
+        z1 = min(z0 + chunk, out_shape[-1])
+        part = array[..., z0 * f[-1]:z1 * f[-1]]
+        part = np.pad(part, [(0, int(-s % k)) for s, k in zip(part.shape, f)], mode="edge")
+        blocks = part.reshape([v for s, k in zip(part.shape, f) for v in (s // k, k)])
+        out[..., z0:z1] = blocks.max(axis=axes) if how == "max" else blocks.mean(axis=axes, dtype=np.float32)
+    return out
 
 
 def _nifti_gz(array: np.ndarray, affine: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> bytes:
@@ -150,7 +157,8 @@ def write_viewer(target: Path, image: np.ndarray | None, affine: np.ndarray, ove
         overlays: Role (``prediction``, ``reference``) -> ``(X, Y, Z)`` label map.
         labels: Label value -> name.
         marks: "Jump to" entries (:func:`evaluation_marks`, :func:`prediction_marks`).
-        uncertainty: ``(X, Y, Z)`` normalised entropy 0..1, or None.
+        uncertainty: ``(X, Y, Z)`` normalised entropy as uint8 0..255 standing for 0..1 (as predict keeps it), or
+            None.
     """
     if next(iter(overlays.values())).ndim == 2:  # a 2D picture: one slice
         overlays = {role: arr[..., None] for role, arr in overlays.items()}
@@ -170,7 +178,7 @@ def write_viewer(target: Path, image: np.ndarray | None, affine: np.ndarray, ove
                   "shape": [int(v) for v in np.ceil((hi - lo) / f)], "factors": [int(v) for v in f],
                   "source_shape": list(shape), "spacing_mm": [round(float(v), 4) for v in spacing * f]}
     if image is not None:
-        data = _reduce(np.asarray(image[crop], np.float32), f, "mean")
+        data = _reduce(image[crop], f, "mean")
         finite = data[np.isfinite(data)]
         low_pct = float(np.percentile(finite, 0.5)) if finite.size else 0.0
         if low_pct < -500.0:  # Hounsfield units: air is -1000
@@ -187,10 +195,9 @@ def write_viewer(target: Path, image: np.ndarray | None, affine: np.ndarray, ove
         meta.update(modality="none", auto_window=[0.0, 1.0])
         files["image"] = _nifti_gz(np.zeros(meta["shape"], np.uint8), grid)
     for role, arr in overlays.items():
-        files[role] = _nifti_gz(_reduce(np.asarray(arr[crop]), f, "max"), grid)
+        files[role] = _nifti_gz(_reduce(arr[crop], f, "max"), grid)
     if uncertainty is not None:
-        u = np.clip(np.rint(np.asarray(uncertainty[crop], np.float32) * 255.0), 0, 255).astype(np.uint8)
-        files["uncertainty"] = _nifti_gz(_reduce(u, f, "max"), grid, 1.0 / 255.0, 0.0)
+        files["uncertainty"] = _nifti_gz(_reduce(np.asarray(uncertainty[crop], np.uint8), f, "max"), grid, 1.0 / 255.0, 0.0)
     meta["volumes"] = list(files)
 
     def write(tmp: Path) -> None:
@@ -206,7 +213,7 @@ def write_case_viewer(image: Volume, labels: Volume, uncertainty: Volume | None,
                       target: Path) -> dict:
     """The viewer file of one predicted case (``predict --preview``): the image's first channel, the label map,
     the uncertainty map (uint8 0..255 standing for 0..1) and :func:`prediction_marks`."""
-    unc = None if uncertainty is None else uncertainty.array[0].astype(np.float32) / 255.0
+    unc = None if uncertainty is None else uncertainty.array[0]
     lab = labels.array[0]
     marks = prediction_marks(lab if lab.ndim == 3 else lab[..., None], labels.affine, names,
                              None if unc is None else (unc if unc.ndim == 3 else unc[..., None]))

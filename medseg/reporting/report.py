@@ -132,13 +132,13 @@ OVERLAYS = "overlays"  # folder of the evaluation holding the report's case figu
 
 
 def _uncertainty(pred_dir: Path, case: str, grid: Volume) -> np.ndarray | None:
-    """The case's uncertainty map (0..1) that ``predict --save-uncertainty`` wrote into the prediction folder, when
-    it is there and on the reference's grid (for the viewer's second overlay)."""
+    """The case's uncertainty map (uint8 0..255 for 0..1) that ``predict --save-uncertainty`` wrote into the
+    prediction folder, when it is there and on the reference's grid (for the viewer's second overlay)."""
     path = pred_dir / "uncertainty" / f"{case}.nii.gz"
     if not path.is_file():
         return None
     volume = read_volume(path)
-    return volume.array[0].astype(np.float32) if volume.same_grid(grid) else None
+    return np.clip(np.rint(volume.array[0] * 255.0), 0, 255).astype(np.uint8) if volume.same_grid(grid) else None
 
 
 def write_overlays(eval_dir: str | Path, pred_dir: Path, ref_dir: Path, images_dir: Path | None = None) -> None:

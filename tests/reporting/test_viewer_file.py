@@ -96,7 +96,7 @@ def test_embedded_headers_hold_geometry_only(tmp_path: Path):
     labels = np.zeros((10, 10, 4), np.uint8)
     labels[3:6, 3:6, 1:3] = 1
     write_viewer(tmp_path / "c.viewer.npz", np.zeros((10, 10, 4), np.float32), np.eye(4), {"prediction": labels},
-                 {1: "lesion"}, [], np.zeros((10, 10, 4), np.float32))
+                 {1: "lesion"}, [], np.zeros((10, 10, 4), np.uint8))
     for role in read_viewer(tmp_path / "c.viewer.npz")["meta"]["volumes"]:
         header = _embedded(tmp_path / "c.viewer.npz", role).header
         assert all(bytes(header[field]).strip(b"\0 ") == b"" for field in ("descrip", "aux_file", "intent_name", "db_name"))
@@ -144,8 +144,9 @@ def test_prediction_marks_structures_and_most_uncertain_region():
     pred = np.zeros((20, 20, 10), np.uint8)
     pred[2:8, 2:8, 1:4] = 1
     pred[12:14, 12:14, 6:8] = 1  # a smaller second part
-    uncertainty = np.zeros(pred.shape, np.float32)
-    uncertainty[15:18, 2:5, 5:9] = 0.8
+    uncertainty = np.zeros(pred.shape, np.uint8)  # 0..255 for 0..1, as predict keeps it
+    uncertainty[15:18, 2:5, 5:9] = 204
+    uncertainty[10:12, 10:12, 0:2] = 127  # just under one half: not "uncertain"
     marks = prediction_marks(pred, affine, {1: "liver", 2: "spleen"}, uncertainty)
     assert [(m["label"], m["kind"], m["voxels"]) for m in marks] == [
         ("liver", "structure", 108), ("uncertainty", "most uncertain region", 36)]
@@ -169,3 +170,21 @@ def test_overlay_record_refuses_a_viewer_path_outside_the_folder(tmp_path: Path)
         (tmp_path / "overlays.json").write_text(json.dumps(record))
         with pytest.raises(InputError):
             read_json_record(tmp_path / "overlays.json", Overlays)
+
+
+def test_block_reduction_in_chunks_equals_each_block_taken_alone():
+    """The chunked block mean/max against each block computed on its own (edge blocks padded by repeating the last
+    plane), on a shape that is no multiple of the factors and across chunk boundaries."""
+    rng = np.random.default_rng(3)
+    data = rng.normal(size=(11, 7, 23)).astype(np.float32)
+    labels = rng.integers(0, 4, size=(11, 7, 23)).astype(np.uint8)
+    f = np.array([3, 2, 4])
+    padded = np.pad(data, [(0, 1), (0, 1), (0, 1)], mode="edge")
+    padded_labels = np.pad(labels, [(0, 1), (0, 1), (0, 1)], mode="edge")
+    mean = viewer_file._reduce(data, f, "mean", chunk=2)
+    top = viewer_file._reduce(labels, f, "max", chunk=2)
+    assert mean.shape == top.shape == (4, 4, 6)
+    for i, j, k in np.ndindex(mean.shape):
+        block = (slice(3 * i, 3 * i + 3), slice(2 * j, 2 * j + 2), slice(4 * k, 4 * k + 4))
+        assert mean[i, j, k] == pytest.approx(padded[block].mean(), abs=1e-5)
+        assert top[i, j, k] == padded_labels[block].max()
