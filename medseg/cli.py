@@ -694,9 +694,9 @@ def report(
     interactive volume viewer (NiiVue, offline) beside its figure unless --static."""
     from medseg.reporting.prediction_report import is_prediction_dir, write_prediction_report
     from medseg.reporting.report import write_report
-    from medseg.reporting.viewer import niivue_script
+    from medseg.reporting.viewer import niivue_path
 
-    if not static and niivue_script() is None:
+    if not static and niivue_path() is None:
         typer.echo("note: NiiVue is not installed, so the report has its static figures only (`make install` "
                    "installs it from npm)", err=True)
     if eval_dir.is_dir() and is_prediction_dir(eval_dir):

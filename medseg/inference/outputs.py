@@ -65,6 +65,13 @@ def label_volumes_ml(labels: Volume, label_names: dict[int, str]) -> dict[str, f
     return {name: round(float(counts[k]) * voxel_ml, 4) for k, name in sorted(label_names.items()) if k > 0}
 
 
+def preview_colour(label: int) -> str:
+    """The colour of a label in the previews (and the review report's viewers): matplotlib's tab10, label 1 first."""
+    import matplotlib
+
+    return str(matplotlib.colors.to_hex(matplotlib.colormaps["tab10"]((label - 1) % 10)))
+
+
 def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict[int, str],
                   uncertainty: Volume | None = None, saliency: Volume | None = None) -> None:
     """PNG with the axial, coronal and sagittal planes through the labelled region's centre, in radiological
@@ -92,7 +99,6 @@ def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict
         views = [[("plane", a[0].T, image.spacing[1] / image.spacing[0])] for a in arrays]
     data = np.asarray(image.array[0], dtype=np.float32)
     lo, hi = np.percentile(data, [1, 99]) if data.size else (0, 1)
-    colours = plt.get_cmap("tab10")
     rows = 1 + len(extra)
     fig, axes = plt.subplots(rows, len(views[0]), figsize=(4 * len(views[0]), 4 * rows), squeeze=False)
     for ax, (name, plane, aspect), (_, seg, _) in zip(axes[0], views[0], views[1]):
@@ -100,7 +106,7 @@ def write_preview(image: Volume, labels: Volume, target: Path, label_names: dict
         overlay = np.zeros((*seg.shape, 4))
         for k in sorted(label_names):
             if k > 0:
-                overlay[seg == k] = (*colours((k - 1) % 10)[:3], 0.45)
+                overlay[seg == k] = (*matplotlib.colors.to_rgb(preview_colour(k)), 0.45)
         ax.imshow(overlay, aspect=aspect)
         ax.set_title(name, fontsize=9)
         ax.axis("off")

@@ -211,13 +211,11 @@ def write_viewer(target: Path, image: np.ndarray | None, affine: np.ndarray, ove
 
 def write_case_viewer(image: Volume, labels: Volume, uncertainty: Volume | None, names: dict[int, str],
                       target: Path) -> dict:
-    """The viewer file of one predicted case (``predict --preview``): the image's first channel, the label map,
+    """The viewer file of one predicted 3D case (``predict --preview``): the image's first channel, the label map,
     the uncertainty map (uint8 0..255 standing for 0..1) and :func:`prediction_marks`."""
     unc = None if uncertainty is None else uncertainty.array[0]
-    lab = labels.array[0]
-    marks = prediction_marks(lab if lab.ndim == 3 else lab[..., None], labels.affine, names,
-                             None if unc is None else (unc if unc.ndim == 3 else unc[..., None]))
-    return write_viewer(target, image.array[0], image.affine, {"prediction": lab}, names, marks, unc)
+    marks = prediction_marks(labels.array[0], labels.affine, names, unc)
+    return write_viewer(target, image.array[0], image.affine, {"prediction": labels.array[0]}, names, marks, unc)
 
 
 def read_viewer(path: Path) -> dict:

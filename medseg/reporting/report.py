@@ -165,22 +165,21 @@ def write_overlays(eval_dir: str | Path, pred_dir: Path, ref_dir: Path, images_d
         ref_vol = read_volume(refs[case])
         pred_arr = read_volume(preds[case]).array[0]
         image = _read_case(images, case)
+        viewer_file = None
         if len(ref_vol.spatial_shape) == 3:
             png, caption = overlay_3d(
                 None if image is None else image[0].astype(np.float32), ref_vol.array[0], pred_arr, ref_vol.affine,
                 labels, window,
             )
-        else:
-            png, caption = overlay_2d(image, ref_vol.array[0], pred_arr, labels)
-        name = f"{k:03d}.png"
-        (folder / name).write_bytes(png)
-        viewer_file = None
-        if len(ref_vol.spatial_shape) == 3:
             viewer_file = f"{k:03d}.viewer.npz"
             marks = evaluation_marks(ref_vol.array[0], pred_arr, ref_vol.affine, labels, settings["lesion_overlap"])
             write_viewer(folder / viewer_file, None if image is None else image[0], ref_vol.affine,
                          {"reference": ref_vol.array[0], "prediction": pred_arr}, labels, marks,
                          _uncertainty(pred_dir, case, ref_vol))
+        else:
+            png, caption = overlay_2d(image, ref_vol.array[0], pred_arr, labels)
+        name = f"{k:03d}.png"
+        (folder / name).write_bytes(png)
         case_flags = sorted({f"{r['label']}: {f}" for r in rows if r["case"] == case for f in r["flags"]})
         entries.append({"case": case, "why": why, "file": name, "caption": caption, "flags": case_flags,
                         "viewer": viewer_file})

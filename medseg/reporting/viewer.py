@@ -19,9 +19,10 @@ import zipfile
 from pathlib import Path
 
 from medseg.errors import describe
+from medseg.inference.outputs import preview_colour
 from medseg.inference.viewer_file import MARGIN_MM, MAX_AXIS, read_viewer
+from medseg.reporting.overlays import PRED_COLOUR, REF_COLOUR
 
-REF_COLOUR, PRED_COLOUR = "#0072B2", "#E69F00"  # Okabe-Ito blue and orange, as the overlay figures
 #: Evaluation viewers: label k of the reference takes REF_SHADES[(k - 1) % 3], of the prediction PRED_SHADES[...]
 #: (the Okabe-Ito palette split into cool and warm colours, so structures differ as well as sources).
 REF_SHADES = (REF_COLOUR, "#56B4E9", "#009E73")
@@ -32,35 +33,30 @@ NIIVUE_PATH_ENV = "MEDSEG_NIIVUE_JS"
 log = logging.getLogger(__name__)
 
 
-def niivue_script() -> tuple[str, str] | None:
-    """``(source, version)`` of NiiVue's browser bundle (``dist/niivue.umd.js`` of npm's ``@niivue/niivue``), or
-    None when it is not installed. Looked up in ``$MEDSEG_NIIVUE_JS`` (a path to the bundle), then in the
-    ``node_modules`` folder ``make install`` fills beside this package."""
-    candidates = []
-    if os.environ.get(NIIVUE_PATH_ENV):
-        candidates.append(Path(os.environ[NIIVUE_PATH_ENV]))
+def niivue_path() -> Path | None:
+    """NiiVue's browser bundle (``dist/niivue.umd.js`` of npm's ``@niivue/niivue``), or None when it is not
+    installed: ``$MEDSEG_NIIVUE_JS`` (a path to the bundle), then the ``node_modules`` folder ``make install`` fills
+    beside this package."""
+    candidates = [Path(os.environ[NIIVUE_PATH_ENV])] if os.environ.get(NIIVUE_PATH_ENV) else []
     candidates.append(Path(__file__).resolve().parents[2] / "node_modules" / "@niivue" / "niivue" / "dist" / "niivue.umd.js")
-    for path in candidates:
-        if path.is_file():
-            version = "unknown"
-            package = path.parent.parent / "package.json"
-            if package.is_file():
-                try:
-                    version = str(json.loads(package.read_text(encoding="utf-8")).get("version", "unknown"))
-                except (OSError, ValueError):
-                    pass
-            source = path.read_text(encoding="utf-8")
-            # inside <script type="text/plain"> only "</script" ends the element; in JS "<\/" is the same text
-            return source.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT"), version
-    return None
+    return next((path for path in candidates if path.is_file()), None)
 
 
-def _tab10(labels: dict[int, str]) -> dict[int, str]:
-    """Label value -> colour of the prediction previews (matplotlib's tab10, label 1 first)."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    return {k: str(matplotlib.colors.to_hex(cmap((k - 1) % 10))) for k in sorted(labels) if k > 0}
+def niivue_script() -> tuple[str, str] | None:
+    """``(source, version)`` of NiiVue's browser bundle (:func:`niivue_path`), or None when it is not installed."""
+    path = niivue_path()
+    if path is None:
+        return None
+    version = "unknown"
+    package = path.parent.parent / "package.json"
+    if package.is_file():
+        try:
+            version = str(json.loads(package.read_text(encoding="utf-8")).get("version", "unknown"))
+        except (OSError, ValueError):
+            pass
+    source = path.read_text(encoding="utf-8")
+    # inside <script type="text/plain"> only "</script" ends the element; in JS "<\/" is the same text
+    return source.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT"), version
 
 
 def case_viewer(path: Path, scheme: str, window: tuple[float, float] | None = None) -> dict:
@@ -87,7 +83,7 @@ def case_viewer(path: Path, scheme: str, window: tuple[float, float] | None = No
         colours = {r: {k: shades[r][(k - 1) % len(shades[r])] for k in labels} for r, _ in roles}
         rows = [(k, name, [colours[r][k] for r, _ in roles]) for k, name in sorted(labels.items())]
     else:
-        tab = _tab10(labels)
+        tab = {k: preview_colour(k) for k in sorted(labels) if k > 0}
         roles, colours = [], {"prediction": tab}
         rows = [(k, name, [tab[k]]) for k, name in sorted(labels.items())]
     if window is None:

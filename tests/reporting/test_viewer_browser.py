@@ -342,7 +342,7 @@ def test_static_report_and_missing_niivue(evaluated: Path, monkeypatch: pytest.M
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert 'class="viewer"' not in text and "niivue-src" not in text and "Interactive viewers are not" not in text
-    monkeypatch.setattr("medseg.reporting.viewer.niivue_script", lambda: None)
+    monkeypatch.setattr("medseg.reporting.viewer.niivue_path", lambda: None)
     result = CliRunner().invoke(app, ["report", str(evaluated / "eval"), "--no-pdf", "-o", str(out)])
     assert result.exit_code == 0 and "NiiVue is not installed" in result.output
     text = out.read_text()
