@@ -7,7 +7,8 @@
 #
 # make lock          re-resolve the newest releases within pyproject.toml's ranges and rewrite the lock
 # make test-latest   the suite against the newest releases, in a scratch venv (not CI's path); prints what moved
-# make test-torchvision  the model tests with torchvision (smp, deeplabv3) beside a CUDA torch; CI runs it after make test
+# make test-torchvision  the model tests with torchvision (smp, deeplabv3) beside a CUDA torch, and the nnU-Net parity tests
+#                        against real nnunetv2; CI runs it after make test
 # make test-litert   the LiteRT (tflite) export tests in their own venv (litert-torch brings jax and more); CI runs it
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,6 +25,9 @@ CPU_NETWORKS := transformers
 NO_DEPS := dynamic-network-architectures
 TV_VENV ?= .venv-torchvision
 TV_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# real nnU-Net for the parity tests (tests/models/test_nnunet_parity.py): never a medseg dependency; it needs
+# torchvision (through timm), so it lives beside it, after the lock check (its own dependencies are not in the lock)
+NNUNET_SPEC ?= nnunetv2==2.8.1
 LITERT_VENV ?= .venv-litert
 LITERT_LOCK ?= requirements/litert.txt
 BIN := $(VENV)/bin
@@ -90,6 +94,7 @@ $(TV_VENV)/.installed: pyproject.toml $(LOCK)
 	$(call PIP,$(TV_VENV)) -c $(LOCK) $(TV_TORCH_SPEC)
 	$(call PIP,$(TV_VENV)) -c $(LOCK) --build-constraint $(LOCK) -e ".[test,networks]"
 	$(TV_VENV)/bin/python tools/lock.py check $(LOCK)
+	$(call PIP,$(TV_VENV)) -c $(LOCK) "$(NNUNET_SPEC)"
 	touch $@
 
 test-torchvision: $(TV_VENV)/.installed

@@ -341,7 +341,9 @@ def _select_option():
 def predict(
     input: str = typer.Option(..., "--input", "-i", help="An image file, a DICOM series folder, a folder of cases (image files and DICOM series), or a DICOMweb study URL http(s)://host:port/dicom-web/studies/<StudyInstanceUID>."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: not inside an input folder, nor the folder of an input file (a folder beside it is fine)."),
-    model: list[Path] = typer.Option(..., "--model", "-m", help="Model folder from `medseg train`; repeat for an ensemble (probabilities averaged)."),
+    model: list[Path] = typer.Option(..., "--model", "-m", help="Model folder from `medseg train` or `medseg import-nnunet`, or an nnU-Net v2 results folder (TRAINER__PLANS__CONFIGURATION); repeat for an ensemble (probabilities averaged)."),
+    folds: list[str] = typer.Option([], "--folds", help="nnU-Net results folder: the folds to ensemble (0 1 2 3 4 or all; repeat or space-separate); default: every fold with the checkpoint."),
+    checkpoint: str = typer.Option("final", "--checkpoint", help="nnU-Net results folder: final (checkpoint_final.pth) or best."),
     output_type: str = typer.Option("nifti", "--output-type", "-t", help=output_help()),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime, openvino, tensorrt (NVIDIA GPU, ONNX folder) or litert (tflite folder)."),
@@ -387,7 +389,8 @@ def predict(
     parse_shard(shard)  # a bad --shard is refused before the model loads
     _claim_threads(threads)
     predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta, fast=fast,
-                                         overlap=overlap)
+                                         overlap=overlap, folds=[f for x in folds for f in x.replace(",", " ").split()], checkpoint=checkpoint)
+    _say_nnunet_mode(predictor)
     if explain:
         predictor.explainer()  # an exported model is refused before any case is read
     settings = prediction_settings(
@@ -564,6 +567,31 @@ def convert(
         raise typer.Exit(1)
 
 
+def _say_nnunet_mode(predictor: Any) -> None:
+    """Tells whether an nnU-Net model predicts exactly as nnU-Net (its mirroring, tile step 0.5, exact resampling)."""
+    spec = getattr(predictor, "nnunet", None)
+    if not spec:
+        return
+    mirrors = spec["origin"].get("mirroring_axes") is not None
+    if predictor.nnunet_fast or predictor.tta != mirrors or predictor.overlap != 0.5:
+        typer.echo("nnU-Net model in fast mode (--fast, --no-tta or --overlap): results are not nnU-Net-exact", err=True)
+
+
+@app.command("import-nnunet")
+def import_nnunet(
+    results: Path = typer.Argument(..., help="nnU-Net v2 results folder: TRAINER__PLANS__CONFIGURATION with plans.json, dataset.json, fold_k/."),
+    out: Path = typer.Option(..., "--out", "-o", help="medseg model folder to write."),
+    folds: list[str] = typer.Option([], "--folds", help="Folds to import (0 1 2 3 4 or all); default: every fold with the checkpoint."),
+    checkpoint: str = typer.Option("final", "--checkpoint", help="final (checkpoint_final.pth) or best."),
+) -> None:
+    """Import an nnU-Net v2 results folder as a medseg model folder (every fold; nnU-Net's preprocessing recorded),
+    which every medseg command then uses: predict, serve, export, evaluate, report."""
+    from medseg.models.nnunet import import_results_folder
+
+    folder = import_results_folder(results, out, [f for x in folds for f in x.replace(",", " ").split()] or None, checkpoint)
+    typer.echo(f"imported: {folder}")
+
+
 @app.command()
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="Model folder written by `medseg train`."),
@@ -618,10 +646,17 @@ def evaluate(
     context: dict = {}
     if model is not None:
         from medseg.models.folder import ModelFolder
+        from medseg.models.nnunet import is_results_folder, origin_label, read_results_folder, records
 
-        folder = ModelFolder.read(model)
-        labels = {k: v for k, v in folder.labels.items() if k != 0}
-        context = {"Model": folder.name, "Dataset": folder.info.get("dataset"), "Config hash": folder.info.get("config_hash")}
+        if is_results_folder(model):  # an nnU-Net results folder: its labels and origin
+            info = records(read_results_folder(model))[2]
+            labels = {k: v for k, v in info["labels"].items() if k != 0}
+            context = {"Model": model.resolve().name, "Origin": origin_label(info)}
+        else:
+            folder = ModelFolder.read(model)
+            labels = {k: v for k, v in folder.labels.items() if k != 0}
+            context = {"Model": folder.name, "Dataset": folder.info.get("dataset"), "Config hash": folder.info.get("config_hash"),
+                       **({"Origin": origin_label(folder.info)} if origin_label(folder.info) else {})}
     if dataset is not None:
         labels = {k: v for k, v in load_dataset(dataset, labels=cfg.data.labels).labels.items() if k != 0}
     from medseg.io.dicom_labels import is_study_folder

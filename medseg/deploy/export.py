@@ -142,7 +142,8 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     net, cfg, plan, info = load_model_dir(model_dir, "cpu")
     from medseg.models.registry import spec_of
 
-    unsupported = spec_of(cfg.model.name).not_exportable
+    nnunet = info.get("nnunet") if isinstance(info.get("nnunet"), dict) else None  # imported by import-nnunet
+    unsupported = "" if nnunet else spec_of(cfg.model.name).not_exportable
     if unsupported:
         raise ModelError("EXPORT_UNSUPPORTED", f"model {cfg.model.name} cannot be exported: {unsupported}",
                          "predict with the model folder itself (--backend torch)")
@@ -152,7 +153,11 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     if out.exists():
         raise OutputError("OUTPUT_EXISTS", f"{out} exists", "choose another -o or remove it")
     wrapped = _FinalOutput(net).eval()
-    divisor = int(np.prod(planned(cfg.model.strides, "model.strides"))) * (2 if cfg.model.name == "unetpp" else 1)
+    if nnunet:  # the plans' total stride per axis; parity inputs are multiples of the largest
+        strides = np.array(nnunet["architecture"]["arch_kwargs"]["strides"]).reshape(-1, int(info["spatial_dims"]))
+        divisor = int(np.prod(strides, axis=0).max())
+    else:
+        divisor = int(np.prod(planned(cfg.model.strides, "model.strides"))) * (2 if cfg.model.name == "unetpp" else 1)
     inputs = parity_inputs(info, max(divisor, 4))
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

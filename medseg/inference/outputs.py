@@ -29,7 +29,9 @@ def producer_for(predictor: Predictor, uid_root: str = PYDICOM_ROOT) -> Producer
     name = members[0].model_dir.resolve().name + (f"+{len(members) - 1}" if len(members) > 1 else "")
     hashes = [str(m.info.get("weights_sha256") or "") for m in members]
     weights = hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
-    return Producer(name, members[0].cfg.model.name, weights, medseg.__version__, uid_root,
+    from medseg.models.nnunet import origin_label
+
+    return Producer(name, origin_label(members[0].info) or members[0].cfg.model.name, weights, medseg.__version__, uid_root,
                     label_codes(members[0].cfg.labels))
 
 

@@ -102,10 +102,16 @@ class Predictor:
     """
 
     def __init__(self, members: list[Member], device: torch.device, tta: bool | None = None,
-                 overlap: float | None = None, sw_batch_size: int | None = None) -> None:
+                 overlap: float | None = None, sw_batch_size: int | None = None, nnunet_fast: bool = False) -> None:
         if not members:
             raise ModelError("MODEL_DIR_INVALID", "no model given")
         first = members[0]
+        #: the nnU-Net description of a model from an nnU-Net results folder (predicted nnU-Net's way), else None
+        self.nnunet: dict | None = first.info.get("nnunet")
+        self.nnunet_fast = nnunet_fast
+        if any(m.info.get("nnunet") for m in members) and len(members) > 1:
+            raise ModelError("ENSEMBLE_INCOMPATIBLE", "nnU-Net models are not ensembled with other models here",
+                             "pass one nnU-Net results folder; its folds are ensembled by --folds (nnU-Net's way)")
         for other in members[1:]:
             for what, get in (("spatial dims", lambda m: m.info["spatial_dims"]), ("input channels", lambda m: m.info["in_channels"]),
                               ("labels", lambda m: m.info["labels"]), ("patch size", lambda m: tuple(m.cfg.data.patch_size)),
@@ -121,12 +127,13 @@ class Predictor:
         self.overlap = inference.overlap if overlap is None else overlap
         self.sw_batch_size = sw_batch_size or inference.sw_batch_size
         self.spatial_dims = int(first.info["spatial_dims"])
-        pointwise = [pointwise_normalizer(m.cfg.data.intensity, m.plan.normalization, m.plan.intensity,
-                                          int(m.info["in_channels"])) for m in members]
+        pointwise = [None] if self.nnunet else [
+            pointwise_normalizer(m.cfg.data.intensity, m.plan.normalization, m.plan.intensity, int(m.info["in_channels"]))
+            for m in members]
         self.streaming = all(not m.cfg.data.clahe.enabled for m in members) and all(f is not None for f in pointwise)
         # voxel-wise normalisations (the functions training's transforms wrap) applied to slabs of the stored image
         self._normalize: list[Normalizer] = [f for f in pointwise if f is not None] if self.streaming else []
-        identities = [preprocessing_identity(m.cfg, m.plan) for m in members]
+        identities = [{"nnunet": self.nnunet}] if self.nnunet else [preprocessing_identity(m.cfg, m.plan) for m in members]
         self._shared_normalisation = all(x == identities[0] for x in identities)
         self._preprocess_transforms: Any = None
         self._explainer: Any = None
@@ -135,18 +142,33 @@ class Predictor:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path | Sequence[str | Path], device: str = "auto", backend: str = "auto",
-                       *, tta: bool | None = None, fast: bool = False, overlap: float | None = None) -> Predictor:
+                       *, tta: bool | None = None, fast: bool = False, overlap: float | None = None,
+                       folds: Sequence[str] | None = None, checkpoint: str = "final") -> Predictor:
         """Loads one model folder or several (an ensemble) onto ``device`` (``auto|cpu|cuda|mps``) with ``backend``
-        (``auto|torch|onnxruntime|openvino|tensorrt|tensorrt-fp32|litert``). ``fast`` uses ``inference.fast_overlap`` and no TTA."""
+        (``auto|torch|onnxruntime|openvino|tensorrt|tensorrt-fp32|litert``). ``fast`` uses ``inference.fast_overlap`` and no TTA.
+
+        An nnU-Net v2 results folder is read directly (:mod:`medseg.models.nnunet`; ``folds`` and ``checkpoint``
+        pick what it loads) and predicts nnU-Net's way (:mod:`medseg.inference.nnunet_exact`; ``fast``: its fast mode)."""
+        from medseg.models.nnunet import is_results_folder, read_results_folder, records
+
         dev = select_device(device)
         dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
         members = []
         for d in dirs:
+            if is_results_folder(d):
+                model = read_results_folder(d, list(folds) if folds else None, checkpoint)
+                cfg, plan, info = records(model)
+                fold_net = model.network().to(dev)
+                members.append(Member(load_backend(Path(d), backend, dev, fold_net, {"format": "pytorch", **info},
+                                                   threads.current(), 1), cfg, plan, info, Path(d), fold_net))
+                continue
             folder = ModelFolder.read(d)
             net = folder.load_network(dev)
             members.append(Member(load_backend(folder.path, backend, dev, net, folder.info, threads.current(),
                                                folder.config.inference.sw_batch_size),
                                   folder.config, folder.plan, folder.info, folder.path, net))
+        if fast and members[0].info.get("nnunet"):
+            return cls(members, dev, tta=False if tta is None else tta, overlap=overlap, nnunet_fast=True)
         if fast:
             tta, overlap = False, members[0].cfg.inference.fast_overlap if overlap is None else overlap
         return cls(members, dev, tta=tta, overlap=overlap)
@@ -237,7 +259,9 @@ class Predictor:
         start = time.perf_counter()
         stats: dict = {"tta": self.tta, "overlap": self.overlap, "models": len(self.members)}
         acc = QcAccumulator(len(self.labels), self._qc_groups()) if (qc or uncertainty) else None
-        if dims == self.spatial_dims:
+        if self.nnunet is not None:
+            labels, probs, entropy = self._predict_nnunet(volume, probabilities, on_window, stats, acc, uncertainty)
+        elif dims == self.spatial_dims:
             labels, probs, entropy = self._predict_grid(volume, probabilities, on_window, stats, acc, uncertainty)
         elif dims == 3 and self.spatial_dims == 2:
             labels, probs, entropy = self._predict_slices(volume, probabilities, on_window, stats, acc, uncertainty)
@@ -327,6 +351,39 @@ class Predictor:
         if acc is not None:
             acc.model_labels = None  # one grid per slice: QC counts on the input grid
         return tuple(map_back(a, mapping) if a is not None else None for a in (labels, probs, entropy))
+
+    def _predict_nnunet(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
+                        stats: dict, acc: QcAccumulator | None, uncertainty: bool) -> tuple[Any, ...]:
+        """nnU-Net's preprocessing and prediction (:mod:`medseg.inference.nnunet_exact`) on the input's grid."""
+        from medseg.inference import nnunet_exact
+
+        assert self.nnunet is not None
+        if len(volume.spatial_shape) != 3:
+            raise InputError("SHAPE_INVALID", f"nnU-Net models are run on 3D images here; this image is "
+                             f"{len(volume.spatial_shape)}D {volume.spatial_shape}")
+        member = self.members[0]
+        folds = getattr(member.network, "folds", None)
+        # nnU-Net accumulates each fold's windows on its own (float16), then averages the folds' logits
+        # and runs each fold's network as nnU-Net does (contiguous layout: no channels-last conversion, whose
+        # different convolution kernels move float16-accumulated logits by a rounding step)
+        backend: Any = ([_fold_function(net, self.device) for net in folds] if folds is not None
+                        and not self.nnunet_fast else member.backend)
+        need_probs = probabilities or acc is not None
+        labels, probs, facts = nnunet_exact.predict(
+            volume.array, volume.spacing, self.nnunet, backend, self.device, mirroring=self.tta, fast=self.nnunet_fast,
+            probabilities=need_probs, step=1.0 - self.overlap, on_window=on_window)
+        exact = not self.nnunet_fast and self.tta == (self.nnunet["origin"].get("mirroring_axes") is not None) \
+            and self.overlap == 0.5
+        stats["nnunet"] = {**facts, "exact": exact}
+        entropy = None
+        if acc is not None and probs is not None:
+            mean = torch.from_numpy(probs)
+            label_t = torch.from_numpy(labels.astype(np.int32 if labels.dtype == np.uint16 else np.uint8))
+            slab_entropy = acc.add(mean, label_t, None, temperature=None, entropy_map=uncertainty)
+            if uncertainty and slab_entropy is not None:
+                entropy = (slab_entropy * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        out_probs = probs.astype(np.float16) if probabilities and probs is not None else None
+        return labels, out_probs, entropy
 
     def _model_grid(self, volume: Volume) -> tuple[np.ndarray | torch.Tensor, np.ndarray, bool]:
         """The image on the model grid: ``(array, 4x4 affine, normalised?)``."""
@@ -484,6 +541,10 @@ class Predictor:
             return torch.cat(units, dim=1)
 
         return run
+
+
+def _fold_function(net: torch.nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: net(x.to(device))
 
 
 def with_cpu_fallback(attempt: Callable[[torch.device], object], device: torch.device):

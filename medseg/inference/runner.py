@@ -431,6 +431,9 @@ def _predict_case(predictor: Predictor, case: CaseInput, result: CaseResult, rea
     prediction = predictor.predict_case(volume, probabilities=options.save_probabilities, on_window=on_window,
                                         qc=options.qc, uncertainty=options.save_uncertainty)
     result.timings["predict_s"] = round(time.perf_counter() - t, 3)
+    if "nnunet" in prediction.stats:  # where an nnU-Net model's time went (medseg.inference.nnunet_exact)
+        facts = prediction.stats["nnunet"]
+        result.timings.update({f"nnunet_{k}_s": facts[k] for k in ("preprocess", "resample", "network", "resample_back")})
     if options.explain:
         _explain(predictor, volume, prediction, result)
     result.qc = prediction.qc
@@ -526,13 +529,16 @@ def write_manifest(out_dir: Path, options: RunOptions, predictor: Predictor, res
 
 def _write_provenance(out_dir: Path, predictor: Predictor, results: list[CaseResult], options: RunOptions,
                       started: str) -> None:
+    from medseg.models.nnunet import origin_label
+
     provenance = {
         "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "models": [
             {"dir": m.model_dir.resolve().name, "weights_sha256": m.info.get("weights_sha256"), "network_sha256": m.info.get("network_sha256"),
-             "config_hash": m.info.get("config_hash"), "format": m.info.get("format", "pytorch")}
+             "config_hash": m.info.get("config_hash"), "format": m.info.get("format", "pytorch"),
+             "origin": origin_label(m.info)}
             for m in predictor.members
         ],
         "settings": {

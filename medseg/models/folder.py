@@ -215,7 +215,14 @@ class ModelFolder:
         if self.format != "pytorch":
             return None
         state = load_tensors(self.network_file, "MODEL_DIR_INVALID", "model weights", ModelError)
-        model = build_model(self.config.model, self.spatial_dims, self.in_channels, len(self.labels))
+        if isinstance(self.info.get("nnunet"), dict):  # imported from nnU-Net: the plans' network, one per fold
+            from medseg.models.nnunet import NnunetNetwork, build_network
+
+            spec = self.info["nnunet"]
+            model: nn.Module = NnunetNetwork([build_network(spec["architecture"], self.in_channels, len(self.labels))
+                                              for _ in spec["origin"]["folds"]])
+        else:
+            model = build_model(self.config.model, self.spatial_dims, self.in_channels, len(self.labels))
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:

@@ -58,7 +58,8 @@ def build_prediction_report(pred_dir: str | Path, viewers: str = "review") -> di
     rows.sort(key=lambda r: (order.get(r["verdict"], 2), r["score"] if r["score"] is not None else 2.0, r["case"]))
     labels = sorted({name for r in rows for name in r["volumes"]})
     identity = [{"name": m.dir, "weights": (m.weights_sha256 or m.network_sha256 or "")[:12],
-                 "config": m.config_hash, "format": m.format} for m in provenance.models]
+                 "config": m.config_hash, "format": m.format,
+                 "origin": m.origin} for m in provenance.models]
     return {
         "title": "Segmentation review",
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -83,6 +84,7 @@ class _Model(BaseModel):
     network_sha256: str | None = None
     config_hash: str | None = None
     format: str | None = None
+    origin: str | None = None  # e.g. "nnU-Net v2 nnUNetTrainer__nnUNetPlans__3d_fullres (folds 0, 1)"
 
 
 class _Settings(BaseModel):
