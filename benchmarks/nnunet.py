@@ -8,9 +8,12 @@ so both directions of resampling run.
 
 Each round runs, in rotating order, each in a fresh process:
 
-* ``nnunet``: ``nnUNetv2_predict_from_modelfolder -f 0 -device cpu -npp 1 -nps 1`` (mirroring on, nnU-Net's default);
-* ``medseg``: ``medseg predict -m RESULTS_FOLDER -d cpu`` (nnU-Net-exact mode, mirroring on);
+* ``nnunet``: ``nnUNetv2_predict_from_modelfolder -f 0 -device cpu -npp 1 -nps 1 --disable_tta``;
+* ``medseg``: ``medseg predict -m RESULTS_FOLDER -d cpu --no-tta`` (nnU-Net's steps exactly, without mirroring);
 * ``medseg_fast``: ``medseg predict -m RESULTS_FOLDER -d cpu --fast``;
+
+(mirroring off for both, so that 8 network passes per window do not drown what is compared on a 2-core CPU;
+``--tta`` turns it on for both.)
 
 timing the wall clock and reading each process tree's peak RSS (``/usr/bin/time``'s maximum resident set size: the
 largest single process of the tree). Ratios are medians of nnU-Net's figure over medseg's. medseg's manifest says
@@ -82,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tta", action="store_true", help="mirroring on for nnU-Net and medseg (nnU-Net's default)")
     args = parser.parse_args()
     bin_dir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="nnunet_bench_"))
@@ -94,9 +98,10 @@ def main() -> None:
         env = {**os.environ, "nnUNet_raw": str(work), "nnUNet_preprocessed": str(work), "nnUNet_results": str(work)}
         tools = {
             "nnunet": lambda out: [str(bin_dir / "nnUNetv2_predict_from_modelfolder"), "-i", str(inputs), "-o", str(out),
-                                   "-m", str(folder), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"],
+                                   "-m", str(folder), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+                                   *([] if args.tta else ["--disable_tta"])],
             "medseg": lambda out: [str(bin_dir / "medseg"), "predict", "-i", str(inputs / "ct_0000.nii.gz"), "-o", str(out),
-                                   "-m", str(folder), "-d", "cpu"],
+                                   "-m", str(folder), "-d", "cpu", *([] if args.tta else ["--no-tta"])],
             "medseg_fast": lambda out: [str(bin_dir / "medseg"), "predict", "-i", str(inputs / "ct_0000.nii.gz"), "-o",
                                         str(out), "-m", str(folder), "-d", "cpu", "--fast"],
         }
@@ -125,7 +130,7 @@ def main() -> None:
         peak = {n: float(np.median(v)) for n, v in rss.items()}
         save("nnunet", {
             "setup": {"input": [512, 512, args.slices], "input_spacing_mm": SPACING, "plans_spacing_mm_zyx": [2.0, 1.0, 1.0],
-                      "patch": plans["configurations"]["3d_fullres"]["patch_size"], "folds": 1, "mirroring": "nnU-Net default (on)",
+                      "patch": plans["configurations"]["3d_fullres"]["patch_size"], "folds": 1, "mirroring": bool(args.tta),
                       "network": "PlainConvUNet 4-8-16 features (the non-network share is what is compared)",
                       "rounds": args.rounds, "nnunetv2": _version("nnunetv2")},
             "wall_s": {n: [round(x, 2) for x in v] for n, v in walls.items()},

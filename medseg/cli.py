@@ -344,6 +344,7 @@ def predict(
     model: list[Path] = typer.Option(..., "--model", "-m", help="Model folder from `medseg train` or `medseg import-nnunet`, or an nnU-Net v2 results folder (TRAINER__PLANS__CONFIGURATION); repeat for an ensemble (probabilities averaged)."),
     folds: list[str] = typer.Option([], "--folds", help="nnU-Net results folder: the folds to ensemble (0 1 2 3 4 or all; repeat or space-separate); default: every fold with the checkpoint."),
     checkpoint: str = typer.Option("final", "--checkpoint", help="nnU-Net results folder: final (checkpoint_final.pth) or best."),
+    combine: bool = typer.Option(False, "--combine", help="nnU-Net models with disjoint labels (e.g. TotalSegmentator's parts, one -m each): one label map, a voxel taking the most probable label the models predict there (not an ensemble)."),
     output_type: str = typer.Option("nifti", "--output-type", "-t", help=output_help()),
     device: str = typer.Option("auto", "--device", "-d", help="auto, cpu, cuda or mps."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime, openvino, tensorrt (NVIDIA GPU, ONNX folder) or litert (tflite folder)."),
@@ -389,7 +390,8 @@ def predict(
     parse_shard(shard)  # a bad --shard is refused before the model loads
     _claim_threads(threads)
     predictor = Predictor.from_model_dir(model if len(model) > 1 else model[0], device, backend, tta=tta, fast=fast,
-                                         overlap=overlap, folds=[f for x in folds for f in x.replace(",", " ").split()], checkpoint=checkpoint)
+                                         overlap=overlap, folds=[f for x in folds for f in x.replace(",", " ").split()], checkpoint=checkpoint,
+                                         combine=combine)
     _say_nnunet_mode(predictor)
     if explain:
         predictor.explainer()  # an exported model is refused before any case is read

@@ -120,6 +120,7 @@ CODES: dict[str, str] = {
     "NNUNET_CHECKPOINT_UNSAFE": "An nnU-Net checkpoint whose pickle holds objects beyond nnU-Net's own (it could run code).",
     "NNUNET_CHECKPOINT_INVALID": "An unreadable nnU-Net checkpoint, or weights that do not fit the plans' network.",
     "NNUNET_FOLDS_INCOMPATIBLE": "nnU-Net folds trained with different trainers, plans or configurations.",
+    "COMBINE_INVALID": "--combine with fewer than two nnU-Net models, other channel counts, or a label name in two of them.",
     "NNUNET_UNSUPPORTED": "An nnU-Net model medseg does not run exactly (region-based, cascade, other readers or resampling).",
     "BACKEND_UNKNOWN": "An unknown inference backend name.",
     "BACKEND_UNAVAILABLE": "A backend or exporter whose package is not installed (named in the hint).",

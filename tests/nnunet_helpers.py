@@ -84,7 +84,7 @@ def checkpoint(net: torch.nn.Module, p: dict, dataset: dict, fold: int | str = 0
 
 
 def write_results_folder(root: Path, folds=(0,), p: dict | None = None, dataset: dict | None = None,
-                         mirroring=(0, 1, 2)) -> Path:
+                         mirroring=(0, 1, 2), seed: int = 0) -> Path:
     """``root/nnUNetTrainer__nnUNetPlans__3d_fullres`` with one checkpoint_final.pth per fold (different weights)."""
     p = p or plans()
     dataset = dataset or DATASET
@@ -95,7 +95,7 @@ def write_results_folder(root: Path, folds=(0,), p: dict | None = None, dataset:
     channels = len(dataset["channel_names"])
     for i, fold in enumerate(folds):
         (folder / f"fold_{fold}").mkdir(exist_ok=True)
-        torch.save(checkpoint(network(p, channels, len(dataset["labels"]), seed=i), p, dataset, fold, mirroring),
+        torch.save(checkpoint(network(p, channels, len(dataset["labels"]), seed=seed + i), p, dataset, fold, mirroring),
                    folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
 

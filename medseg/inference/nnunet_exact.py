@@ -273,6 +273,7 @@ def _slicers(size: tuple[int, ...], tile: tuple[int, ...], step: float) -> list[
             for sx in steps[0] for sy in steps[1] for sz in steps[2]]
 
 
+@torch.inference_mode()
 def sliding_window_logits(data: torch.Tensor, tile: tuple[int, ...], network: Network, device: torch.device,
                           mirror_axes: list[int] | None, step: float = 0.5, exact: bool = True,
                           on_window: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -336,14 +337,26 @@ def _nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return labels[np.ix_(*index)]
 
 
+def _max_probability(logits: torch.Tensor, planes: int = 8) -> np.ndarray:
+    """The largest softmax probability per voxel of ``(K, *spatial)`` logits, a few planes at a time."""
+    out = np.empty(tuple(logits.shape[1:]), np.float32)
+    for i in range(0, logits.shape[1], planes):
+        out[i:i + planes] = torch.softmax(logits[:, i:i + planes].float(), 0).amax(0).numpy()
+    return out
+
+
+@torch.inference_mode()
 def predict(array: np.ndarray, spacing: tuple[float, ...], spec: dict[str, Any], network: Network | list[Network],
             device: torch.device, *, mirroring: bool = True, fast: bool = False, probabilities: bool = False,
-            step: float = 0.5, on_window: Callable[[int, int], None] | None = None
+            step: float = 0.5, on_window: Callable[[int, int], None] | None = None, confidence: bool = False
             ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Labels (and float32 softmax probabilities) of one ``(C, X, Y, Z)`` image on its own grid, nnU-Net's way.
 
     ``network``: one function for every fold (their logits averaged per window), or one per fold: then, as nnU-Net
     does, each fold's sliding window is accumulated on its own and the folds' float16 logits are averaged.
+
+    ``confidence``: instead of the probabilities, the probability of each voxel's label (float32, 0 outside the
+    non-zero crop), computed a few planes at a time (what ``medseg predict --combine`` compares across models).
 
     Returns:
         ``(labels (X, Y, Z) uint8|uint16, probabilities (K, X, Y, Z) float32 or None, timings and facts)``.
@@ -366,8 +379,11 @@ def predict(array: np.ndarray, spacing: tuple[float, ...], spec: dict[str, Any],
     n_labels = len(spec["labels"])
     dtype = np.uint8 if n_labels < 256 else np.uint16
     probs = None
+    conf = None
     if fast:
         labels = _nearest(torch.argmax(logits, 0).numpy().astype(dtype), prep.shape_after_cropping)
+        if confidence:
+            conf = _nearest(_max_probability(logits), prep.shape_after_cropping)
         if probabilities:
             size = prep.shape_after_cropping
             x = logits.float()[None]
@@ -381,6 +397,8 @@ def predict(array: np.ndarray, spacing: tuple[float, ...], spec: dict[str, Any],
         kwargs.pop("is_seg", None)
         back = resample(logits.numpy(), list(prep.shape_after_cropping), current, prep.spacing, **kwargs)
         labels = back.argmax(0).astype(dtype)
+        if confidence:
+            conf = _max_probability(torch.from_numpy(np.asarray(back)))
         if probabilities:
             probs = torch.softmax(torch.from_numpy(np.asarray(back)).float(), 0).numpy()
     t2 = time.perf_counter()
@@ -392,6 +410,8 @@ def predict(array: np.ndarray, spacing: tuple[float, ...], spec: dict[str, Any],
         background[0] = 1
         probs = _uncrop(probs, prep.bbox, prep.shape_before_cropping, background)
         probs = probs.transpose([0, *[i + 1 for i in backward]]).transpose(0, 3, 2, 1)
+    if conf is not None:
+        probs = _uncrop(conf, prep.bbox, prep.shape_before_cropping).transpose(backward).transpose(2, 1, 0)
     facts = {**prep.timings, "network": round(t1 - t0, 3), "resample_back": round(time.perf_counter() - t1, 3),
              "model_grid": list(prep.data.shape[1:]), "mode": "fast" if fast else "exact",
              "mirroring_axes": axes, "tile_step": step}

@@ -102,17 +102,24 @@ class Predictor:
     """
 
     def __init__(self, members: list[Member], device: torch.device, tta: bool | None = None,
-                 overlap: float | None = None, sw_batch_size: int | None = None, nnunet_fast: bool = False) -> None:
+                 overlap: float | None = None, sw_batch_size: int | None = None, nnunet_fast: bool = False,
+                 combine: bool = False) -> None:
         if not members:
             raise ModelError("MODEL_DIR_INVALID", "no model given")
         first = members[0]
         #: the nnU-Net description of a model from an nnU-Net results folder (predicted nnU-Net's way), else None
         self.nnunet: dict | None = first.info.get("nnunet")
         self.nnunet_fast = nnunet_fast
-        if any(m.info.get("nnunet") for m in members) and len(members) > 1:
+        #: label value -> (member index, the member's own value) of models combined by label (``combine``)
+        self.parts: dict[int, tuple[int, int]] | None = None
+        combined: dict[int, str] | None = None
+        if combine:
+            combined = self._combine(members)
+        elif any(m.info.get("nnunet") for m in members) and len(members) > 1:
             raise ModelError("ENSEMBLE_INCOMPATIBLE", "nnU-Net models are not ensembled with other models here",
-                             "pass one nnU-Net results folder; its folds are ensembled by --folds (nnU-Net's way)")
-        for other in members[1:]:
+                             "pass one nnU-Net results folder (its folds are ensembled by --folds), or --combine "
+                             "for models with disjoint labels")
+        for other in members[1:] if not combine else []:
             for what, get in (("spatial dims", lambda m: m.info["spatial_dims"]), ("input channels", lambda m: m.info["in_channels"]),
                               ("labels", lambda m: m.info["labels"]), ("patch size", lambda m: tuple(m.cfg.data.patch_size)),
                               ("spacing", lambda m: m.spacing)):
@@ -122,6 +129,8 @@ class Predictor:
         self.members, self.device = members, device
         self.cfg, self.plan, self.info = first.cfg, first.plan, first.info
         self.labels: dict[int, str] = first.info["labels"]
+        if combined is not None:
+            self.labels, self.info = combined, {**first.info, "labels": combined}
         inference = first.cfg.inference
         self.tta = inference.tta if tta is None else tta
         self.overlap = inference.overlap if overlap is None else overlap
@@ -138,17 +147,49 @@ class Predictor:
         self._preprocess_transforms: Any = None
         self._explainer: Any = None
 
+    def _combine(self, members: list[Member]) -> dict[int, str]:
+        """Checks models to combine by label (nnU-Net models with disjoint label names, same channels) and returns
+        the combined labels: background, then each model's foreground labels in order.
+
+        Raises:
+            ModelError: ``COMBINE_INVALID`` (not nnU-Net models, one model, other channels, a label name in two).
+        """
+        if len(members) < 2 or not all(m.info.get("nnunet") for m in members):
+            raise ModelError("COMBINE_INVALID", "--combine merges two or more nnU-Net models with disjoint labels",
+                             "give each part with -m (nnU-Net results folders or folders from medseg import-nnunet)")
+        channels = {int(m.info["in_channels"]) for m in members}
+        if len(channels) > 1:
+            raise ModelError("COMBINE_INVALID", f"the models to combine read different numbers of channels: {sorted(channels)}")
+        labels: dict[int, str] = {0: "background"}
+        parts: dict[int, tuple[int, int]] = {}
+        seen: dict[str, str] = {}
+        for i, m in enumerate(members):
+            for value, name in sorted(m.info["labels"].items()):
+                if value == 0:
+                    continue
+                if name.casefold() in seen:
+                    raise ModelError("COMBINE_INVALID", f"label {name!r} is in {seen[name.casefold()]} and in "
+                                     f"{m.model_dir.resolve().name}: combined models must not share label names",
+                                     "combine models with disjoint label sets; ensemble the folds of one model instead")
+                seen[name.casefold()] = m.model_dir.resolve().name
+                parts[len(labels)] = (i, value)
+                labels[len(labels)] = name
+        self.parts = parts
+        return labels
+
     # ------------------------------------------------------------------------------------------- loading
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path | Sequence[str | Path], device: str = "auto", backend: str = "auto",
                        *, tta: bool | None = None, fast: bool = False, overlap: float | None = None,
-                       folds: Sequence[str] | None = None, checkpoint: str = "final") -> Predictor:
+                       folds: Sequence[str] | None = None, checkpoint: str = "final", combine: bool = False) -> Predictor:
         """Loads one model folder or several (an ensemble) onto ``device`` (``auto|cpu|cuda|mps``) with ``backend``
         (``auto|torch|onnxruntime|openvino|tensorrt|tensorrt-fp32|litert``). ``fast`` uses ``inference.fast_overlap`` and no TTA.
 
         An nnU-Net v2 results folder is read directly (:mod:`medseg.models.nnunet`; ``folds`` and ``checkpoint``
-        pick what it loads) and predicts nnU-Net's way (:mod:`medseg.inference.nnunet_exact`; ``fast``: its fast mode)."""
+        pick what it loads) and predicts nnU-Net's way (:mod:`medseg.inference.nnunet_exact`; ``fast``: its fast mode).
+        ``combine`` merges nnU-Net models with disjoint labels into one label map (a voxel takes the most probable
+        label the models predict there) instead of averaging them as an ensemble."""
         from medseg.models.nnunet import is_results_folder, read_results_folder, records
 
         dev = select_device(device)
@@ -167,8 +208,12 @@ class Predictor:
             members.append(Member(load_backend(folder.path, backend, dev, net, folder.info, threads.current(),
                                                folder.config.inference.sw_batch_size),
                                   folder.config, folder.plan, folder.info, folder.path, net))
-        if fast and members[0].info.get("nnunet"):
-            return cls(members, dev, tta=False if tta is None else tta, overlap=overlap, nnunet_fast=True)
+        if members[0].info.get("nnunet"):
+            return cls(members, dev, tta=False if fast and tta is None else tta, overlap=overlap, nnunet_fast=fast,
+                       combine=combine)
+        if combine:
+            raise ModelError("COMBINE_INVALID", "--combine merges nnU-Net models with disjoint labels",
+                             "ensemble medseg models without --combine")
         if fast:
             tta, overlap = False, members[0].cfg.inference.fast_overlap if overlap is None else overlap
         return cls(members, dev, tta=tta, overlap=overlap)
@@ -355,23 +400,15 @@ class Predictor:
     def _predict_nnunet(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
                         stats: dict, acc: QcAccumulator | None, uncertainty: bool) -> tuple[Any, ...]:
         """nnU-Net's preprocessing and prediction (:mod:`medseg.inference.nnunet_exact`) on the input's grid."""
-        from medseg.inference import nnunet_exact
 
         assert self.nnunet is not None
         if len(volume.spatial_shape) != 3:
             raise InputError("SHAPE_INVALID", f"nnU-Net models are run on 3D images here; this image is "
                              f"{len(volume.spatial_shape)}D {volume.spatial_shape}")
-        member = self.members[0]
-        folds = getattr(member.network, "folds", None)
-        # nnU-Net accumulates each fold's windows on its own (float16), then averages the folds' logits
-        # and runs each fold's network as nnU-Net does (contiguous layout: no channels-last conversion, whose
-        # different convolution kernels move float16-accumulated logits by a rounding step)
-        backend: Any = ([_fold_function(net, self.device) for net in folds] if folds is not None
-                        and not self.nnunet_fast else member.backend)
+        if self.parts is not None:
+            return self._predict_combined(volume, probabilities, on_window, stats)
         need_probs = probabilities or acc is not None
-        labels, probs, facts = nnunet_exact.predict(
-            volume.array, volume.spacing, self.nnunet, backend, self.device, mirroring=self.tta, fast=self.nnunet_fast,
-            probabilities=need_probs, step=1.0 - self.overlap, on_window=on_window)
+        labels, probs, facts = self._nnunet_member(0, volume, need_probs, on_window)
         exact = not self.nnunet_fast and self.tta == (self.nnunet["origin"].get("mirroring_axes") is not None) \
             and self.overlap == 0.5
         stats["nnunet"] = {**facts, "exact": exact}
@@ -384,6 +421,47 @@ class Predictor:
                 entropy = (slab_entropy * 255).round().clamp(0, 255).to(torch.uint8).numpy()
         out_probs = probs.astype(np.float16) if probabilities and probs is not None else None
         return labels, out_probs, entropy
+
+    def _nnunet_member(self, index: int, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
+                       confidence: bool = False) -> tuple[Any, ...]:
+        from medseg.inference import nnunet_exact
+
+        member = self.members[index]
+        folds = getattr(member.network, "folds", None)
+        # nnU-Net accumulates each fold's windows on its own (float16), then averages the folds' logits, and runs
+        # each fold's network in its contiguous layout (no channels-last conversion, whose other convolution
+        # kernels move float16-accumulated logits by a rounding step)
+        backend: Any = ([_fold_function(net, self.device) for net in folds] if folds is not None
+                        and not self.nnunet_fast else member.backend)
+        return nnunet_exact.predict(volume.array, volume.spacing, member.info["nnunet"], backend, self.device,
+                                    mirroring=self.tta, fast=self.nnunet_fast, probabilities=probabilities,
+                                    step=1.0 - self.overlap, on_window=on_window, confidence=confidence)
+
+    def _predict_combined(self, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
+                          stats: dict) -> tuple[Any, ...]:
+        """Models with disjoint labels: each predicts nnU-Net's way; a voxel takes the label of the model whose
+        foreground label there is the most probable (background where every model says background)."""
+        if probabilities:
+            raise InputError("COMBINE_INVALID", "--combine writes no probabilities (each model's classes sum to one "
+                             "on their own)", "predict each model alone with --save-probabilities")
+        assert self.parts is not None
+        offset: dict[int, int] = {}
+        for value, (i, own) in self.parts.items():
+            offset.setdefault(i, value - own)
+        labels: np.ndarray | None = None
+        best: np.ndarray | None = None
+        stats["nnunet"] = {"combined": []}
+        for i in range(len(self.members)):
+            part, confidence, facts = self._nnunet_member(i, volume, False, on_window, confidence=True)
+            if labels is None:
+                labels = np.zeros(part.shape, self._label_dtype())
+                best = np.zeros(part.shape, np.float32)
+            assert best is not None
+            take = (part > 0) & (confidence > best)
+            labels[take] = part[take].astype(labels.dtype) + offset[i]
+            best[take] = confidence[take]
+            stats["nnunet"]["combined"].append({"model": self.members[i].model_dir.resolve().name, **facts})
+        return labels, None, None
 
     def _model_grid(self, volume: Volume) -> tuple[np.ndarray | torch.Tensor, np.ndarray, bool]:
         """The image on the model grid: ``(array, 4x4 affine, normalised?)``."""

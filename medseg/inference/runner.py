@@ -432,8 +432,9 @@ def _predict_case(predictor: Predictor, case: CaseInput, result: CaseResult, rea
                                         qc=options.qc, uncertainty=options.save_uncertainty)
     result.timings["predict_s"] = round(time.perf_counter() - t, 3)
     if "nnunet" in prediction.stats:  # where an nnU-Net model's time went (medseg.inference.nnunet_exact)
-        facts = prediction.stats["nnunet"]
-        result.timings.update({f"nnunet_{k}_s": facts[k] for k in ("preprocess", "resample", "network", "resample_back")})
+        parts = prediction.stats["nnunet"].get("combined") or [prediction.stats["nnunet"]]  # --combine: summed
+        result.timings.update({f"nnunet_{k}_s": round(sum(p[k] for p in parts), 3)
+                               for k in ("preprocess", "resample", "network", "resample_back")})
     if options.explain:
         _explain(predictor, volume, prediction, result)
     result.qc = prediction.qc

@@ -177,3 +177,38 @@ def test_import_refuses_to_write_into_the_results_folder(results: Path):
     with pytest.raises(ModelError) as err:
         import_results_folder(results, results)
     assert err.value.code == "MODEL_DIR_INVALID"
+
+
+def test_combine_merges_disjoint_label_models_by_probability(results: Path, image: Path, tmp_path: Path):
+    """Two models with disjoint labels (TotalSegmentator's parts): where one model alone claims a voxel it keeps that
+    model's own (exact) label; where both do, the more probable one wins; label names clashing are refused."""
+    other_dataset = {**H.DATASET, "labels": {"background": 0, "spleen": 1, "kidney": 2}}
+    part2 = H.write_results_folder(tmp_path / "part2", folds=(0,), dataset=other_dataset, seed=5)
+    part1 = _copy(results, tmp_path / "part1")
+    volume = Volume(H.ct_image()[None], AFFINE)
+    combined = Predictor.from_model_dir([part1, part2], "cpu", combine=True, folds=["0"])
+    assert combined.labels == {0: "background", 1: "liver", 2: "tumour", 3: "spleen", 4: "kidney"}
+    merged = combined.predict_case(volume).labels.array[0]
+    alone = [Predictor.from_model_dir(p, "cpu", folds=["0"]) for p in (part1, part2)]
+    from medseg.inference import nnunet_exact
+
+    runs = [nnunet_exact.predict(volume.array, volume.spacing, p.nnunet, list(p.members[0].network.folds),
+                                 torch.device("cpu"), confidence=True) for p in alone]
+    (l1, c1, _), (l2, c2, _) = runs
+    expected = np.zeros_like(l1)
+    expected[l1 > 0] = l1[l1 > 0]
+    second = (l2 > 0) & ((l1 == 0) | (c2 > c1))
+    expected[second] = l2[second] + 2
+    assert np.array_equal(merged, expected)
+    assert (second & (l1 > 0)).any() and ((l1 > 0) & ~second).any()  # both rules were exercised
+    result = CliRunner().invoke(app, ["predict", "-i", str(image), "-o", str(tmp_path / "o"), "-m", str(part1), "-m",
+                                      str(part2), "--combine", "--folds", "0", "-d", "cpu"])
+    assert result.exit_code == 0, result.output
+    written = np.asarray(nib.load(tmp_path / "o" / "case.nii.gz").dataobj)
+    assert set(np.unique(written)) <= {0, 1, 2, 3, 4}
+    with pytest.raises(ModelError) as err:  # the same labels twice: a clash
+        Predictor.from_model_dir([part1, part1], "cpu", combine=True)
+    assert err.value.code == "COMBINE_INVALID" and "liver" in str(err.value)
+    with pytest.raises(ModelError) as err:
+        Predictor.from_model_dir([part1, part2], "cpu")  # without --combine: not an ensemble
+    assert err.value.code == "ENSEMBLE_INCOMPATIBLE"

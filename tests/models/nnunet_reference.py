@@ -5,7 +5,7 @@ variables at import).
 Usage: ``python nnunet_reference.py WORK`` where ``WORK/raw/Dataset901_Tiny`` holds imagesTr, labelsTr and
 dataset.json and ``WORK/inputs`` the images to predict. Writes ``WORK/results/.../fold_k/checkpoint_final.pth``:
 nnU-Net's planner plans the dataset (2d and 3d_fullres); nnU-Net's trainer builds the network of the plans, trains
-it for a few iterations on the planned, preprocessed data, and saves its checkpoint (its own format). Then
+it for 40 iterations on the planned, preprocessed data, and saves its checkpoint (its own format). Then
 ``WORK/pred/<configuration>_<folds>_<tta|notta>/`` holds nnU-Net's labels and ``--save_probabilities`` files.
 """
 
@@ -32,7 +32,7 @@ def main() -> None:
     )
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    ITERATIONS = int(os.environ.get("NNUNET_REFERENCE_ITERATIONS", "3"))
+    ITERATIONS = int(os.environ.get("NNUNET_REFERENCE_ITERATIONS", "40"))
     extract_fingerprints([901], num_processes=1)
     plan_experiments([901])
     preprocess([901], configurations=("2d", "3d_fullres"), num_processes=(1, 1))
