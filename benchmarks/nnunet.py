@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tta", action="store_true", help="mirroring on for nnU-Net and medseg (nnU-Net's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.sh)")
+    parser.add_argument("--name", default="nnunet", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     bin_dir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="nnunet_bench_"))
@@ -98,12 +100,12 @@ def main() -> None:
         env = {**os.environ, "nnUNet_raw": str(work), "nnUNet_preprocessed": str(work), "nnUNet_results": str(work)}
         tools = {
             "nnunet": lambda out: [str(bin_dir / "nnUNetv2_predict_from_modelfolder"), "-i", str(inputs), "-o", str(out),
-                                   "-m", str(folder), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+                                   "-m", str(folder), "-f", "0", "-device", args.device, "-npp", "1", "-nps", "1",
                                    *([] if args.tta else ["--disable_tta"])],
             "medseg": lambda out: [str(bin_dir / "medseg"), "predict", "-i", str(inputs / "ct_0000.nii.gz"), "-o", str(out),
-                                   "-m", str(folder), "-d", "cpu", *([] if args.tta else ["--no-tta"])],
+                                   "-m", str(folder), "-d", args.device, *([] if args.tta else ["--no-tta"])],
             "medseg_fast": lambda out: [str(bin_dir / "medseg"), "predict", "-i", str(inputs / "ct_0000.nii.gz"), "-o",
-                                        str(out), "-m", str(folder), "-d", "cpu", "--fast"],
+                                        str(out), "-m", str(folder), "-d", args.device, "--fast"],
         }
         names = list(tools)
         walls: dict[str, list[float]] = {n: [] for n in names}
@@ -128,9 +130,9 @@ def main() -> None:
                                "dice_vs_nnunet": {H.DATASET_LABELS[k]: round(dice(ours, ref, k), 5) for k in (1, 2)}}
         med = {n: float(np.median(v)) for n, v in walls.items()}
         peak = {n: float(np.median(v)) for n, v in rss.items()}
-        save("nnunet", {
+        save(args.name, {
             "setup": {"input": [512, 512, args.slices], "input_spacing_mm": SPACING, "plans_spacing_mm_zyx": [2.0, 1.0, 1.0],
-                      "patch": plans["configurations"]["3d_fullres"]["patch_size"], "folds": 1, "mirroring": bool(args.tta),
+                      "patch": plans["configurations"]["3d_fullres"]["patch_size"], "folds": 1, "mirroring": bool(args.tta), "device": args.device,
                       "network": "PlainConvUNet 4-8-16 features (the non-network share is what is compared)",
                       "rounds": args.rounds, "nnunetv2": _version("nnunetv2")},
             "wall_s": {n: [round(x, 2) for x in v] for n, v in walls.items()},

@@ -126,17 +126,23 @@ class Explainer:
         through its first member).
 
         Raises:
-            ModelError: ``MODEL_DIR_INVALID`` when that model is exported (no PyTorch network).
+            ModelError: ``MODEL_DIR_INVALID`` when that model is exported (no PyTorch network) or comes from nnU-Net
+                (its preprocessing is nnU-Net's, which Grad-CAM's path does not reproduce).
         """
         from medseg.inference.predictor import Predictor
 
         member = predictor.members[0]
+        _refuse_nnunet(member.info, member.model_dir.name)
         net = _network(member.network, member.model_dir.name)
         return cls(net, Predictor.for_network(net, member.cfg, member.plan, member.info, predictor.device), layer, method)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, device: str = "auto", layer: str | None = None,
                        method: str = "gradcam") -> Explainer:
+        from medseg.models.nnunet import is_results_folder
+
+        if is_results_folder(model_dir):
+            _refuse_nnunet({"nnunet": True}, Path(model_dir).name)
         """Loads a PyTorch model folder.
 
         Raises:
@@ -280,3 +286,9 @@ def write_explanation(explanation: Explanation, image: Volume, out_dir: Path, ca
             written[f"{name}.png"] = atomic_write(targets["png"], _bytes_writer(png))
     written["facts"] = write_json(out_dir / f"{case_id}_explain.json", {"case": case_id, **explanation.facts})
     return written
+
+
+def _refuse_nnunet(info: dict, name: str) -> None:
+    if info.get("nnunet"):
+        raise ModelError("MODEL_DIR_INVALID", f"{name} is an nnU-Net model: Grad-CAM explanations are not available for "
+                         "it (its preprocessing is nnU-Net's)", "predict without --explain")

@@ -161,11 +161,11 @@ def resample(data: np.ndarray, new_shape: list[int], current: list[float], new: 
     if not np.any(shape != target):
         return data
     out = np.zeros((data.shape[0], *target), dtype=data.dtype)
-    work = data.astype(float, copy=False)
     kwargs = {"mode": "edge", "anti_aliasing": False}
-    for c in range(work.shape[0]):
+    for c in range(data.shape[0]):
+        channel = data[c].astype(float, copy=False)  # nnU-Net converts all channels at once: same values, more memory
         if not do_separate:
-            out[c] = resize(work[c], target, order, **kwargs)
+            out[c] = resize(channel, target, order, **kwargs)
             continue
         assert axis is not None
         plane = [int(t) for i, t in enumerate(target) if i != axis]
@@ -175,7 +175,7 @@ def resample(data: np.ndarray, new_shape: list[int], current: list[float], new: 
         for k in range(shape[axis]):
             index: list[Any] = [slice(None)] * 3
             index[axis] = k
-            here[tuple(index)] = resize(work[c][tuple(index)], plane, order, **kwargs)
+            here[tuple(index)] = resize(channel[tuple(index)], plane, order, **kwargs)
         if shape[axis] != target[axis]:
             rows, cols, dim = target
             orig = here.shape
@@ -337,6 +337,14 @@ def _nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return labels[np.ix_(*index)]
 
 
+def _argmax(values: np.ndarray, dtype: type, planes: int = 8) -> np.ndarray:
+    """``values.argmax(0)`` in ``dtype``, a few planes at a time (numpy's argmax returns int64: 8 bytes a voxel)."""
+    out: np.ndarray = np.empty(values.shape[1:], dtype)
+    for i in range(0, values.shape[1], planes):
+        out[i:i + planes] = values[:, i:i + planes].argmax(0)
+    return out
+
+
 def _max_probability(logits: torch.Tensor, planes: int = 8) -> np.ndarray:
     """The largest softmax probability per voxel of ``(K, *spatial)`` logits, a few planes at a time."""
     out = np.empty(tuple(logits.shape[1:]), np.float32)
@@ -372,6 +380,8 @@ def predict(array: np.ndarray, spacing: tuple[float, ...], spec: dict[str, Any],
                                         exact=not fast, on_window=on_window)
     if len(networks) > 1:
         logits /= len(networks)
+    model_grid = list(prep.data.shape[1:])
+    prep.data = torch.empty(0)  # the network's input is no longer needed
     t1 = time.perf_counter()
     current = list(spec["spacing"])
     if len(current) < len(prep.shape_after_cropping):
@@ -396,7 +406,8 @@ def predict(array: np.ndarray, spacing: tuple[float, ...], spec: dict[str, Any],
         kwargs = dict(spec.get("resampling_probabilities") or {})
         kwargs.pop("is_seg", None)
         back = resample(logits.numpy(), list(prep.shape_after_cropping), current, prep.spacing, **kwargs)
-        labels = back.argmax(0).astype(dtype)
+        del logits
+        labels = _argmax(back, dtype)
         if confidence:
             conf = _max_probability(torch.from_numpy(np.asarray(back)))
         if probabilities:
@@ -413,7 +424,7 @@ def predict(array: np.ndarray, spacing: tuple[float, ...], spec: dict[str, Any],
     if conf is not None:
         probs = _uncrop(conf, prep.bbox, prep.shape_before_cropping).transpose(backward).transpose(2, 1, 0)
     facts = {**prep.timings, "network": round(t1 - t0, 3), "resample_back": round(time.perf_counter() - t1, 3),
-             "model_grid": list(prep.data.shape[1:]), "mode": "fast" if fast else "exact",
+             "model_grid": model_grid, "mode": "fast" if fast else "exact",
              "mirroring_axes": axes, "tile_step": step}
     del t2
     return np.ascontiguousarray(labels), (np.ascontiguousarray(probs) if probs is not None else None), facts

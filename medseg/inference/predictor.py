@@ -194,6 +194,9 @@ class Predictor:
 
         dev = select_device(device)
         dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
+        if (folds or checkpoint != "final") and not any(is_results_folder(d) for d in dirs):
+            raise ModelError("CONFIG_INVALID_VALUE", "--folds and --checkpoint choose what an nnU-Net results folder "
+                             "loads; these models are medseg model folders", "give each fold's model folder with -m")
         members = []
         for d in dirs:
             if is_results_folder(d):
@@ -329,8 +332,9 @@ class Predictor:
         return bool(pp.largest_component or pp.min_component_mm3 > 0 or pp.min_component_mm3_per_label or pp.fill_holes)
 
     def _qc_groups(self) -> dict[str, int]:
-        """Agreement units: members of an ensemble, flips of TTA (each a group of its own)."""
-        if not self.cfg.inference.qc.agreement:
+        """Agreement units: members of an ensemble, flips of TTA (each a group of its own); none for nnU-Net models
+        (their folds and mirrors are averaged as logits inside nnU-Net's sliding window)."""
+        if not self.cfg.inference.qc.agreement or self.nnunet:
             return {}
         groups = {}
         if len(self.members) > 1:

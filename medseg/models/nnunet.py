@@ -341,7 +341,7 @@ def read_results_folder(path: str | Path, folds: list[str] | None = None, checkp
     """
     path = Path(path)
     if checkpoint not in CHECKPOINTS:
-        raise ModelError("NNUNET_FILE_MISSING", f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, not {checkpoint!r}")
+        raise ModelError("CONFIG_INVALID_VALUE", f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, not {checkpoint!r}")
     plans = _read_json(path / "plans.json", "plans.json")
     dataset = _read_json(path / "dataset.json", "dataset.json")
     ckpt_name = CHECKPOINTS[checkpoint]

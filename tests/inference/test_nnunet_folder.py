@@ -144,6 +144,15 @@ def test_predict_import_and_export_give_the_same_labels_and_name_the_origin(resu
     provenance = json.loads((direct / "provenance.json").read_text())
     assert provenance["models"][0]["origin"] == "nnU-Net v2 nnUNetTrainer__nnUNetPlans__3d_fullres (folds 0, 1)"
     assert provenance["settings"]["tta"] is True
+    # the review report and the evaluation report name the origin
+    assert runner.invoke(app, ["report", str(direct), "--static", "--no-pdf"]).exit_code == 0
+    assert "from nnU-Net v2 nnUNetTrainer__nnUNetPlans__3d_fullres (folds 0, 1)" in (direct / "review.html").read_text()
+    evaluation = tmp_path / "eval"
+    result = runner.invoke(app, ["evaluate", "--pred", str(direct), "--ref", str(direct), "-o", str(evaluation), "-m", str(results)])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["report", str(evaluation), "--static", "--no-pdf"]).exit_code == 0
+    page = (evaluation / "report.html").read_text()
+    assert "<dt>Origin</dt><dd>nnU-Net v2 nnUNetTrainer__nnUNetPlans__3d_fullres (folds 0, 1)</dd>" in page
 
     model_dir = tmp_path / "imported"
     assert runner.invoke(app, ["import-nnunet", str(results), "-o", str(model_dir)]).exit_code == 0
@@ -212,3 +221,31 @@ def test_combine_merges_disjoint_label_models_by_probability(results: Path, imag
     with pytest.raises(ModelError) as err:
         Predictor.from_model_dir([part1, part2], "cpu")  # without --combine: not an ensemble
     assert err.value.code == "ENSEMBLE_INCOMPATIBLE"
+
+
+def test_qc_uncertainty_previews_and_probabilities_of_an_nnunet_model(results: Path, image: Path, tmp_path: Path):
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["predict", "-i", str(image), "-o", str(out), "-m", str(results), "--folds", "0",
+                                      "-d", "cpu", "--qc", "--save-uncertainty", "--save-probabilities", "--preview"])
+    assert result.exit_code == 0, result.output
+    case = json.loads((out / "manifest.json").read_text())["cases"][0]
+    assert case["qc"]["verdict"] in ("ok", "review")
+    assert {"nnunet_network_s", "nnunet_resample_s", "nnunet_resample_back_s"} <= set(case["timings"])
+    probs = np.load(out / "probabilities" / "case.npz")
+    first = probs["probabilities"].astype(np.float32)
+    assert first.shape[0] == 3 and np.allclose(first.sum(0), 1.0, atol=3e-3)
+    labels = np.asarray(nib.load(out / "case.nii.gz").dataobj)
+    assert np.array_equal(first.argmax(0), labels) or (first.argmax(0) == labels).mean() > 0.999  # float16 ties
+    uncertainty = nib.load(next((out / "uncertainty").glob("*.nii.gz")))
+    assert uncertainty.shape == labels.shape and (out / "previews").is_dir()
+
+
+def test_options_that_do_not_apply_are_refused(results: Path, image: Path, tmp_path: Path):
+    model_dir = tmp_path / "imported"
+    import_results_folder(results, model_dir, ["0"])
+    with pytest.raises(ModelError) as err:  # --folds picks folds of a results folder only
+        Predictor.from_model_dir(model_dir, "cpu", folds=["1"])
+    assert err.value.code == "CONFIG_INVALID_VALUE"
+    result = CliRunner().invoke(app, ["predict", "-i", str(image), "-o", str(tmp_path / "o"), "-m", str(results),
+                                      "--explain", "-d", "cpu"])
+    assert result.exit_code != 0 and getattr(result.exception, "code", None) == "MODEL_DIR_INVALID"
