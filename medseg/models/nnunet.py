@@ -381,23 +381,23 @@ def read_results_folder(path: str | Path, folds: list[str] | None = None, checkp
         "checkpoint": ckpt_name,
         "checkpoint_sha256": hashes,
         "mirroring_axes": [int(a) for a in mirroring] if mirroring is not None else None,
-        "nnunet_version": _nnunet_version(path),
+        "trained_with": _training_facts(path),
     }
     model = NnunetModel(path, spec, weights)
     return model
 
 
-def _nnunet_version(path: Path) -> str | None:
-    """nnU-Net's version where its results folder records one (debug.json of a fold), else None."""
+def _training_facts(path: Path) -> dict[str, str]:
+    """What the first fold's ``debug.json`` records of the training software (nnU-Net 2.x writes torch's and cuDNN's
+    versions there; its checkpoints record no nnU-Net version). Empty when there is none."""
     for debug in sorted(path.glob("fold_*/debug.json")):
         try:
             data = json.loads(debug.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        for key in ("nnunet_version", "nnUNet_version"):
-            if isinstance(data, dict) and data.get(key):
-                return str(data[key])
-    return None
+        if isinstance(data, dict):
+            return {k: str(data[k]) for k in ("nnunet_version", "torch_version", "cudnn_version") if data.get(k)}
+    return {}
 
 
 #: model.json key of an nnU-Net model's description (:func:`spec_from` plus ``origin``).

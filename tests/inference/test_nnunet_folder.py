@@ -249,3 +249,11 @@ def test_options_that_do_not_apply_are_refused(results: Path, image: Path, tmp_p
     result = CliRunner().invoke(app, ["predict", "-i", str(image), "-o", str(tmp_path / "o"), "-m", str(results),
                                       "--explain", "-d", "cpu"])
     assert result.exit_code != 0 and getattr(result.exception, "code", None) == "MODEL_DIR_INVALID"
+
+
+def test_the_training_software_is_recorded_from_debug_json(results: Path, tmp_path: Path):
+    folder = _copy(results, tmp_path)
+    (folder / "fold_0" / "debug.json").write_text(json.dumps({"torch_version": "2.5.1", "cudnn_version": 90100,
+                                                              "batch_size": 2}))
+    assert read_results_folder(folder).spec["origin"]["trained_with"] == {"torch_version": "2.5.1", "cudnn_version": "90100"}
+    assert read_results_folder(results).spec["origin"]["trained_with"] == {}

@@ -7,7 +7,10 @@ there, pinned); elsewhere they skip (``MEDSEG_REQUIRE_ALL_NETWORKS=1`` makes a m
 
 Covered: 3d_fullres and 2d, one fold and a 2-fold ensemble, mirroring on and off, an anisotropic input (separate-z
 resampling) and a flipped, oblique input. Goals (the issue's): labels equal on >= 99.9 % of voxels, probabilities
-within 1e-3; medseg's fast mode measured against nnU-Net's labels.
+within 1e-3; medseg's fast mode measured against nnU-Net's labels. And each step alone against nnU-Net's own
+function, bit for bit: cropping, every normalisation scheme (two channels, masked z-score), resampling (separate z
+on either axis, forced, isotropic, nothing to do; float32 images and float16 logits), window steps, the Gaussian
+and padding.
 """
 
 from __future__ import annotations
@@ -169,3 +172,77 @@ def test_fast_mode_against_nnunet(reference: Path):
         equal[case] = float((ours == theirs).mean())
     print("fast mode vs nnU-Net (3d_fullres fold 0, mirroring): Dice per label", dice, "voxels equal", equal)
     assert all(e >= 0.98 for e in equal.values()) and all(d >= 0.6 for v in dice.values() for d in v), (dice, equal)
+
+
+@pytest.mark.parametrize("scheme, use_mask", [("ZScoreNormalization", True), ("ZScoreNormalization", False),
+                                              ("CTNormalization", False), ("RescaleTo01Normalization", False),
+                                              ("RGBTo01Normalization", False), ("NoNormalization", False)])
+def test_cropping_and_normalisation_equal_nnunets(scheme: str, use_mask: bool):
+    """Two channels with a zero border and a hole (the non-zero mask is filled), each scheme against nnU-Net's
+    class on the same array: bit-identical."""
+    import nnunetv2
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero as their_crop
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    from medseg.inference import nnunet_exact
+
+    rng = np.random.default_rng(1)
+    data = np.zeros((2, 12, 30, 28), np.float32)
+    data[:, 2:10, 3:27, 4:25] = rng.integers(0, 255, (2, 8, 24, 21))
+    data[0, 5, 10:14, 10:14] = 0  # a hole inside: filled in the mask
+    props = {"0": {"mean": 100.0, "std": 50.0, "percentile_00_5": 10.0, "percentile_99_5": 240.0},
+             "1": {"mean": 120.0, "std": 40.0, "percentile_00_5": 5.0, "percentile_99_5": 250.0}}
+    spec = {"normalization_schemes": [scheme, scheme], "use_mask_for_norm": [use_mask, use_mask], "intensity": props}
+    ours, mask, bbox = nnunet_exact.crop_to_nonzero(data.copy())
+    theirs, seg, their_bbox = their_crop(data.copy())
+    assert bbox == [list(b) for b in their_bbox] and np.array_equal(ours, theirs) and np.array_equal(mask, seg[0] >= 0)
+    ours = nnunet_exact.normalise(np.ascontiguousarray(ours), mask, spec)
+    cls = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "preprocessing" / "normalization"), scheme,
+                                      "nnunetv2.preprocessing.normalization")
+    for c in range(2):
+        expected = cls(use_mask_for_norm=use_mask, intensityproperties=props[str(c)]).run(np.array(theirs[c]), seg[0])
+        assert np.array_equal(ours[c], expected), (scheme, c)
+
+
+@pytest.mark.parametrize("spacing, new_spacing, order, force", [
+    ((3.0, 0.8, 0.8), (2.0, 1.0, 1.0), 3, None),   # anisotropic input: separate z along axis 0
+    ((0.8, 0.8, 3.5), (1.0, 1.0, 2.0), 3, None),   # ... along the last axis
+    ((1.0, 1.2, 0.9), (1.5, 1.0, 1.1), 3, None),   # isotropic enough: one 3D resize
+    ((1.0, 1.0, 1.0), (4.0, 1.0, 1.0), 1, None),   # anisotropic target
+    ((2.0, 0.7, 0.7), (2.0, 0.7, 0.7), 3, None),   # nothing to do
+    ((1.0, 1.0, 1.0), (2.0, 1.0, 1.0), 3, True),   # forced separate z
+])
+def test_resampling_equals_nnunets(spacing, new_spacing, order: int, force):
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape
+
+    from medseg.inference import nnunet_exact
+
+    rng = np.random.default_rng(2)
+    for dtype in (np.float32, np.float16):  # images, and logits as nnU-Net keeps them
+        data = rng.normal(size=(2, 9, 21, 17)).astype(dtype)
+        shape = [int(s) for s in compute_new_shape(data.shape[1:], spacing, new_spacing)]
+        assert shape == nnunet_exact.new_shape_for(data.shape[1:], list(spacing), list(new_spacing))
+        theirs = resample_data_or_seg_to_shape(data, shape, spacing, new_spacing, is_seg=False, order=order, order_z=0,
+                                               force_separate_z=force)
+        ours = nnunet_exact.resample(data, shape, list(spacing), list(new_spacing), order=order, order_z=0,
+                                     force_separate_z=force)
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+
+
+def test_window_layout_and_gaussian_equal_nnunets():
+    import torch
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+    from medseg.inference import nnunet_exact
+
+    for size, tile in (((110, 64, 47), (64, 64, 32)), ((20, 300, 301), (96, 160)), ((33, 40, 41), (32, 40, 40))):
+        t = tile[-3:] if len(tile) == 3 else tile
+        grid = size if len(tile) == 3 else size[1:]
+        assert nnunet_exact.steps_for(grid, t, 0.5) == compute_steps_for_sliding_window(grid, t, 0.5)
+        g = nnunet_exact.gaussian_map(t, torch.device("cpu"))
+        assert torch.equal(g, compute_gaussian(t, sigma_scale=1. / 8, value_scaling_factor=10, device=torch.device("cpu")))
+    image = torch.randn(2, 20, 30, 7)
+    padded, revert = nnunet_exact._pad(image, (24, 16, 16))
+    theirs, their_revert = pad_nd_image(image, (24, 16, 16), "constant", {"value": 0}, True, None)
+    assert torch.equal(padded, theirs) and revert == their_revert

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,8 +37,6 @@ def medseg(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_dicomweb_pull_predict_push_names_the_nnunet_origin(orthanc_server, tmp_path: Path):
-    import highdicom as hd
-
     results = H.write_results_folder(tmp_path / "nnunet", folds=(0,))
     series = tmp_path / "series"
     write_dicom_series(Volume(H.ct_image()[None], np.diag([0.8, 0.8, 2.5, 1.0])), series, study_uid=UID_ROOT + "7")
@@ -49,11 +48,18 @@ def test_dicomweb_pull_predict_push_names_the_nnunet_origin(orthanc_server, tmp_
     assert "1 case(s) stored to" in run.stdout
     assert json.loads((out / "provenance.json").read_text())["models"][0]["origin"] == ORIGIN
 
+    _check_seg(orthanc_server, series, results)
+
+
+def _check_seg(orthanc_server, series: Path, results: Path) -> None:
+    """The one SEG in Orthanc names the nnU-Net origin and decodes to nnU-Net's prediction of the same series read
+    from the folder."""
+    import highdicom as hd
+
     (seg_instance,) = orthanc_server.instances("SEG")
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(orthanc_server.file(seg_instance["id"]))))
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert ORIGIN in algorithm.AlgorithmParameters
-    # the SEG decodes to nnU-Net's prediction of the same series read from the folder
     source = read_dicom(series)
     expected = Predictor.from_model_dir(results, "cpu").predict_case(source, qc=False).labels.array[0]
     files = source.meta["dicom_files"]
@@ -101,3 +107,39 @@ def test_serve_http_answers_as_predict_does(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_the_dicom_listener_segments_a_series_with_an_nnunet_model(orthanc_server, tmp_path: Path):
+    import orthanc
+    from pynetdicom import AE
+
+    results = H.write_results_folder(tmp_path / "nnunet", folds=(0,))
+    series = tmp_path / "series"
+    write_dicom_series(Volume(H.ct_image()[None], np.diag([0.8, 0.8, 2.5, 1.0])), series, study_uid=UID_ROOT + "8")
+    out, port = tmp_path / "out", orthanc.free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "medseg", "serve", "-m", str(results), "-o", str(out), "--port", str(port), "-d", "cpu",
+         "--dest", f"{orthanc_server.aet}@127.0.0.1:{orthanc_server.dicom_port}", "--pacs", "idle_s=1",
+         "-t", "dicom-seg", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "MEDSEG_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "manifest.json").exists():
+            assert serve.poll() is None and time.monotonic() < deadline, "the listener did not start"
+            time.sleep(0.25)
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDSEG")
+        assert assoc.is_established
+        statuses = {int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in sorted(series.iterdir())}
+        assoc.release()
+        assert statuses == {0}
+        deadline = time.monotonic() + 120
+        while not orthanc_server.instances("SEG"):
+            assert time.monotonic() < deadline, "no SEG arrived in Orthanc"
+            time.sleep(0.25)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        console = serve.communicate(timeout=120)[0]
+    assert serve.returncode == 0, console
+    _check_seg(orthanc_server, series, results)
