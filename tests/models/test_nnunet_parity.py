@@ -246,3 +246,81 @@ def test_window_layout_and_gaussian_equal_nnunets():
     padded, revert = nnunet_exact._pad(image, (24, 16, 16))
     theirs, their_revert = pad_nd_image(image, (24, 16, 16), "constant", {"value": 0}, True, None)
     assert torch.equal(padded, theirs) and revert == their_revert
+
+
+def _run(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "medseg", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MEDSEG_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def _agreement(ours: Path, theirs: Path) -> float:
+    a, b = nib.load(ours), nib.load(theirs)
+    assert a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4)
+    return float((np.asarray(a.dataobj) == np.asarray(b.dataobj)).mean())
+
+
+def test_nnunets_folder_through_predict_serve_http_and_dicomweb(reference: Path, tmp_path: Path):
+    """The results folder nnU-Net made, through medseg's doors, against nnU-Net's own labels: `medseg predict` on a
+    file (fold 0), `serve-http` (every fold, as nnU-Net's -f 0 1), and a DICOM series pulled from a real Orthanc over
+    DICOMweb (nnU-Net predicting the same voxels written as NIfTI)."""
+    import socket
+    import time
+
+    import orthanc
+    import requests
+
+    from medseg.io.dicom import read_dicom
+    from medseg.io.dicom_write import write_dicom_series
+    from medseg.io.readers import read_volume
+
+    folder = _folder(reference, "3d_fullres")
+    image = reference / "inputs" / "aniso_0000.nii.gz"
+    _run("predict", "-i", str(image), "-o", str(tmp_path / "cli"), "-m", str(folder), "--folds", "0", "-d", "cpu")
+    assert _agreement(tmp_path / "cli" / "aniso.nii.gz", reference / "pred" / "3d_fullres_0_tta" / "aniso.nii.gz") >= 0.999
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "medseg", "serve-http", "-m", str(folder), "--host", "127.0.0.1",
+                               "--port", str(port), "-d", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.time() < deadline, "serve-http did not start"
+            time.sleep(0.3)
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", data=image.read_bytes(), timeout=300)
+        assert answer.status_code == 200
+        (tmp_path / "http.nii.gz").write_bytes(answer.content)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert _agreement(tmp_path / "http.nii.gz", reference / "pred" / "3d_fullres_0-1_tta" / "aniso.nii.gz") >= 0.999
+
+    orthanc.require()
+    series = tmp_path / "series"
+    write_dicom_series(read_volume(image), series, study_uid="1.2.826.0.1.3680043.10.1234.26")
+    source = read_dicom(series)  # the voxels as medseg reads the series, written as NIfTI for nnU-Net
+    (tmp_path / "dcm_in").mkdir()
+    nib.save(nib.Nifti1Image(source.array[0].astype(np.int16), source.affine), tmp_path / "dcm_in" / "dcm_0000.nii.gz")
+    subprocess.run([str(Path(sys.executable).with_name("nnUNetv2_predict_from_modelfolder")), "-i", str(tmp_path / "dcm_in"),
+                    "-o", str(tmp_path / "dcm_nnunet"), "-m", str(folder), "-f", "0", "-device", "cpu", "-npp", "1",
+                    "-nps", "1"], check=True, capture_output=True, env={**os.environ, "nnUNet_raw": str(tmp_path),
+                                                                       "nnUNet_preprocessed": str(tmp_path),
+                                                                       "nnUNet_results": str(tmp_path)})
+    pacs = orthanc.start(tmp_path / "orthanc")
+    try:
+        pacs.upload(sorted(series.iterdir()))
+        _run("predict", "-i", f"{pacs.dicomweb}/studies/1.2.826.0.1.3680043.10.1234.26", "-o", str(tmp_path / "web"),
+             "-m", str(folder), "--folds", "0", "-d", "cpu", "-t", "nifti")
+    finally:
+        pacs.stop()
+    (written,) = sorted((tmp_path / "web").glob("*.nii.gz"))
+    ours, theirs = nib.load(written), nib.load(tmp_path / "dcm_nnunet" / "dcm.nii.gz")
+    assert np.allclose(ours.affine, theirs.affine, atol=1e-3)
+    assert float((np.asarray(ours.dataobj) == np.asarray(theirs.dataobj)).mean()) >= 0.999
