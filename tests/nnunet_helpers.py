@@ -112,3 +112,36 @@ def ct_image(shape=(40, 36, 18), seed: int = 0) -> np.ndarray:
     img += rng.normal(0, 10, shape)
     img[0, :, :] = 0  # a zero border so that cropping to the non-zero region has work to do
     return img.astype(np.int16)
+
+
+def serve_http_answer(model: Path, body: bytes, timeout: float = 180) -> bytes:
+    """Starts ``medseg serve-http -m model`` on a free 127.0.0.1 port, waits for /ping, posts ``body`` to
+    /invocations and returns the answer's bytes (asserting 200); the server is stopped afterwards."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "medseg", "serve-http", "-m", str(model), "--host", "127.0.0.1",
+                               "--port", str(port), "-d", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.time() < deadline, "serve-http did not start"
+            time.sleep(0.3)
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", data=body, timeout=300)
+        assert answer.status_code == 200, answer.text[:500]
+        return answer.content
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

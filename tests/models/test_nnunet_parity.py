@@ -264,11 +264,7 @@ def test_nnunets_folder_through_predict_serve_http_and_dicomweb(reference: Path,
     """The results folder nnU-Net made, through medseg's doors, against nnU-Net's own labels: `medseg predict` on a
     file (fold 0), `serve-http` (every fold, as nnU-Net's -f 0 1), and a DICOM series pulled from a real Orthanc over
     DICOMweb (nnU-Net predicting the same voxels written as NIfTI)."""
-    import socket
-    import time
-
     import orthanc
-    import requests
 
     from medseg.io.dicom import read_dicom
     from medseg.io.dicom_write import write_dicom_series
@@ -279,27 +275,7 @@ def test_nnunets_folder_through_predict_serve_http_and_dicomweb(reference: Path,
     _run("predict", "-i", str(image), "-o", str(tmp_path / "cli"), "-m", str(folder), "--folds", "0", "-d", "cpu")
     assert _agreement(tmp_path / "cli" / "aniso.nii.gz", reference / "pred" / "3d_fullres_0_tta" / "aniso.nii.gz") >= 0.999
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "medseg", "serve-http", "-m", str(folder), "--host", "127.0.0.1",
-                               "--port", str(port), "-d", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None and time.time() < deadline, "serve-http did not start"
-            time.sleep(0.3)
-        answer = requests.post(f"http://127.0.0.1:{port}/invocations", data=image.read_bytes(), timeout=300)
-        assert answer.status_code == 200
-        (tmp_path / "http.nii.gz").write_bytes(answer.content)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    (tmp_path / "http.nii.gz").write_bytes(H.serve_http_answer(folder, image.read_bytes()))
     assert _agreement(tmp_path / "http.nii.gz", reference / "pred" / "3d_fullres_0-1_tta" / "aniso.nii.gz") >= 0.999
 
     orthanc.require()

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,6 @@ import nnunet_helpers as H
 import numpy as np
 import pydicom
 import pytest
-import requests
 
 from medseg.inference.predictor import Predictor
 from medseg.io.dicom import read_dicom
@@ -74,12 +72,6 @@ def _check_seg(orthanc_server, series: Path, results: Path) -> None:
     assert np.array_equal(decoded.transpose(2, 1, 0), expected)  # frames (slice, row, column) -> (X, Y, Z)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_http_answers_as_predict_does(tmp_path: Path):
     results = H.write_results_folder(tmp_path / "nnunet", folds=(0,))
     image = tmp_path / "case_0000.nii.gz"
@@ -87,26 +79,8 @@ def test_serve_http_answers_as_predict_does(tmp_path: Path):
     done = medseg("-q", "predict", "-i", str(image), "-o", str(tmp_path / "cli"), "-m", str(results), "-d", "cpu")
     assert done.returncode == 0, done.stderr
     expected = np.asarray(nib.load(tmp_path / "cli" / "case.nii.gz").dataobj)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "medseg", "serve-http", "-m", str(results), "--host", "127.0.0.1",
-                             "--port", str(port), "-d", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.2)
-        answer = requests.post(f"http://127.0.0.1:{port}/invocations", data=image.read_bytes(), timeout=120)
-        assert answer.status_code == 200
-        (tmp_path / "answer.nii.gz").write_bytes(answer.content)
-        assert np.array_equal(np.asarray(nib.load(tmp_path / "answer.nii.gz").dataobj), expected)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    (tmp_path / "answer.nii.gz").write_bytes(H.serve_http_answer(results, image.read_bytes()))
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "answer.nii.gz").dataobj), expected)
 
 
 def test_the_dicom_listener_segments_a_series_with_an_nnunet_model(orthanc_server, tmp_path: Path):
