@@ -571,11 +571,7 @@ def convert(
 
 def _say_nnunet_mode(predictor: Any) -> None:
     """Tells whether an nnU-Net model predicts exactly as nnU-Net (its mirroring, tile step 0.5, exact resampling)."""
-    spec = getattr(predictor, "nnunet", None)
-    if not spec:
-        return
-    mirrors = spec["origin"].get("mirroring_axes") is not None
-    if predictor.nnunet_fast or predictor.tta != mirrors or predictor.overlap != 0.5:
+    if predictor.nnunet and not predictor.nnunet_exact:
         typer.echo("nnU-Net model in fast mode (--fast, --no-tta or --overlap): results are not nnU-Net-exact", err=True)
 
 

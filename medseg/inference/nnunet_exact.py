@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
@@ -147,14 +148,12 @@ def _separate_z(force: bool | None, current: list[float], new: list[float],
 
 def resample(data: np.ndarray, new_shape: list[int], current: list[float], new: list[float],
              order: int = 3, order_z: int = 0, force_separate_z: bool | None = None,
-             separate_z_anisotropy_threshold: float = ANISO_THRESHOLD, is_seg: bool = False) -> np.ndarray:
+             separate_z_anisotropy_threshold: float = ANISO_THRESHOLD) -> np.ndarray:
     """nnU-Net's ``resample_data_or_seg_to_shape`` for images and logits (``is_seg`` False): scikit-image ``resize``
     (edge mode, no anti-aliasing) in float64, the result in the input's dtype."""
     from scipy.ndimage import map_coordinates
     from skimage.transform import resize
 
-    if is_seg:
-        raise ValueError("segmentation resampling is not reproduced")
     do_separate, axis = _separate_z(force_separate_z, current, new, separate_z_anisotropy_threshold)
     shape = np.array(data[0].shape)
     target = np.array(new_shape)
@@ -293,7 +292,7 @@ def sliding_window_logits(data: torch.Tensor, tile: tuple[int, ...], network: Ne
     weights = torch.zeros(padded.shape[1:], dtype=dtype, device=results)
     for i, sl in enumerate(slicers):
         work = torch.clone(padded[sl][None], memory_format=torch.contiguous_format).to(device)
-        with torch.autocast("cuda", enabled=use_amp) if use_amp else _null():
+        with torch.autocast("cuda") if use_amp else nullcontext():
             pred = network(work)
             for axes in combos:
                 pred += torch.flip(network(torch.flip(work, axes)), axes)
@@ -310,14 +309,6 @@ def sliding_window_logits(data: torch.Tensor, tile: tuple[int, ...], network: Ne
     assert logits is not None
     torch.div(logits, weights, out=logits)
     return logits[(slice(None), *revert[1:])]
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ back to the input
@@ -412,7 +403,6 @@ def predict(array: np.ndarray, spacing: tuple[float, ...], spec: dict[str, Any],
             conf = _max_probability(torch.from_numpy(np.asarray(back)))
         if probabilities:
             probs = torch.softmax(torch.from_numpy(np.asarray(back)).float(), 0).numpy()
-    t2 = time.perf_counter()
     labels = _uncrop(labels, prep.bbox, prep.shape_before_cropping)
     backward = spec["transpose_backward"]
     labels = labels.transpose(backward).transpose(2, 1, 0)
@@ -426,5 +416,4 @@ def predict(array: np.ndarray, spacing: tuple[float, ...], spec: dict[str, Any],
     facts = {**prep.timings, "network": round(t1 - t0, 3), "resample_back": round(time.perf_counter() - t1, 3),
              "model_grid": model_grid, "mode": "fast" if fast else "exact",
              "mirroring_axes": axes, "tile_step": step}
-    del t2
     return np.ascontiguousarray(labels), (np.ascontiguousarray(probs) if probs is not None else None), facts

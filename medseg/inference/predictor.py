@@ -110,8 +110,8 @@ class Predictor:
         #: the nnU-Net description of a model from an nnU-Net results folder (predicted nnU-Net's way), else None
         self.nnunet: dict | None = first.info.get("nnunet")
         self.nnunet_fast = nnunet_fast
-        #: label value -> (member index, the member's own value) of models combined by label (``combine``)
-        self.parts: dict[int, tuple[int, int]] | None = None
+        #: per model combined by label (``combine``): what its own label values are shifted by, else None
+        self.offsets: list[int] | None = None
         combined: dict[int, str] | None = None
         if combine:
             combined = self._combine(members)
@@ -161,9 +161,10 @@ class Predictor:
         if len(channels) > 1:
             raise ModelError("COMBINE_INVALID", f"the models to combine read different numbers of channels: {sorted(channels)}")
         labels: dict[int, str] = {0: "background"}
-        parts: dict[int, tuple[int, int]] = {}
+        self.offsets = []
         seen: dict[str, str] = {}
-        for i, m in enumerate(members):
+        for m in members:
+            self.offsets.append(len(labels) - 1)
             for value, name in sorted(m.info["labels"].items()):
                 if value == 0:
                     continue
@@ -172,9 +173,7 @@ class Predictor:
                                      f"{m.model_dir.resolve().name}: combined models must not share label names",
                                      "combine models with disjoint label sets; ensemble the folds of one model instead")
                 seen[name.casefold()] = m.model_dir.resolve().name
-                parts[len(labels)] = (i, value)
                 labels[len(labels)] = name
-        self.parts = parts
         return labels
 
     # ------------------------------------------------------------------------------------------- loading
@@ -409,13 +408,11 @@ class Predictor:
         if len(volume.spatial_shape) != 3:
             raise InputError("SHAPE_INVALID", f"nnU-Net models are run on 3D images here; this image is "
                              f"{len(volume.spatial_shape)}D {volume.spatial_shape}")
-        if self.parts is not None:
+        if self.offsets is not None:
             return self._predict_combined(volume, probabilities, on_window, stats)
         need_probs = probabilities or acc is not None
         labels, probs, facts = self._nnunet_member(0, volume, need_probs, on_window)
-        exact = not self.nnunet_fast and self.tta == (self.nnunet["origin"].get("mirroring_axes") is not None) \
-            and self.overlap == 0.5
-        stats["nnunet"] = {**facts, "exact": exact}
+        stats["nnunet"] = {**facts, "exact": self.nnunet_exact}
         entropy = None
         if acc is not None and probs is not None:
             mean = torch.from_numpy(probs)
@@ -425,6 +422,14 @@ class Predictor:
                 entropy = (slab_entropy * 255).round().clamp(0, 255).to(torch.uint8).numpy()
         out_probs = probs.astype(np.float16) if probabilities and probs is not None else None
         return labels, out_probs, entropy
+
+    @property
+    def nnunet_exact(self) -> bool:
+        """An nnU-Net model predicted exactly as nnU-Net does: not fast mode, its own mirroring, tile step 0.5."""
+        if not self.nnunet:
+            return False
+        mirrors = self.nnunet["origin"].get("mirroring_axes") is not None
+        return not self.nnunet_fast and self.overlap == 0.5 and self.tta == mirrors
 
     def _nnunet_member(self, index: int, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
                        confidence: bool = False) -> tuple[Any, ...]:
@@ -448,10 +453,7 @@ class Predictor:
         if probabilities:
             raise InputError("COMBINE_INVALID", "--combine writes no probabilities (each model's classes sum to one "
                              "on their own)", "predict each model alone with --save-probabilities")
-        assert self.parts is not None
-        offset: dict[int, int] = {}
-        for value, (i, own) in self.parts.items():
-            offset.setdefault(i, value - own)
+        assert self.offsets is not None
         labels: np.ndarray | None = None
         best: np.ndarray | None = None
         stats["nnunet"] = {"combined": []}
@@ -462,7 +464,7 @@ class Predictor:
                 best = np.zeros(part.shape, np.float32)
             assert best is not None
             take = (part > 0) & (confidence > best)
-            labels[take] = part[take].astype(labels.dtype) + offset[i]
+            labels[take] = part[take].astype(labels.dtype) + self.offsets[i]
             best[take] = confidence[take]
             stats["nnunet"]["combined"].append({"model": self.members[i].model_dir.resolve().name, **facts})
         return labels, None, None

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from medseg.errors import ModelError, describe
+from medseg.fsutil import read_json, sha256_file
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 SUPPORTED_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
@@ -63,14 +64,6 @@ def _checkpoint_globals() -> list[Any]:
             continue
     found += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool")]
     return found
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -107,11 +100,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError("NNUNET_FILE_MISSING", f"the nnU-Net results folder {path.parent.name} has no {path.name}",
                          f"pass the folder nnU-Net trained into (TRAINER__PLANS__CONFIGURATION), which holds {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError("NNUNET_FILE_MISSING", f"cannot read {path.name} of {path.parent.name}: "
-                         f"{describe(exc, path)}") from None
+    data = read_json(path, "NNUNET_FILE_MISSING", f"{path.name} of {path.parent.name}", error=ModelError)
     if not isinstance(data, dict):
         raise ModelError("NNUNET_FILE_MISSING", f"{path.name} of {path.parent.name} is not a JSON object")
     return data
@@ -365,7 +354,7 @@ def read_results_folder(path: str | Path, folds: list[str] | None = None, checkp
                              f"{', '.join(diff)}: the folds were not trained with the same trainer and plans",
                              "pass --folds with folds of one training")
         weights.append(ckpt["network_weights"])
-        hashes[fold] = _sha256(file)
+        hashes[fold] = sha256_file(file)
     assert meta is not None
     name = configuration or meta["configuration"] or path.name.split("__")[-1]
     spec = spec_from(plans, dataset, str(name))
