@@ -22,6 +22,9 @@ os.environ.update(nnUNet_raw=str(WORK / "raw"), nnUNet_preprocessed=str(WORK / "
 
 
 def main() -> None:
+    import random
+
+    import numpy as np
     import torch
 
     torch.set_num_threads(2)
@@ -33,6 +36,7 @@ def main() -> None:
     from nnunetv2.run.run_training import get_trainer_from_args
 
     ITERATIONS = int(os.environ.get("NNUNET_REFERENCE_ITERATIONS", "40"))
+    SEED = int(os.environ.get("NNUNET_REFERENCE_SEED", "0"))
     extract_fingerprints([901], num_processes=1)
     plan_experiments([901])
     preprocess([901], configurations=("2d", "3d_fullres"), num_processes=(1, 1))
@@ -40,6 +44,11 @@ def main() -> None:
 
     for configuration in ("3d_fullres", "2d"):
         for fold in (0, 1):
+            # nnU-Net's trainer seeds nothing: its weights come from torch's generator and its batches and augmentation
+            # from numpy's and random's (in this process, nnUNet_n_proc_DA=0). Seeded, a run makes the same models.
+            random.seed(SEED + fold)
+            np.random.seed(SEED + fold)
+            torch.manual_seed(SEED + fold)
             trainer = get_trainer_from_args("901", configuration, fold, "nnUNetTrainer", "nnUNetPlans", device=torch.device("cpu"))
             trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch, trainer.num_epochs = ITERATIONS, 1, 1
             trainer.on_train_start()  # dataloaders, mirroring axes, logger

@@ -1,4 +1,4 @@
-"""Parity with real nnU-Net v2: results folders planned, preprocessed, trained (40 iterations) and saved by
+"""Parity with real nnU-Net v2: results folders planned, preprocessed, trained (40 seeded iterations) and saved by
 nnU-Net's own planner and trainer, predicted by ``nnUNetv2_predict_from_modelfolder --save_probabilities`` and by
 medseg from the same folders and inputs (``nnunet_reference.py`` runs nnU-Net in its own process).
 
@@ -156,22 +156,32 @@ def test_the_pipeline_is_nnunets_own(reference: Path, configuration: str, folds:
 
 def test_fast_mode_against_nnunet(reference: Path):
     """Fast mode (trilinear resampling, no mirroring, float32 accumulation, labels resampled by nearest neighbour)
-    against nnU-Net's labels with mirroring. Measured with 40-iteration models (two training runs): voxels equal
-    99.4-99.9 %, Dice 0.93-1.0 (body) and 0.79-0.93 (the small bright structure) - short of the issue's 0.99; a
-    model this little trained has soft borders that fast mode's cheaper resampling moves (exact mode: 100 %)."""
+    against nnU-Net's labels with mirroring. Measured with the seeded 40-iteration models: voxels equal 99.4-99.6 %,
+    Dice 0.91-0.93 (label 1, about 1,000 voxels) and 0.88-0.91 (label 2, about 200) - short of the issue's 0.99: a
+    model this little trained has soft borders that fast mode's cheaper resampling moves (exact mode: 100 %).
+
+    Dice is asserted only for labels nnU-Net gives at least MIN_VOXELS voxels: an unseeded run once trained a model
+    that gave label 1 to a few dozen voxels, where one voxel moves Dice by several per cent. A broken fast mode (axes,
+    spacing or labels wrong) loses far more than the 2 % of voxels allowed."""
     from medseg.inference.predictor import Predictor
     from medseg.io.readers import read_volume
 
+    MIN_VOXELS = 100
     predictor = Predictor.from_model_dir(_folder(reference, "3d_fullres"), "cpu", folds=["0"], fast=True)
     assert predictor.nnunet_fast and not predictor.tta
-    dice, equal = {}, {}
+    dice, equal, volume = {}, {}, {}
     for case in CASES:
         ours = predictor.predict_case(read_volume(reference / "inputs" / f"{case}_0000.nii.gz")).labels.array[0]
         theirs = np.asarray(nib.load(reference / "pred" / "3d_fullres_0_tta" / f"{case}.nii.gz").dataobj)
-        dice[case] = [round(_dice(ours, theirs, k), 4) for k in (1, 2)]
+        volume[case] = {k: int((theirs == k).sum()) for k in (1, 2)}
+        dice[case] = {k: round(_dice(ours, theirs, k), 4) for k in (1, 2)}
         equal[case] = float((ours == theirs).mean())
-    print("fast mode vs nnU-Net (3d_fullres fold 0, mirroring): Dice per label", dice, "voxels equal", equal)
-    assert all(e >= 0.98 for e in equal.values()) and all(d >= 0.6 for v in dice.values() for d in v), (dice, equal)
+    facts = {"dice": dice, "voxels_equal": equal, "nnunet_voxels": volume}
+    print("fast mode vs nnU-Net (3d_fullres fold 0, mirroring):", facts)
+    assert all(e >= 0.98 for e in equal.values()), facts
+    judged = [dice[c][k] for c in CASES for k in (1, 2) if volume[c][k] >= MIN_VOXELS]
+    assert judged, f"nnU-Net's reference model gives no label {MIN_VOXELS} voxels: {facts}"
+    assert all(d >= 0.6 for d in judged), facts
 
 
 @pytest.mark.parametrize("scheme, use_mask", [("ZScoreNormalization", True), ("ZScoreNormalization", False),
