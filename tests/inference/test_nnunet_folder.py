@@ -177,9 +177,16 @@ def test_fast_mode_and_no_tta_say_they_are_not_exact(results: Path, image: Path,
     result = CliRunner().invoke(app, ["predict", "-i", str(image), "-o", str(tmp_path / "o"), "-m", str(results),
                                       "-d", "cpu", "--folds", "0", "--fast"])
     assert result.exit_code == 0, result.output
-    assert "not nnU-Net-exact" in result.output
+    assert "not nnU-Net-exact: fast mode (--fast)" in result.output
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["model"] == [results.name]
+    result = CliRunner().invoke(app, ["predict", "-i", str(image), "-o", str(tmp_path / "p"), "-m", str(results),
+                                      "-d", "cpu", "--folds", "0", "--no-tta", "--overlap", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert "not nnU-Net-exact: mirroring off (--no-tta); tile overlap 0.25 (nnU-Net's: 0.5)" in result.output
+    result = CliRunner().invoke(app, ["predict", "-i", str(image), "-o", str(tmp_path / "q"), "-m", str(results),
+                                      "-d", "cpu", "--folds", "0"])
+    assert result.exit_code == 0 and "nnU-Net-exact" not in result.output, result.output
 
 
 def test_import_refuses_to_write_into_the_results_folder(results: Path):

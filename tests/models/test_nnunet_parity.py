@@ -234,9 +234,10 @@ def test_resampling_equals_nnunets(spacing, new_spacing, order: int, force):
         assert shape == nnunet_exact.new_shape_for(data.shape[1:], list(spacing), list(new_spacing))
         theirs = resample_data_or_seg_to_shape(data, shape, spacing, new_spacing, is_seg=False, order=order, order_z=0,
                                                force_separate_z=force)
-        ours = nnunet_exact.resample(data, shape, list(spacing), list(new_spacing), order=order, order_z=0,
-                                     force_separate_z=force)
-        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+        for threads in (1, 3):  # medseg resamples in slabs of planes on threads
+            ours = nnunet_exact.resample(data, shape, list(spacing), list(new_spacing), order=order, order_z=0,
+                                         force_separate_z=force, threads=threads)
+            assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), threads
 
 
 def test_window_layout_and_gaussian_equal_nnunets():
