@@ -571,14 +571,8 @@ def convert(
 
 def _say_nnunet_mode(predictor: Any) -> None:
     """Tells whether an nnU-Net model predicts exactly as nnU-Net (its mirroring, tile step 0.5, exact resampling)."""
-    if predictor.nnunet and not predictor.nnunet_exact:
-        mirrors = predictor.nnunet["origin"].get("mirroring_axes") is not None
-        why = [text for text, on in (
-            ("fast mode (--fast)", predictor.nnunet_fast),
-            ("mirroring off (--no-tta)", mirrors and not predictor.tta),
-            ("mirroring on, which this model's trainer did not allow", predictor.tta and not mirrors),
-            (f"tile overlap {predictor.overlap} (nnU-Net's: 0.5)", predictor.overlap != 0.5)) if on]
-        typer.echo(f"nnU-Net model: results are not nnU-Net-exact: {'; '.join(why)}", err=True)
+    if predictor.nnunet_departures:
+        typer.echo(f"nnU-Net model: results are not nnU-Net-exact: {'; '.join(predictor.nnunet_departures)}", err=True)
 
 
 @app.command("import-nnunet")

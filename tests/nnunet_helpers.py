@@ -117,16 +117,14 @@ def ct_image(shape=(40, 36, 18), seed: int = 0) -> np.ndarray:
 def serve_http_answer(model: Path, body: bytes, timeout: float = 180) -> bytes:
     """Starts ``medseg serve-http -m model`` on a free 127.0.0.1 port, waits for /ping, posts ``body`` to
     /invocations and returns the answer's bytes (asserting 200); the server is stopped afterwards."""
-    import socket
     import subprocess
     import sys
     import time
 
     import requests
+    from orthanc import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "medseg", "serve-http", "-m", str(model), "--host", "127.0.0.1",
                                "--port", str(port), "-d", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +148,21 @@ def _separate_z(force: bool | None, current: list[float], new: list[float],
     return do, axis
 
 
+class _Threads(ThreadPoolExecutor):
+    """A thread pool that runs a function on slabs of a range, one call per slab (scipy releases the GIL)."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self.workers = workers
+
+    def slabs(self, length: int, run: Callable[[int, int], None], voxels_per_index: int = 0,
+              max_voxels: int = 1 << 20) -> None:
+        """``run(a, b)`` over ``[0, length)``: one slab per thread, or more where slabs would exceed ``max_voxels``."""
+        count = max(self.workers, -(-length * voxels_per_index // max_voxels))
+        edges = np.linspace(0, length, min(count, length) + 1).astype(int)
+        list(self.map(lambda ab: run(*ab), zip(edges[:-1], edges[1:])))
+
+
 def _zoom_shift() -> Callable[..., Any] | None:
     """scipy's private ``_nd_image.zoom_shift`` (what ``scipy.ndimage.zoom`` calls) if it computes a slab of output
     planes exactly as ``zoom`` computes them: checked once, on small arrays, against ``zoom`` itself for orders 1 and
@@ -188,7 +204,7 @@ def _zoom_factors(shape: tuple[int, ...], target: tuple[int, ...]) -> np.ndarray
     return np.ascontiguousarray(np.divide(np.array(shape), np.array(target), dtype=np.float64))
 
 
-def _filtered(channel: np.ndarray, order: int, pool: Any = None) -> tuple[np.ndarray, int]:
+def _filtered(channel: np.ndarray, order: int, pool: _Threads | None = None) -> tuple[np.ndarray, int]:
     """``scipy.ndimage.zoom``'s input to interpolation: for order > 1, the channel edge-padded by 12 in float64 and
     spline-filtered in place (``zoom`` pads a copy, then filters into another), each axis's lines in chunks on
     ``pool``'s threads (lines are filtered one by one: chunks change nothing); else the channel itself. float32 and
@@ -207,10 +223,8 @@ def _filtered(channel: np.ndarray, order: int, pool: Any = None) -> tuple[np.nda
             src = list(index)
             src[axis] = slice(source, source + 1)
             padded[tuple(index)] = padded[tuple(src)]
-    workers = getattr(pool, "_max_workers", 1) if pool is not None else 1
     for axis in range(padded.ndim):
         across = 1 if axis == 0 else 0
-        edges = np.linspace(0, padded.shape[across], min(workers, padded.shape[across]) + 1).astype(int)
 
         def lines(a: int, b: int, axis: int = axis, across: int = across) -> None:
             index: list[Any] = [slice(None)] * padded.ndim
@@ -218,10 +232,10 @@ def _filtered(channel: np.ndarray, order: int, pool: Any = None) -> tuple[np.nda
             view = padded[tuple(index)]
             spline_filter1d(view, order, axis, output=view, mode="nearest")
 
-        if pool is None or len(edges) <= 2:
+        if pool is None:
             lines(0, padded.shape[across])
         else:
-            list(pool.map(lambda ab: lines(*ab), zip(edges[:-1], edges[1:])))
+            pool.slabs(padded.shape[across], lines)
     return padded, pad
 
 
@@ -237,7 +251,7 @@ class _Zoomable:
     shape: tuple[int, ...]
 
 
-def _zoomable(channel: np.ndarray, order: int, pool: Any) -> _Zoomable:
+def _zoomable(channel: np.ndarray, order: int, pool: _Threads) -> _Zoomable:
     # float16 (nnU-Net's logits) is exact in float32; integers go to float64, as scikit-image takes them
     exact = np.float32 if channel.dtype == np.float16 else np.float64
     source = channel if channel.dtype in (np.float32, np.float64) else channel.astype(exact)
@@ -256,16 +270,13 @@ def _slab_zoom(shape: tuple[int, ...], target: tuple[int, ...]) -> Callable[...,
     return function
 
 
-def _zoom_into(out: np.ndarray, z: _Zoomable, order: int, pool: Any, function: Callable[..., Any]) -> None:
+def _zoom_into(out: np.ndarray, z: _Zoomable, order: int, pool: _Threads, function: Callable[..., Any]) -> None:
     """scikit-image's resize of ``z``'s channel into ``out`` (C-contiguous), in slabs of output planes on threads.
     float32/float64 outputs are written in place (the double rounded once to the output type, then clipped to the
     input's range, which that type holds exactly: what clipping in float64 and then casting gives); float16 outputs
     go through a float64 slab, as a double rounded straight to float16 may differ from one rounded via float32."""
     target = tuple(out.shape)
     direct = out.dtype in (np.float32, np.float64)
-    plane = int(np.prod(target[1:]))
-    count = max(getattr(pool, "_max_workers", 1), -(-target[0] * plane // (1 << 20)))  # slabs of <= 1 M voxels
-    edges = np.linspace(0, target[0], min(count, target[0]) + 1).astype(int)
     factors = _zoom_factors(z.shape, target)
 
     def slab(a: int, b: int) -> None:
@@ -276,24 +287,10 @@ def _zoom_into(out: np.ndarray, z: _Zoomable, order: int, pool: Any, function: C
         if not direct:
             out[a:b] = values
 
-    list(pool.map(lambda ab: slab(*ab), zip(edges[:-1], edges[1:])))
+    pool.slabs(target[0], slab, int(np.prod(target[1:])))  # slabs of <= 1 M voxels
 
 
-def _resize_into(out: np.ndarray, channel: np.ndarray, order: int, pool: Any) -> None:
-    """``out[...] = resize(channel.astype(float), out.shape, order, mode="edge", anti_aliasing=False)`` as
-    scikit-image computes it (``scipy.ndimage.zoom`` in grid mode, clipped to the input's range, then cast), bit for
-    bit, but in slabs of output planes on ``pool``'s threads (scipy releases the GIL) and without float64 copies of
-    the whole channel or output."""
-    from skimage.transform import resize
-
-    function = _slab_zoom(tuple(channel.shape), tuple(out.shape))
-    if function is None:
-        out[...] = resize(channel.astype(float), tuple(out.shape), order, mode="edge", anti_aliasing=False)
-        return
-    _zoom_into(out, _zoomable(channel, order, pool), order, pool, function)
-
-
-def _in_plane(channel: np.ndarray, axis: int, target: tuple[int, ...], order: int, pool: Any) -> np.ndarray:
+def _in_plane(channel: np.ndarray, axis: int, target: tuple[int, ...], order: int, pool: _Threads) -> np.ndarray:
     """nnU-Net's separate-z first step: each plane across ``axis`` resized (scikit-image, float64) to the target's
     in-plane size, planes on ``pool``'s threads; float64, with the channel's own count of planes along ``axis``."""
     from skimage.transform import resize
@@ -312,7 +309,7 @@ def _in_plane(channel: np.ndarray, axis: int, target: tuple[int, ...], order: in
     return here
 
 
-def _along_axis(here: np.ndarray, target: tuple[int, ...], order: int, pool: Any) -> np.ndarray:
+def _along_axis(here: np.ndarray, target: tuple[int, ...], order: int, pool: _Threads) -> np.ndarray:
     """nnU-Net's ``map_coordinates(here, coordinates of the target grid, order, mode="nearest")`` along the
     low-resolution axis; for orders 0 and 1 (no spline prefilter, each voxel on its own) in slabs of rows on
     ``pool``'s threads, so that the coordinate grids are never whole-volume."""
@@ -327,12 +324,11 @@ def _along_axis(here: np.ndarray, target: tuple[int, ...], order: int, pool: Any
     if order > 1:
         return map_coordinates(here, coordinates(0, rows), order=order, mode="nearest")
     result = np.empty(target, np.float64)
-    edges = np.linspace(0, rows, min(rows, max(getattr(pool, "_max_workers", 1), -(-rows * cols * dim // (2 << 20)))) + 1).astype(int)
 
     def slab(a: int, b: int) -> None:
         result[a:b] = map_coordinates(here, coordinates(a, b), order=order, mode="nearest")
 
-    list(pool.map(lambda ab: slab(*ab), zip(edges[:-1], edges[1:])))
+    pool.slabs(rows, slab, cols * dim, 2 << 20)
     return result
 
 
@@ -352,25 +348,25 @@ def resample_taking(box: list[np.ndarray], new_shape: list[int], current: list[f
     """:func:`resample` of the array ``box`` holds, taken out of it: where the caller keeps no other reference, the
     array's memory is freed once the last channel's spline coefficients hold its values (a CT's float32 volume is
     not kept beside its float64 coefficients)."""
-    from concurrent.futures import ThreadPoolExecutor
+    from skimage.transform import resize
 
     data = box.pop()
     do_separate, axis = _separate_z(force_separate_z, current, new, separate_z_anisotropy_threshold)
-    shape = np.array(data[0].shape)
-    target = np.array(new_shape)
-    if not np.any(shape != target):
+    shape = tuple(int(s) for s in data[0].shape)
+    target = tuple(int(t) for t in new_shape)
+    if shape == target:
         return data
     channels = data.shape[0]
     out = np.zeros((channels, *target), dtype=data.dtype)
-    function = _slab_zoom(tuple(int(s) for s in shape), tuple(int(t) for t in target))
-    with ThreadPoolExecutor(max(1, threads or torch.get_num_threads())) as pool:
+    function = _slab_zoom(shape, target)
+    with _Threads(max(1, threads or torch.get_num_threads())) as pool:
         for c in range(channels):
             if do_separate:
                 assert axis is not None
-                here = _in_plane(data[c], axis, tuple(int(t) for t in target), order, pool)
-                out[c] = _along_axis(here, tuple(int(t) for t in target), order_z, pool) if shape[axis] != target[axis] else here
-            elif function is None:
-                _resize_into(out[c], data[c], order, pool)
+                here = _in_plane(data[c], axis, target, order, pool)
+                out[c] = _along_axis(here, target, order_z, pool) if shape[axis] != target[axis] else here
+            elif function is None:  # scipy's slab function unusable: scikit-image, whole, as nnU-Net calls it
+                out[c] = resize(data[c].astype(float), target, order, mode="edge", anti_aliasing=False)
             else:
                 zoomable = _zoomable(data[c], order, pool)
                 if c == channels - 1:

@@ -424,12 +424,22 @@ class Predictor:
         return labels, out_probs, entropy
 
     @property
+    def nnunet_departures(self) -> list[str]:
+        """How an nnU-Net model's prediction departs from nnU-Net's own (fast mode, other mirroring, other tile
+        step), in the words of ``medseg predict``'s options; empty where it is nnU-Net-exact or not nnU-Net."""
+        if not self.nnunet:
+            return []
+        mirrors = self.nnunet["origin"].get("mirroring_axes") is not None
+        return [text for text, on in (
+            ("fast mode (--fast)", self.nnunet_fast),
+            ("mirroring off (--no-tta)", mirrors and not self.tta),
+            ("mirroring on, which this model's trainer did not allow", self.tta and not mirrors),
+            (f"tile overlap {self.overlap} (nnU-Net's: 0.5)", self.overlap != 0.5)) if on]
+
+    @property
     def nnunet_exact(self) -> bool:
         """An nnU-Net model predicted exactly as nnU-Net does: not fast mode, its own mirroring, tile step 0.5."""
-        if not self.nnunet:
-            return False
-        mirrors = self.nnunet["origin"].get("mirroring_axes") is not None
-        return not self.nnunet_fast and self.overlap == 0.5 and self.tta == mirrors
+        return bool(self.nnunet) and not self.nnunet_departures
 
     def _nnunet_member(self, index: int, volume: Volume, probabilities: bool, on_window: WindowCallback | None,
                        confidence: bool = False) -> tuple[Any, ...]:
